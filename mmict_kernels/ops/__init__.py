@@ -1,0 +1,22 @@
+"""The attention ops of mmict_kernels; each lives in its own sub-package (reference, triton, cuda).
+
+- :func:`hub_cross_attention`: M-Hub queries -> image / frame tokens (dense or packed varlen).
+- :func:`hub_self_attention`: M-Hub [queries ; text] with ITM / ITC / ITG masks computed in-kernel.
+- :func:`prefix_attention`: LLM rows -> [shared demonstration prefix ; own tokens], GQA.
+"""
+
+from .hub_cross_attention import hub_cross_attention, hub_cross_attention_reference
+from .hub_self_attention import MASK_MODES, hub_self_attention, hub_self_attention_reference, self_attention_mask
+from .prefix_attention import prefix_attention, prefix_attention_mask, prefix_attention_reference
+
+__all__ = [
+    "hub_cross_attention",
+    "hub_cross_attention_reference",
+    "hub_self_attention",
+    "hub_self_attention_reference",
+    "self_attention_mask",
+    "MASK_MODES",
+    "prefix_attention",
+    "prefix_attention_reference",
+    "prefix_attention_mask",
+]

@@ -1,0 +1,106 @@
+"""Up-front input checks shared by the ops: every message names the argument and what was expected.
+
+Shape, dtype and device checks are static (free under ``torch.compile``). Value
+checks on length tensors (``text_lengths``, ``cu_seqlens_k``, ``prefix_ids``, ...)
+need a device-to-host copy; they run in eager mode and are skipped while
+compiling, while capturing a CUDA graph, or when ``MMICT_KERNELS_SKIP_VALUE_CHECKS=1``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _fmt_dtype(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def check_tensor(name: str, t, *, ndim: int | tuple[int, ...] | None = None, dtypes=None) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else ndim
+        if t.dim() not in allowed:
+            raise ValueError(f"{name}: expected a {' or '.join(map(str, allowed))}-D tensor, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name}: expected dtype in {{{', '.join(_fmt_dtype(d) for d in dtypes)}}}, got {_fmt_dtype(t.dtype)}")
+    return t
+
+
+def check_same_dtype_device(ref_name: str, ref: torch.Tensor, **others: torch.Tensor) -> None:
+    for name, t in others.items():
+        if t.dtype != ref.dtype:
+            raise TypeError(f"{name}: expected dtype {_fmt_dtype(ref.dtype)} (same as {ref_name}), got {_fmt_dtype(t.dtype)}")
+        if t.device != ref.device:
+            raise ValueError(f"{name}: expected device {ref.device} (same as {ref_name}), got {t.device}")
+
+
+def check_last_dim_contiguous(**tensors: torch.Tensor) -> None:
+    """Kernels read head-dim vectors: the last dim must have stride 1 (other strides are free)."""
+    for name, t in tensors.items():
+        if t.numel() > 0 and t.stride(-1) != 1:
+            raise ValueError(f"{name}: expected the last (head) dim to be contiguous (stride 1), got strides {tuple(t.stride())}")
+
+
+def check_head_dim(name: str, head_dim: int) -> None:
+    if head_dim <= 0 or head_dim > 256:
+        raise ValueError(f"{name}: head dim must be in [1, 256], got {head_dim}")
+
+
+def check_index_tensor(name: str, t, *, shape: tuple[int, ...], dtypes, device: torch.device) -> torch.Tensor:
+    check_tensor(name, t, dtypes=dtypes)
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name}: expected device {device} (same as q), got {t.device}")
+    return t
+
+
+def value_checks_enabled(*tensors: torch.Tensor) -> bool:
+    """Whether data-dependent checks (which sync with the device) may run now."""
+    if os.environ.get("MMICT_KERNELS_SKIP_VALUE_CHECKS", "0") == "1":
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    if any(t.is_cuda for t in tensors if t is not None) and torch.cuda.is_current_stream_capturing():
+        return False
+    return True
+
+
+def check_range(name: str, t: torch.Tensor, low: int, high: int, what: str) -> None:
+    """Every element of ``t`` in [low, high]; one device sync."""
+    if t.numel() == 0:
+        return
+    lo, hi = int(t.min()), int(t.max())
+    if lo < low or hi > high:
+        raise ValueError(f"{name}: expected {what} in [{low}, {high}], got values in [{lo}, {hi}]")
+
+
+def check_softmax_scale(softmax_scale, head_dim: int) -> float:
+    if softmax_scale is None:
+        return head_dim**-0.5
+    if not isinstance(softmax_scale, (int, float)) or isinstance(softmax_scale, bool):
+        raise TypeError(f"softmax_scale: expected a float or None, got {type(softmax_scale).__name__}")
+    if not softmax_scale > 0 or softmax_scale == float("inf"):
+        raise ValueError(f"softmax_scale: expected a positive finite float, got {softmax_scale}")
+    return float(softmax_scale)
+
+
+def check_dropout(dropout_p) -> float:
+    if not isinstance(dropout_p, (int, float)) or isinstance(dropout_p, bool):
+        raise TypeError(f"dropout_p: expected a float in [0, 1), got {type(dropout_p).__name__}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p: expected a float in [0, 1), got {dropout_p}")
+    return float(dropout_p)
+
+
+def check_backend_name(backend) -> str:
+    if not isinstance(backend, str):
+        raise TypeError(f"backend: expected a str ('auto', 'cuda', 'triton' or 'torch'), got {type(backend).__name__}")
+    if backend not in ("auto", "cuda", "triton", "torch"):
+        raise ValueError(f"backend: expected 'auto', 'cuda', 'triton' or 'torch', got {backend!r}")
+    return backend
