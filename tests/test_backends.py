@@ -1,0 +1,37 @@
+"""The backend registry: auto order, refusals with reasons, explicit requests."""
+
+import pytest
+import torch
+
+from mmict_kernels import backends, ops
+from mmict_kernels.backends import BackendUnavailableError
+
+
+def test_auto_on_cpu_is_the_reference():
+    name, impl = backends.resolve("hub_cross_attention", "auto", device_type="cpu", dtype=torch.float32, head_dim=64)
+    assert name == "torch" and impl is ops.hub_cross_attention_reference
+
+
+def test_every_refusal_has_a_reason():
+    why = backends.explain("prefix_attention", device_type="cpu", dtype=torch.float32, head_dim=64)
+    assert why["torch"] is None
+    assert "CUDA" in why["cuda"]
+    why = backends.explain("hub_cross_attention", device_type="cuda", dtype=torch.float64, head_dim=64)
+    assert "dtypes" in why["triton"]
+    why = backends.explain("hub_cross_attention", device_type="cuda", dtype=torch.float16, head_dim=48)
+    assert "head dims" in why["triton"]
+    why = backends.explain("prefix_attention", device_type="cuda", dtype=torch.float16, head_dim=64, dropout=True)
+    assert "dropout" in why["triton"]
+
+
+def test_triton_on_cpu_requires_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(BackendUnavailableError, match="TRITON_INTERPRET=1"):
+        backends.resolve("hub_self_attention", "triton", device_type="cpu", dtype=torch.float32, head_dim=64)
+
+
+def test_unknown_backend_and_op():
+    with pytest.raises(ValueError, match="backend"):
+        backends.resolve("hub_self_attention", "tpu", device_type="cpu", dtype=torch.float32, head_dim=64)
+    assert "no cuda implementation" in backends.explain("hub_self_attention", device_type="cuda", dtype=torch.float16, head_dim=64)["cuda"]
+    assert set(backends.registered_ops()) >= {"hub_cross_attention", "hub_self_attention", "prefix_attention"}
