@@ -1,0 +1,121 @@
+"""Greedy and sampled generation for a batch of prompts on shared demonstration prefixes.
+
+A small loop instead of ``transformers.generate``: generate derives position ids from the
+attention mask alone (positions would restart at 0 instead of continuing after each group's
+prefix) and keeps its own per-row cache. Here every decode step runs the model on one token
+per row; each layer appends the row's new K/V to a preallocated :class:`RowKVCache` and attends
+to [the group's prefix (shared, never copied) ; the row's cache] through ``ops.prefix_attention``
+with Lq = 1 and ``seqlens_k`` marking the left padding of the prompts.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .prefix_cache import DemoPrefixCache, _input_embeddings, call_rows, rows_layout
+from .prefix_cache_attention import PrefixCallState, RowKVCache, prefix_attention_active
+
+
+def _pick_next_token(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None, top_p: float | None, generator):
+    """(B, V) logits -> (B,) tokens. Sampling filters in transformers' order: temperature, top-k, top-p."""
+    if not do_sample:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=False)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop_sorted = cumulative <= 1 - top_p
+        drop_sorted[:, -1] = False  # always keep the most likely token
+        logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def _check_generation_args(max_new_tokens, do_sample, temperature, top_k, top_p):
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens: expected a positive int, got {max_new_tokens!r}")
+    if do_sample and not temperature > 0:
+        raise ValueError(f"temperature: expected > 0 when sampling, got {temperature}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k: expected a positive int or None, got {top_k!r}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p: expected a float in (0, 1] or None, got {top_p!r}")
+
+
+@torch.no_grad()
+def generate_with_prefix(
+    model: torch.nn.Module,
+    cache: DemoPrefixCache,
+    input_ids: torch.Tensor | None = None,
+    *,
+    inputs_embeds: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    prefix_ids: torch.Tensor | None = None,
+    max_new_tokens: int = 32,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+    generator: torch.Generator | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Generate after [group prefix ; prompt] for every row; returns only the new tokens.
+
+    Args:
+        model: the causal LM the cache was built from (eval mode).
+        cache: a :class:`DemoPrefixCache` (its graph is not needed; generation runs without grad).
+        input_ids / inputs_embeds: (B, L) / (B, L, hidden) prompts, LEFT-padded.
+        attention_mask: (B, L) 1 for tokens, 0 for left padding. Default: all tokens.
+        prefix_ids: (B,) group of each row (default all 0: one group).
+        max_new_tokens: tokens to generate per row.
+        do_sample, temperature, top_k, top_p: sampling (else greedy), filters applied in that order.
+        eos_token_id: a row that emits it is finished; later positions get ``pad_token_id``
+            (default: ``eos_token_id``). Generation stops early once every row has finished.
+        generator: random generator for sampling (reproducible draws).
+        backend: ``ops.prefix_attention`` backend (default: the cache's).
+
+    Returns:
+        int64 (B, T) new tokens, T <= max_new_tokens (T < max_new_tokens only if all rows hit EOS).
+    """
+    _check_generation_args(max_new_tokens, do_sample, temperature, top_k, top_p)
+    embeds = _input_embeddings(model, input_ids, inputs_embeds)
+    batch, length = embeds.shape[:2]
+    device = embeds.device
+    prefix_ids = cache.check_prefix_ids(prefix_ids, batch, device)
+    row_prefix_lengths = cache.prefix_lengths[prefix_ids].to(torch.int64)
+    if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] == length:
+        if (attention_mask[:, -1] == 0).any():
+            raise ValueError("attention_mask: generation needs LEFT-padded prompts (every row's last position must be a token)")
+    seqlens_k, position_ids = rows_layout(attention_mask, row_prefix_lengths, batch, length)
+    if pad_token_id is None:
+        pad_token_id = eos_token_id if eos_token_id is not None else 0
+    embedding = model.get_input_embeddings()
+
+    state = PrefixCallState(
+        cache=cache, prefix_ids=prefix_ids, seqlens_k=seqlens_k, row_kv=RowKVCache(length + max_new_tokens),
+        backend=backend or cache.backend,
+    )
+    new_tokens = []
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    with prefix_attention_active(model, state):
+        # Prefill: the whole prompt; only the last position's logits are needed.
+        logits = call_rows(model, state, embeds, position_ids, logits_to_keep=1).logits[:, -1]
+        for step in range(max_new_tokens):
+            token = _pick_next_token(logits, do_sample, temperature, top_k, top_p, generator)
+            if eos_token_id is not None:
+                token = torch.where(finished, torch.full_like(token, pad_token_id), token)
+                finished |= token == eos_token_id
+            new_tokens.append(token)
+            if step == max_new_tokens - 1 or (eos_token_id is not None and bool(finished.all())):
+                break
+            # Decode: one token per row; it is the row's next valid key (the cache grows at the end).
+            state.seqlens_k = state.seqlens_k + 1
+            position = row_prefix_lengths + state.seqlens_k.to(torch.int64) - 1
+            step_embeds = embedding(token[:, None])
+            logits = call_rows(model, state, step_embeds, position[:, None], logits_to_keep=1).logits[:, -1]
+    return torch.stack(new_tokens, dim=1)
