@@ -114,12 +114,24 @@ def _visible_rows(n0, seq_len_q, nq, BLOCK_N: tl.constexpr, MASK_MODE: tl.conste
 
 @triton.jit
 def _mma(a, b, DOT_PRECISION: tl.constexpr):
-    """tl.dot with float32 accumulation. "upcast": the CPU interpreter multiplies bfloat16 tiles
-    wrongly (it stores them as uint16), so there they are widened first; the rounding is the same."""
+    """tl.dot with float32 accumulation. "upcast" (bfloat16 in the CPU interpreter, which
+    multiplies bfloat16 tiles as their uint16 storage): widen to float32 first, which is exact."""
     if DOT_PRECISION == "upcast":
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     else:
         return tl.dot(a, b, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _cast(x, dtype, DOT_PRECISION: tl.constexpr):
+    """float32 -> dtype with round-to-nearest-even. The CPU interpreter truncates float32 ->
+    bfloat16 (a GPU rounds), which doubles the error; there we round the bits first."""
+    if DOT_PRECISION == "upcast":
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+        return bits.to(tl.float32, bitcast=True).to(dtype)
+    else:
+        return x.to(dtype)
 
 
 @triton.jit
@@ -184,7 +196,7 @@ def _attn_fwd_kernel(
             keep = _dropout_keep(seed, bh, rows[:, None], cols[None, :], seq_len_q, drop_stride, dropout_p)
             p = tl.where(keep, p, 0.0)
         v = tl.load(v_base + cols[:, None] * stride_vn + dims[None, :], mask=col_ok[:, None], other=0.0)
-        acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, DOT_PRECISION)
+        acc = acc * alpha[:, None] + _mma(_cast(p, v.dtype, DOT_PRECISION), v, DOT_PRECISION)
         m_i = m_new
 
     seen = l_i > 0.0  # rows with no visible key: out 0, lse -inf
@@ -194,7 +206,7 @@ def _attn_fwd_kernel(
     out = acc / l_safe[:, None]
     lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
     o_ptrs = O + b.to(tl.int64) * stride_ob + h * stride_oh + rows[:, None] * stride_om + dims[None, :]
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(o_ptrs, _cast(out, O.dtype.element_ty, DOT_PRECISION), mask=row_ok[:, None])
     tl.store(LSE + bh.to(tl.int64) * seq_len_q + rows, lse, mask=row_ok)
 
 
@@ -301,15 +313,15 @@ def _attn_bwd_dkdv_kernel(
             dp_t = tl.where(keep_t, dp_t * inv_keep, 0.0)
         else:
             p_drop_t = p_t
-        dv += _mma(p_drop_t.to(do.dtype), do, DOT_PRECISION)
+        dv += _mma(_cast(p_drop_t, do.dtype, DOT_PRECISION), do, DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
-        dk += _mma(ds_t.to(q.dtype), q, DOT_PRECISION)
+        dk += _mma(_cast(ds_t, q.dtype, DOT_PRECISION), q, DOT_PRECISION)
 
     store_ok = (cols < store_len)[:, None]
     dk_offs = b.to(tl.int64) * stride_dkb + key_start.to(tl.int64) * stride_dkn + h * stride_dkh
     dk_offs = dk_offs + cols[:, None] * stride_dkn + dims[None, :]
-    tl.store(DK + dk_offs, (dk * scale).to(DK.dtype.element_ty), mask=store_ok)
-    tl.store(DV + dk_offs, dv.to(DV.dtype.element_ty), mask=store_ok)
+    tl.store(DK + dk_offs, _cast(dk * scale, DK.dtype.element_ty, DOT_PRECISION), mask=store_ok)
+    tl.store(DV + dk_offs, _cast(dv, DV.dtype.element_ty, DOT_PRECISION), mask=store_ok)
 
 
 @triton.jit
@@ -361,10 +373,10 @@ def _attn_bwd_dq_kernel(
             keep = _dropout_keep(seed, bh, rows[:, None], cols[None, :], seq_len_q, drop_stride, dropout_p)
             dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
         ds = p * (dp - delta[:, None])
-        dq += _mma(ds.to(k.dtype), k, DOT_PRECISION)
+        dq += _mma(_cast(ds, k.dtype, DOT_PRECISION), k, DOT_PRECISION)
 
     dq_offs = b.to(tl.int64) * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqm + dims[None, :]
-    tl.store(DQ + dq_offs, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(DQ + dq_offs, _cast(dq * scale, DQ.dtype.element_ty, DOT_PRECISION), mask=row_ok[:, None])
 
 
 @triton.jit
@@ -382,6 +394,11 @@ def _dropout_mask_kernel(SEED, KEEP, seq_len_q, seq_len_k, drop_stride, dropout_
 # ---------------------------------------------------------------------------------------
 # Host side: tile choice and launchers
 # ---------------------------------------------------------------------------------------
+# Tests set this to (BLOCK_M, BLOCK_N), e.g. (16, 16), to cover many-block paths (block skipping,
+# partial tiles, packed block tables) at shapes small enough for the CPU interpreter.
+FORCE_BLOCKS: tuple[int, int] | None = None
+
+
 @functools.lru_cache(maxsize=None)
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -390,6 +407,8 @@ def _num_sms(device_index: int) -> int:
 def _block_m(seq_len_q: int, batch_heads: int, device: torch.device) -> int:
     """Query tile: the smallest power of two >= Lq in [16, 64]; halved on a GPU while the grid
     would leave SMs idle (short queries and few samples), since the loads are the cost."""
+    if FORCE_BLOCKS is not None:
+        return FORCE_BLOCKS[0]
     block_m = min(64, max(16, triton.next_power_of_2(max(seq_len_q, 1))))
     if device.type == "cuda":
         sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
@@ -401,6 +420,8 @@ def _block_m(seq_len_q: int, batch_heads: int, device: torch.device) -> int:
 def _block_n(head_dim: int, dtype: torch.dtype) -> int:
     # Keep the (BLOCK_N x D) K and V tiles within registers: 64 keys up to D = 64, 32 beyond
     # (and for float32, whose tiles are twice the size).
+    if FORCE_BLOCKS is not None:
+        return FORCE_BLOCKS[1]
     return 64 if head_dim <= 64 and dtype != torch.float32 else 32
 
 
