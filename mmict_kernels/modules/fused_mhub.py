@@ -1,0 +1,476 @@
+"""FusedMHub: the BLIP-2 / InstructBLIP Q-Former (MMICT's M-Hub) on mmict_kernels' attention ops.
+
+A drop-in for transformers' ``Blip2QFormerModel`` and ``InstructBlipQFormerModel``: same parameter
+names (``hub.load_state_dict(hf_qformer.state_dict())`` works), same ``forward`` arguments in the same
+positional order per flavor, same outputs in eval mode (float32 rounding) and the same dropout
+sites in training. On top of that:
+
+- attention runs through :func:`mmict_kernels.ops.hub_self_attention` and
+  :func:`mmict_kernels.ops.hub_cross_attention` (``backend``: cuda / triton / torch / auto), with the
+  padding and objective masks computed inside the kernels and packed (varlen) image tokens;
+- ``mask=`` picks the BLIP-2 stage-1 self-attention mask: "bidirectional" (ITM, InstructBLIP; the
+  default, what transformers does), "unimodal" (ITC), "multimodal_causal" (ITG);
+- :meth:`FusedMHub.encode_image` computes every cross-attention layer's image K/V once
+  (:class:`ImageKVCache`), and ``forward(..., image_kv=cache)`` reuses it;
+- :meth:`FusedMHub.forward_objectives` runs several masks over the same images in one pass;
+- the module owns the learned ``query_tokens`` (transformers keeps them outside the Q-Former) and uses
+  them when no ``query_embeds`` are given.
+
+Differences from transformers, by design:
+- ``attention_mask`` must be right-padded with every query position valid (how BLIP-2/InstructBLIP
+  build it); anything else raises a ValueError. ``encoder_attention_mask`` may be any pattern.
+- A sample whose image tokens are all masked gets a zero cross-attention output; transformers
+  gives a uniform average over the masked tokens.
+- ``output_attentions=True`` is refused: the kernels never materialize attention probabilities.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import torch
+from torch import nn
+from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
+
+from .. import ops
+from ..ops import _checks as C
+from .image_kv_cache import ImageKVCache, arrange_image_tokens
+from .mhub_layers import QFormerEncoder, QFormerTextEmbeddings, init_qformer_weights, linear_heads
+
+FLAVORS = ("blip2", "instructblip")
+
+# forward's positional parameters, per flavor, in transformers' order.
+_POSITIONAL = {
+    "blip2": ("query_embeds", "query_length", "attention_mask", "encoder_hidden_states", "encoder_attention_mask"),
+    "instructblip": ("input_ids", "attention_mask", "position_ids", "query_embeds", "encoder_hidden_states", "encoder_attention_mask"),
+}
+# transformers' generic keyword arguments that we accept (and what they must be).
+_IGNORED_FALSE = ("output_attentions", "output_hidden_states", "use_cache")
+
+
+@dataclasses.dataclass
+class MHubOutput(BaseModelOutputWithPoolingAndCrossAttentions):
+    """transformers' Q-Former output: ``last_hidden_state`` (B, L, hidden) and ``pooler_output`` (B, hidden)."""
+
+
+def _config_value(config, name, default=None):
+    return getattr(config, name, default)
+
+
+def _copy_config(config):
+    """A private copy so later edits of the caller's config do not change this module."""
+    try:
+        return copy.deepcopy(config)
+    except Exception:  # an exotic config object: keep a reference
+        return config
+
+
+class FusedMHub(nn.Module):
+    """The Q-Former / M-Hub on fused attention kernels.
+
+    Args:
+        config: a transformers ``Blip2QFormerConfig`` / ``InstructBlipQFormerConfig`` (or any object
+            with their attributes: hidden_size, num_attention_heads, num_hidden_layers,
+            intermediate_size, hidden_act, hidden_dropout_prob, attention_probs_dropout_prob,
+            layer_norm_eps, cross_attention_frequency, encoder_hidden_size, and for text
+            vocab_size, max_position_embeddings, pad_token_id).
+        flavor: "blip2" (``Blip2QFormerModel``: LayerNorm over ``query_embeds``, no embeddings) or
+            "instructblip" (``InstructBlipQFormerModel``: word/position embeddings for text).
+        num_query_tokens: size of the learned ``query_tokens`` parameter (1, Nq, hidden); 0 for none
+            (then ``query_embeds`` must be passed, as with transformers).
+        backend: "auto", "cuda", "triton" or "torch" for the attention ops (and fused epilogues).
+    """
+
+    def __init__(self, config, flavor: str = "blip2", num_query_tokens: int = 32, backend: str = "auto"):
+        super().__init__()
+        if flavor not in FLAVORS:
+            raise ValueError(f"flavor: expected one of {FLAVORS}, got {flavor!r}")
+        if not isinstance(num_query_tokens, int) or isinstance(num_query_tokens, bool) or num_query_tokens < 0:
+            raise ValueError(f"num_query_tokens: expected an int >= 0, got {num_query_tokens!r}")
+        self.backend = C.check_backend_name(backend)
+        self.flavor = flavor
+        self.config = _copy_config(config)
+        hidden, heads = config.hidden_size, config.num_attention_heads
+        if hidden % heads != 0:
+            raise ValueError(f"config: hidden_size ({hidden}) must be a multiple of num_attention_heads ({heads})")
+        if config.cross_attention_frequency < 1:
+            raise ValueError(f"config.cross_attention_frequency: expected >= 1, got {config.cross_attention_frequency}")
+        self.num_heads = heads
+        self.head_dim = hidden // heads
+        self.hidden_size = hidden
+        self.encoder_hidden_size = config.encoder_hidden_size
+        self.attention_dropout = float(_config_value(config, "attention_probs_dropout_prob", 0.0))
+        # Text FFN blocks exist for InstructBLIP always, for BLIP-2 only with use_qformer_text_input.
+        self.has_text_ffn = flavor == "instructblip" or bool(_config_value(config, "use_qformer_text_input", False))
+
+        if num_query_tokens > 0:
+            self.query_tokens = nn.Parameter(torch.zeros(1, num_query_tokens, hidden))
+        else:
+            self.register_parameter("query_tokens", None)
+        if flavor == "blip2":
+            self.layernorm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
+            self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        else:
+            self.embeddings = QFormerTextEmbeddings(config)
+        self.encoder = QFormerEncoder(config, self.has_text_ffn)
+        self.cross_attention_layers = tuple(i for i, layer in enumerate(self.encoder.layer) if layer.has_cross_attention)
+
+        std = float(_config_value(config, "initializer_range", 0.02))
+        init_qformer_weights(self, std)
+        if self.query_tokens is not None:
+            nn.init.normal_(self.query_tokens, mean=0.0, std=std)
+
+    # -----------------------------------------------------------------------------------------
+    # Construction from transformers / state dicts
+    # -----------------------------------------------------------------------------------------
+    @classmethod
+    def from_hf(cls, module, backend: str = "auto", *, query_tokens: torch.Tensor | None = None, num_query_tokens: int | None = None):
+        """Build a FusedMHub holding a copy of a transformers Q-Former's weights.
+
+        Args:
+            module: a ``Blip2QFormerModel`` or ``InstructBlipQFormerModel`` (any config).
+            backend: the attention backend ("auto", "cuda", "triton", "torch").
+            query_tokens: the model's learned queries (e.g. ``blip2_model.query_tokens``), copied into
+                the hub's ``query_tokens``. Without them the hub gets ``num_query_tokens`` freshly
+                initialised queries (default 32; 0 for none).
+        """
+        from transformers import Blip2QFormerModel, InstructBlipQFormerModel
+
+        if isinstance(module, InstructBlipQFormerModel):
+            flavor = "instructblip"
+        elif isinstance(module, Blip2QFormerModel):
+            flavor = "blip2"
+        else:
+            raise TypeError(f"module: expected a transformers Blip2QFormerModel or InstructBlipQFormerModel, got {type(module).__name__}")
+        if query_tokens is not None:
+            C.check_tensor("query_tokens", query_tokens, ndim=3, dtypes=C.FLOAT_DTYPES)
+            if query_tokens.shape[0] != 1 or query_tokens.shape[2] != module.config.hidden_size:
+                raise ValueError(f"query_tokens: expected shape (1, Nq, {module.config.hidden_size}), got {tuple(query_tokens.shape)}")
+            if num_query_tokens is not None and num_query_tokens != query_tokens.shape[1]:
+                raise ValueError(f"num_query_tokens: {num_query_tokens} disagrees with query_tokens of shape {tuple(query_tokens.shape)}")
+            num_query_tokens = query_tokens.shape[1]
+        elif num_query_tokens is None:
+            num_query_tokens = 32
+        reference = next(module.parameters())
+        hub = cls(module.config, flavor=flavor, num_query_tokens=num_query_tokens, backend=backend)
+        hub.to(device=reference.device, dtype=reference.dtype)
+        hub.load_state_dict(module.state_dict(), strict=True)
+        if query_tokens is not None:
+            with torch.no_grad():
+                hub.query_tokens.copy_(query_tokens)
+        hub.train(module.training)
+        return hub
+
+    @classmethod
+    def from_lavis(cls, path_or_state_dict, num_attention_heads: int = 12, **kwargs):
+        """Load the Q-Former and query tokens of a LAVIS BLIP-2 / InstructBLIP / MMICT checkpoint (see :mod:`.lavis`)."""
+        from .lavis import fused_mhub_from_lavis
+
+        return fused_mhub_from_lavis(cls, path_or_state_dict, num_attention_heads=num_attention_heads, **kwargs)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        # transformers' Q-Former state dicts have no query_tokens (the parent model holds them):
+        # loading one keeps our current queries instead of failing a strict load.
+        key = prefix + "query_tokens"
+        if key in missing_keys and key not in state_dict:
+            missing_keys.remove(key)
+
+    def extra_repr(self) -> str:
+        nq = 0 if self.query_tokens is None else self.query_tokens.shape[1]
+        return (
+            f"flavor={self.flavor!r}, backend={self.backend!r}, num_query_tokens={nq}, heads={self.num_heads}x{self.head_dim}, "
+            f"cross_attention_layers={self.cross_attention_layers}"
+        )
+
+    # -----------------------------------------------------------------------------------------
+    # Image K/V cache
+    # -----------------------------------------------------------------------------------------
+    def encode_image(
+        self,
+        image_embeds: torch.Tensor,
+        image_mask: torch.Tensor | None = None,
+        *,
+        num_frames=None,
+        cu_seqlens: torch.Tensor | None = None,
+        packed: bool | None = None,
+    ) -> ImageKVCache:
+        """Project image tokens to the K/V of every cross-attention layer, once.
+
+        Args:
+            image_embeds: (B, Li, E) image tokens; or (total_frames, Lf, E) with ``num_frames``; or
+                packed (total, E) with ``cu_seqlens``. E is ``config.encoder_hidden_size``.
+            image_mask: (B, Li), nonzero where a token is valid (any pattern). Packs the valid tokens
+                unless ``packed=False`` (or while compiling): then dense with ``seqlens_k``.
+            num_frames: (B,) frames per sample for video; sample b attends to all tokens of its frames.
+            cu_seqlens: (B + 1,) int offsets of each sample's tokens in packed ``image_embeds``.
+
+        Returns an :class:`ImageKVCache` to pass as ``forward(..., image_kv=cache)``; gradients of every
+        pass that uses it flow back to ``image_embeds`` and to the key/value weights.
+        """
+        tokens, cu_seqlens_k, seqlens_k, batch = arrange_image_tokens(
+            image_embeds, image_mask, num_frames=num_frames, cu_seqlens=cu_seqlens, packed=packed, encoder_hidden_size=self.encoder_hidden_size
+        )
+        dtype = self._param_dtype()
+        tokens = tokens.to(dtype)  # transformers casts image features to the Q-Former's dtype too
+        keys, values = [], []
+        for i in self.cross_attention_layers:
+            proj = self.encoder.layer[i].crossattention.attention
+            keys.append(linear_heads(proj.key, tokens, self.num_heads))
+            values.append(linear_heads(proj.value, tokens, self.num_heads))
+        return ImageKVCache(tuple(keys), tuple(values), self.cross_attention_layers, cu_seqlens_k, seqlens_k, batch)
+
+    # -----------------------------------------------------------------------------------------
+    # Forward
+    # -----------------------------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        """Same arguments as the transformers module of this flavor, plus ``mask=`` and ``image_kv=``.
+
+        BLIP-2: ``forward(query_embeds=None, query_length=None, attention_mask=None,
+        encoder_hidden_states=None, encoder_attention_mask=None, *, mask, image_kv, return_dict)``.
+        InstructBLIP: ``forward(input_ids=None, attention_mask=None, position_ids=None, query_embeds=None,
+        encoder_hidden_states=None, encoder_attention_mask=None, *, mask, image_kv, return_dict)``.
+
+        - query_embeds (B, Nq, hidden): defaults to the module's ``query_tokens`` when images are given.
+        - attention_mask (B, L) over [queries ; text]: right padding, queries valid.
+        - encoder_hidden_states (B, Li, E) image tokens with encoder_attention_mask (B, Li) (any pattern);
+          or ``image_kv=`` an :class:`ImageKVCache` from :meth:`encode_image` instead.
+        - mask: "bidirectional" (default), "unimodal" or "multimodal_causal" (see ops.hub_self_attention).
+
+        Returns :class:`MHubOutput` (``last_hidden_state`` (B, L, hidden), ``pooler_output`` (B, hidden)),
+        or a tuple when ``return_dict=False``.
+        """
+        inputs = self._bind(args, kwargs)
+        masks = inputs.pop("mask")
+        return_dict = inputs.pop("return_dict")
+        outputs = self._run(masks=(masks,), **inputs)
+        return outputs[0] if return_dict in (None, True) else outputs[0].to_tuple()
+
+    def forward_objectives(self, *args, masks=("unimodal", "bidirectional", "multimodal_causal"), **kwargs):
+        """Several self-attention masks over the same inputs in one pass; one output per mask.
+
+        Equals ``[self(*args, mask=m, **kwargs) for m in masks]`` (BLIP-2 stage 1: ITC, ITM, ITG),
+        but the image K/V are projected once and the cross-attention of all objectives runs as one
+        kernel call per layer (the objectives' query rows of a sample share its image keys).
+        """
+        if isinstance(masks, str) or not isinstance(masks, (tuple, list)) or len(masks) == 0:
+            raise TypeError(f"masks: expected a non-empty tuple or list of mask names, got {masks!r}")
+        if "mask" in kwargs:
+            raise TypeError("forward_objectives: pass masks=(...), not mask=")
+        inputs = self._bind(args, kwargs)
+        inputs.pop("mask")
+        return_dict = inputs.pop("return_dict")
+        outputs = self._run(masks=tuple(masks), **inputs)
+        return tuple(o if return_dict in (None, True) else o.to_tuple() for o in outputs)
+
+    def _bind(self, args, kwargs) -> dict:
+        """Map positional/keyword arguments of this flavor's signature to names; reject the rest."""
+        names = _POSITIONAL[self.flavor]
+        if len(args) > len(names):
+            raise TypeError(f"forward: takes at most {len(names)} positional arguments ({', '.join(names)}), got {len(args)}")
+        kwargs = dict(kwargs)
+        for name, value in zip(names, args):
+            if name in kwargs:
+                raise TypeError(f"forward: got multiple values for argument {name!r}")
+            kwargs[name] = value
+        inputs = {
+            "input_ids": None,
+            "position_ids": None,
+            "query_embeds": None,
+            "query_length": None,
+            "attention_mask": None,
+            "encoder_hidden_states": None,
+            "encoder_attention_mask": None,
+            "image_kv": None,
+            "mask": "bidirectional",
+            "return_dict": None,
+        }
+        allowed = set(names) | {"image_kv", "mask", "return_dict"}
+        for name, value in kwargs.items():
+            if name in allowed:
+                inputs[name] = value
+            elif name in _IGNORED_FALSE:
+                if value:
+                    if name == "output_attentions":
+                        raise ValueError(
+                            "output_attentions=True: FusedMHub's fused kernels never materialize attention probabilities; "
+                            "use transformers' eager Q-Former to inspect them"
+                        )
+                    raise ValueError(f"{name}=True is not supported by FusedMHub")
+            elif name == "head_mask":
+                if value is not None:
+                    raise ValueError("head_mask: not supported by FusedMHub (pass None)")
+            else:
+                raise TypeError(f"forward: unexpected keyword argument {name!r} for flavor {self.flavor!r}")
+        return inputs
+
+    def _param_dtype(self) -> torch.dtype:
+        return self.encoder.layer[0].attention.attention.query.weight.dtype
+
+    def _embed(self, input_ids, position_ids, query_embeds):
+        """[queries ; text] hidden states after LayerNorm + dropout, and the number of query positions."""
+        dtype = self._param_dtype()
+        if self.flavor == "blip2":
+            return self.dropout(self.layernorm(query_embeds.to(dtype)))
+        if input_ids is not None:
+            C.check_tensor("input_ids", input_ids, ndim=2, dtypes=(torch.int32, torch.int64))
+            if input_ids.shape[1] > self.config.max_position_embeddings and position_ids is None:
+                raise ValueError(
+                    f"input_ids: {input_ids.shape[1]} text tokens exceed max_position_embeddings = {self.config.max_position_embeddings}"
+                )
+            if query_embeds is not None and input_ids.shape[0] != query_embeds.shape[0]:
+                raise ValueError(f"input_ids: batch {input_ids.shape[0]} differs from query_embeds' batch {query_embeds.shape[0]}")
+        return self.embeddings(input_ids, position_ids, query_embeds)
+
+    def _text_lengths(self, attention_mask, batch: int, seq_len: int, nq: int):
+        """(B, L) right-padded attention mask -> int32 valid text lengths (B,), or None for no mask."""
+        if attention_mask is None:
+            return None
+        C.check_tensor("attention_mask", attention_mask, ndim=(2, 3, 4))
+        if attention_mask.dim() != 2:
+            raise ValueError(
+                f"attention_mask: expected a 2-D (B, L) padding mask (1 = valid, 0 = padding), got shape {tuple(attention_mask.shape)}"
+            )
+        if tuple(attention_mask.shape) != (batch, seq_len):
+            raise ValueError(f"attention_mask: expected shape {(batch, seq_len)} (B, queries + text), got {tuple(attention_mask.shape)}")
+        valid = attention_mask != 0
+        text_lengths = valid[:, nq:].sum(dim=1, dtype=torch.int32)
+        if C.value_checks_enabled(attention_mask):
+            positions = torch.arange(seq_len, device=valid.device)
+            expected = positions[None, :] < (nq + text_lengths)[:, None]
+            if not bool((valid == expected).all()):
+                raise ValueError(
+                    f"attention_mask: FusedMHub needs every query position ({nq}) valid and the text right-padded "
+                    "(1s then 0s per row); got another pattern"
+                )
+        return text_lengths
+
+    def _image_cache(self, encoder_hidden_states, encoder_attention_mask, image_kv, batch: int):
+        if image_kv is not None:
+            if encoder_hidden_states is not None or encoder_attention_mask is not None:
+                raise ValueError("image_kv: pass either image_kv or encoder_hidden_states/encoder_attention_mask, not both")
+            if not isinstance(image_kv, ImageKVCache):
+                raise TypeError(f"image_kv: expected an ImageKVCache from encode_image, got {type(image_kv).__name__}")
+            if tuple(image_kv.layer_ids) != self.cross_attention_layers:
+                raise ValueError(f"image_kv: cache holds layers {image_kv.layer_ids}, this hub cross-attends in {self.cross_attention_layers}")
+            cache = image_kv
+        elif encoder_hidden_states is not None:
+            C.check_tensor("encoder_hidden_states", encoder_hidden_states, ndim=3, dtypes=C.FLOAT_DTYPES)
+            # Dense layout (no data-dependent shapes): padding anywhere is moved behind the valid tokens.
+            cache = self.encode_image(encoder_hidden_states, encoder_attention_mask, packed=False)
+        else:
+            if encoder_attention_mask is not None:
+                raise ValueError("encoder_attention_mask: given without encoder_hidden_states")
+            return None
+        if cache.batch_size != batch:
+            raise ValueError(f"image batch {cache.batch_size} differs from the query/text batch {batch}")
+        return cache
+
+    def _run(self, *, masks, input_ids, position_ids, query_embeds, query_length, attention_mask, encoder_hidden_states, encoder_attention_mask, image_kv):
+        has_image = encoder_hidden_states is not None or image_kv is not None
+        if self.flavor == "blip2":
+            if input_ids is not None or position_ids is not None:
+                raise TypeError("input_ids/position_ids: the BLIP-2 Q-Former takes embeddings (query_embeds), not token ids")
+        elif query_length is not None:
+            raise TypeError("query_length: only for flavor 'blip2' (InstructBLIP counts query_embeds)")
+
+        if query_embeds is None and (self.flavor == "blip2" or has_image):
+            if self.query_tokens is None:
+                raise ValueError("query_embeds: required (this FusedMHub has no query_tokens of its own)")
+            if input_ids is not None:
+                batch = input_ids.shape[0]
+            elif encoder_hidden_states is not None:
+                batch = encoder_hidden_states.shape[0]
+            elif image_kv is not None:
+                batch = image_kv.batch_size
+            else:
+                raise ValueError("query_embeds: required when no images (encoder_hidden_states / image_kv) give the batch size")
+            query_embeds = self.query_tokens.expand(batch, -1, -1)
+        if query_embeds is None and input_ids is None:
+            raise ValueError("input_ids / query_embeds: give at least one of them")
+        if query_embeds is not None:
+            C.check_tensor("query_embeds", query_embeds, ndim=3, dtypes=C.FLOAT_DTYPES)
+            if query_embeds.shape[-1] != self.hidden_size:
+                raise ValueError(f"query_embeds: expected last dim hidden_size = {self.hidden_size}, got shape {tuple(query_embeds.shape)}")
+
+        hidden = self._embed(input_ids, position_ids, query_embeds)
+        batch, seq_len, _ = hidden.shape
+        if self.flavor == "blip2":
+            nq = seq_len if query_length is None else query_length
+            if not isinstance(nq, int) or isinstance(nq, bool) or not 0 <= nq <= seq_len:
+                raise ValueError(f"query_length: expected an int in [0, {seq_len}] (query_embeds' length), got {query_length!r}")
+        else:
+            nq = 0 if query_embeds is None else query_embeds.shape[1]
+        if seq_len > nq and not self.has_text_ffn:
+            raise ValueError(
+                f"query_embeds: {seq_len - nq} positions beyond query_length = {nq} need the text FFN, which this BLIP-2 "
+                "Q-Former lacks (config.use_qformer_text_input=False)"
+            )
+        text_lengths = self._text_lengths(attention_mask, batch, seq_len, nq)
+        cache = self._image_cache(encoder_hidden_states, encoder_attention_mask, image_kv, batch)
+        if nq > 0 and self.cross_attention_layers and cache is None:
+            raise ValueError("encoder_hidden_states: required (or image_kv=) for the query tokens' cross-attention layers")
+
+        num_objectives = len(masks)
+        if num_objectives > 1:
+            hidden = hidden.repeat(num_objectives, 1, 1)  # objective-major: rows [o * B + b]
+        for layer in self.encoder.layer:
+            hidden = self._layer(layer, hidden, nq, text_lengths, masks, cache)
+        outputs = []
+        for o in range(num_objectives):
+            h = hidden[o * batch : (o + 1) * batch] if num_objectives > 1 else hidden
+            outputs.append(MHubOutput(last_hidden_state=h, pooler_output=h[:, 0, :]))
+        return outputs
+
+    def _dropout_p(self) -> float:
+        return self.attention_dropout if self.training else 0.0
+
+    def _layer(self, layer, hidden, nq, text_lengths, masks, cache):
+        rows, seq_len, width = hidden.shape
+        num_objectives = len(masks)
+        batch = rows // num_objectives
+        proj = layer.attention.attention
+        q = linear_heads(proj.query, hidden, self.num_heads)
+        k = linear_heads(proj.key, hidden, self.num_heads)
+        v = linear_heads(proj.value, hidden, self.num_heads)
+        parts = []
+        for o, mask in enumerate(masks):
+            s = slice(o * batch, (o + 1) * batch)
+            parts.append(
+                ops.hub_self_attention(
+                    q[s], k[s], v[s], nq, text_lengths, mask=mask, backend=self.backend, dropout_p=self._dropout_p()
+                )
+            )
+        attn = parts[0] if num_objectives == 1 else torch.cat(parts, dim=0)
+        attn = layer.attention.output(attn.reshape(rows, seq_len, width), hidden, self.backend)
+        if nq == 0:
+            return layer.feed_forward_text(attn, self.backend)
+
+        query_part = attn[:, :nq]
+        if layer.has_cross_attention:
+            query_part = self._cross_attention(layer, query_part, cache, num_objectives)
+        out = layer.feed_forward_query(query_part, self.backend)
+        if seq_len > nq:
+            out = torch.cat([out, layer.feed_forward_text(attn[:, nq:], self.backend)], dim=1)
+        return out
+
+    def _cross_attention(self, layer, query_part, cache: ImageKVCache, num_objectives: int):
+        rows, nq, width = query_part.shape
+        batch = rows // num_objectives
+        q = linear_heads(layer.crossattention.attention.query, query_part, self.num_heads)
+        if num_objectives > 1:
+            # Every objective's queries of sample b read sample b's image: put them side by side
+            # along the query axis, (O*B, Nq, H, D) -> (B, O*Nq, H, D), and run one kernel call.
+            q = q.view(num_objectives, batch, nq, self.num_heads, self.head_dim).transpose(0, 1).reshape(batch, num_objectives * nq, self.num_heads, self.head_dim)
+        k, v = cache.kv(layer.layer_idx)
+        out = ops.hub_cross_attention(
+            q, k, v, cache.cu_seqlens_k, backend=self.backend, seqlens_k=cache.seqlens_k, dropout_p=self._dropout_p()
+        )
+        if num_objectives > 1:
+            out = out.view(batch, num_objectives, nq, self.num_heads, self.head_dim).transpose(0, 1)
+        out = out.reshape(rows, nq, width)
+        return layer.crossattention.output(out, query_part, self.backend)
+
+
+__all__ = ["FusedMHub", "MHubOutput", "ImageKVCache", "FLAVORS"]
