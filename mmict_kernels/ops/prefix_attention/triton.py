@@ -1,0 +1,609 @@
+"""Triton kernels for demo-prefix attention, forward and backward, as torch.library custom ops.
+
+Each row ``b`` attends to [prefix of its group ``prefix_ids[b]`` ; its own keys] in ONE
+online-softmax pass: the kernel walks the group's prefix blocks (read in place from the
+(G, Lp, Hkv, D) cache, never gathered, concatenated or repeated per row or per head) and
+then the row's own key blocks, merging both into the same running max / sum.
+
+Layout of the work:
+
+* Grouped-query attention is handled by *packing*: the query heads that share one K/V head
+  are interleaved into the rows of one M tile (packed row ``r`` = query ``r // GQ``, head
+  ``hkv * GQ + r % GQ``). Every K/V block is then loaded once for all of its query heads,
+  and a decode step (Lq = 1) still fills a 16-row tile with GQ heads instead of one row.
+* Masks are computed from indices, never loaded: prefix key ``j`` is visible iff
+  ``j < prefix_lengths[g]``; own key ``j`` iff ``j >= Lk - seqlens_k[b]`` (left padding)
+  and, when causal, ``j <= i + Lk - Lq`` (bottom-right aligned). Own-key blocks that are
+  entirely masked (left padding, above the diagonal) and prefix blocks past the group's
+  length are never visited.
+* Backward is FlashAttention-2 style: probabilities are recomputed from the saved
+  log-sum-exp, ``delta = rowsum(out * dout) - dlse`` is precomputed, one kernel gives dq
+  (loop over key blocks) and one gives dk/dv (loop over the packed query rows, which also
+  sums over the query heads sharing a K/V head, without atomics).
+* Prefix gradients must be summed over every row of a group. Default: each
+  (row, kv head, prefix block) program adds its share into a float32 buffer with atomics:
+  fast, but the order of the additions varies, so dprefix_k / dprefix_v are NOT bitwise
+  reproducible (they agree to float32 rounding). ``deterministic=True``: each program
+  writes its share to a per-row float32 buffer and a second kernel sums the rows of each
+  group in row order, so every result is bitwise identical from run to run (costs
+  B x Lp x Hkv x D x 4 bytes per tensor of scratch). dq, dk and dv never use atomics.
+
+Precision follows the reference: matmuls on the input dtype with float32 accumulation
+(float32 inputs use IEEE float32 dots, not TF32), softmax in float32, probabilities cast
+to the input dtype before the PV product. A query that sees no key at all gives out = 0,
+lse = -inf and zero gradients. Supported: float16, bfloat16, float32; head dims 32, 64,
+128 (the front-end's backend registry refuses anything else). The gradient of ``lse`` is
+supported too (it folds into ``delta``). No dropout. No double backward.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ...backends import triton_interpret
+
+_LOG2E = 1.4426950408889634  # softmax runs in base 2 (exp2 is the hardware instruction)
+_LN2 = 0.6931471805599453
+SUPPORTED_HEAD_DIMS = (32, 64, 128)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# Triton 3.9's CPU interpreter multiplies the raw uint16 bit patterns of bfloat16 tl.dot
+# operands (it stores bfloat16 as uint16 and calls np.matmul on them). Under the interpreter
+# bfloat16 operands are widened to float32 first: exact products, float32 accumulation, the
+# same numbers a bfloat16 MMA gives. Compiled kernels are untouched.
+_INTERPRETER_BF16_DOT = tl.constexpr(triton_interpret())
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
+    if _INTERPRETER_BF16_DOT:
+        if a.dtype == tl.bfloat16:
+            a = a.to(tl.float32)
+        if b.dtype == tl.bfloat16:
+            b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+# ---------------------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------------------
+@triton.jit
+def _fwd_key_range(
+    acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn,
+    n_begin, n_end, lo, hi, diag, i_pos, offs_n, offs_d, qk_scale,
+    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Online softmax over key blocks [n_begin, n_end): key j visible iff lo <= j < hi and j <= i + diag.
+
+    m_i is kept in base-2 units of the scaled scores (qk_scale includes log2(e)).
+    """
+    for n0 in range(n_begin, n_end, BLOCK_N):
+        cols = n0 + offs_n
+        in_range = (cols >= lo) & (cols < hi)
+        k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=in_range[:, None], other=0.0)
+        s = _dot(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
+        visible = in_range[None, :] & (cols[None, :] <= i_pos[:, None] + diag)
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row that has seen nothing yet keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_ref[:, None])
+        alpha = tl.math.exp2(m_i - m_ref)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=in_range[:, None], other=0.0)
+        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], DOT_PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _prefix_attn_fwd_kernel(
+    Q, K, V, PK, PV, PREFIX_IDS, PREFIX_LENS, SEQLENS, OUT, LSE,
+    sqb, sqm, sqh, skb, skn, skh, svb, svn, svh,
+    spkg, spkn, spkh, spvg, spvn, spvh,
+    len_q, len_k, len_p, heads, qk_scale,
+    GQ: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_PLEN: tl.constexpr, HAS_SEQLENS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    kv_heads = heads // GQ
+    b = (pid_bh // kv_heads).to(tl.int64)
+    hkv = pid_bh % kv_heads
+    g = tl.load(PREFIX_IDS + b)
+    if HAS_PLEN:
+        plen = tl.load(PREFIX_LENS + g)
+    else:
+        plen = len_p
+    if HAS_SEQLENS:
+        own_lo = len_k - tl.load(SEQLENS + b)  # left padding: the first own_lo own keys are invalid
+    else:
+        own_lo = 0
+
+    # Packed GQA rows: row r is query r // GQ of head hkv * GQ + r % GQ.
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_valid = rows < len_q * GQ
+    i_pos = rows // GQ
+    h = hkv * GQ + rows % GQ
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + b * sqb + i_pos[:, None] * sqm + h[:, None] * sqh + offs_d[None, :], mask=row_valid[:, None], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+
+    # 1) the group's shared prefix, read in place: fully visible up to its length (diag = Lp never binds).
+    acc, m_i, l_i = _fwd_key_range(
+        acc, m_i, l_i, q, PK + g * spkg + hkv * spkh, PV + g * spvg + hkv * spvh, spkn, spvn,
+        0, plen, 0, plen, len_p, i_pos, offs_n, offs_d, qk_scale, BLOCK_N, DOT_PRECISION,
+    )
+    # 2) the row's own keys: start at the first block holding a valid (non-padding) key and,
+    #    when causal, stop after the last key the tile's last query can see.
+    if CAUSAL:
+        diag = len_k - len_q
+        last_i = tl.minimum(len_q - 1, (pid_m * BLOCK_M + BLOCK_M - 1) // GQ)
+        n_end = tl.minimum(len_k, last_i + diag + 1)
+    else:
+        diag = len_k
+        n_end = len_k
+    n_begin = (own_lo // BLOCK_N) * BLOCK_N
+    acc, m_i, l_i = _fwd_key_range(
+        acc, m_i, l_i, q, K + b * skb + hkv * skh, V + b * svb + hkv * svh, skn, svn,
+        n_begin, n_end, own_lo, len_k, diag, i_pos, offs_n, offs_d, qk_scale, BLOCK_N, DOT_PRECISION,
+    )
+
+    empty = l_i == 0.0  # nothing visible: out 0, lse -inf
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    out_off = ((b * len_q + i_pos) * heads + h) * HEAD_DIM  # OUT is contiguous (B, Lq, H, D)
+    tl.store(OUT + out_off[:, None] + offs_d[None, :], out.to(OUT.dtype.element_ty), mask=row_valid[:, None])
+    tl.store(LSE + (b * heads + h) * len_q + i_pos, lse, mask=row_valid)  # LSE is contiguous (B, H, Lq)
+
+
+# ---------------------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------------------
+@triton.jit
+def _bwd_delta_kernel(
+    OUT, DO, DLSE, DELTA, sdb, sdm, sdh, sgb, sgh, sgm, len_q, heads, n_rows,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, HAS_DLSE: tl.constexpr,
+):
+    """delta[b, h, i] = sum_d out * dout - dlse: the softmax-backward row term (dlse folds into it)."""
+    r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # r = (b * Lq + i) * H + h
+    valid = r < n_rows
+    rl = r.to(tl.int64)
+    h = rl % heads
+    i = (rl // heads) % len_q
+    b = rl // (heads * len_q)
+    offs_d = tl.arange(0, HEAD_DIM)
+    o = tl.load(OUT + rl[:, None] * HEAD_DIM + offs_d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+    do = tl.load(DO + (b * sdb + i * sdm + h * sdh)[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
+    delta = tl.sum(o * do.to(tl.float32), 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + b * sgb + h * sgh + i * sgm, mask=valid, other=0.0)
+    tl.store(DELTA + (b * heads + h) * len_q + i, delta, mask=valid)
+
+
+@triton.jit
+def _load_lse2(LSE, off, mask):
+    """lse in base-2 units; -inf (row sees nothing) becomes 0 so that exp2(masked - lse) stays 0."""
+    lse = tl.load(LSE + off, mask=mask, other=0.0)
+    return tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
+
+
+@triton.jit
+def _dq_key_range(
+    dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn,
+    n_begin, n_end, lo, hi, diag, i_pos, offs_n, offs_d, qk_scale,
+    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    for n0 in range(n_begin, n_end, BLOCK_N):
+        cols = n0 + offs_n
+        in_range = (cols >= lo) & (cols < hi)
+        k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=in_range[:, None], other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=in_range[:, None], other=0.0)
+        s = _dot(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
+        visible = in_range[None, :] & (cols[None, :] <= i_pos[:, None] + diag)
+        p = tl.where(visible, tl.math.exp2(s - lse2[:, None]), 0.0)
+        dp = _dot(do, tl.trans(v), None, DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = _dot(ds.to(k.dtype), k, dq, DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _prefix_attn_bwd_dq_kernel(
+    Q, K, V, PK, PV, PREFIX_IDS, PREFIX_LENS, SEQLENS, DO, LSE, DELTA, DQ,
+    sqb, sqm, sqh, skb, skn, skh, svb, svn, svh,
+    spkg, spkn, spkh, spvg, spvn, spvh, sdb, sdm, sdh,
+    len_q, len_k, len_p, heads, qk_scale, sm_scale,
+    GQ: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_PLEN: tl.constexpr, HAS_SEQLENS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    kv_heads = heads // GQ
+    b = (pid_bh // kv_heads).to(tl.int64)
+    hkv = pid_bh % kv_heads
+    g = tl.load(PREFIX_IDS + b)
+    if HAS_PLEN:
+        plen = tl.load(PREFIX_LENS + g)
+    else:
+        plen = len_p
+    if HAS_SEQLENS:
+        own_lo = len_k - tl.load(SEQLENS + b)
+    else:
+        own_lo = 0
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_valid = rows < len_q * GQ
+    i_pos = rows // GQ
+    h = hkv * GQ + rows % GQ
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + b * sqb + i_pos[:, None] * sqm + h[:, None] * sqh + offs_d[None, :], mask=row_valid[:, None], other=0.0)
+    do = tl.load(DO + b * sdb + i_pos[:, None] * sdm + h[:, None] * sdh + offs_d[None, :], mask=row_valid[:, None], other=0.0)
+    row_off = (b * heads + h) * len_q + i_pos
+    lse2 = _load_lse2(LSE, row_off, row_valid)
+    delta = tl.load(DELTA + row_off, mask=row_valid, other=0.0)
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    dq = _dq_key_range(
+        dq, q, do, lse2, delta, PK + g * spkg + hkv * spkh, PV + g * spvg + hkv * spvh, spkn, spvn,
+        0, plen, 0, plen, len_p, i_pos, offs_n, offs_d, qk_scale, BLOCK_N, DOT_PRECISION,
+    )
+    if CAUSAL:
+        diag = len_k - len_q
+        last_i = tl.minimum(len_q - 1, (pid_m * BLOCK_M + BLOCK_M - 1) // GQ)
+        n_end = tl.minimum(len_k, last_i + diag + 1)
+    else:
+        diag = len_k
+        n_end = len_k
+    dq = _dq_key_range(
+        dq, q, do, lse2, delta, K + b * skb + hkv * skh, V + b * svb + hkv * svh, skn, svn,
+        (own_lo // BLOCK_N) * BLOCK_N, n_end, own_lo, len_k, diag, i_pos, offs_n, offs_d, qk_scale,
+        BLOCK_N, DOT_PRECISION,
+    )
+    dq_off = ((b * len_q + i_pos) * heads + h) * HEAD_DIM  # DQ is contiguous (B, Lq, H, D)
+    tl.store(DQ + dq_off[:, None] + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_valid[:, None])
+
+
+@triton.jit
+def _dkdv_query_range(
+    k, v, cols, in_range, Q, DO, LSE, DELTA, b, hkv, sqb, sqm, sqh, sdb, sdm, sdh,
+    m_begin, m_end, len_q, heads, diag, qk_scale,
+    GQ: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """dk, dv (unscaled dk) of one key block over packed query rows [m_begin, m_end) of row b.
+
+    Works on transposed scores (keys x queries) so no probability tile is ever transposed.
+    """
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    for m0 in range(m_begin, m_end, BLOCK_M):
+        rows = m0 + offs_m
+        row_valid = rows < len_q * GQ
+        i_pos = rows // GQ
+        h = hkv * GQ + rows % GQ
+        q = tl.load(Q + b * sqb + i_pos[:, None] * sqm + h[:, None] * sqh + offs_d[None, :], mask=row_valid[:, None], other=0.0)
+        do = tl.load(DO + b * sdb + i_pos[:, None] * sdm + h[:, None] * sdh + offs_d[None, :], mask=row_valid[:, None], other=0.0)
+        row_off = (b * heads + h) * len_q + i_pos
+        lse2 = _load_lse2(LSE, row_off, row_valid)
+        delta = tl.load(DELTA + row_off, mask=row_valid, other=0.0)
+        s_t = _dot(k, tl.trans(q), None, DOT_PRECISION) * qk_scale
+        visible = in_range[:, None] & row_valid[None, :] & (cols[:, None] <= i_pos[None, :] + diag)
+        p_t = tl.where(visible, tl.math.exp2(s_t - lse2[None, :]), 0.0)
+        dv = _dot(p_t.to(do.dtype), do, dv, DOT_PRECISION)
+        dp_t = _dot(v, tl.trans(do), None, DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = _dot(ds_t.to(q.dtype), q, dk, DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _prefix_attn_bwd_dkdv_kernel(
+    Q, K, V, PK, PV, PREFIX_IDS, PREFIX_LENS, SEQLENS, DO, LSE, DELTA,
+    DK, DV, DPK, DPV,
+    sqb, sqm, sqh, skb, skn, skh, svb, svn, svh,
+    spkg, spkn, spkh, spvg, spvn, spvh, sdb, sdm, sdh,
+    len_q, len_k, len_p, heads, n_prefix_blocks, qk_scale, sm_scale,
+    GQ: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_PLEN: tl.constexpr, HAS_SEQLENS: tl.constexpr,
+    DETERMINISTIC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One program per (key block, row, kv head): the first n_prefix_blocks key blocks are the
+    group's prefix (this row's share of its gradient), the rest are the row's own keys."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    kv_heads = heads // GQ
+    b = (pid_bh // kv_heads).to(tl.int64)
+    hkv = pid_bh % kv_heads
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    n_rows = len_q * GQ
+    kv_row = kv_heads * HEAD_DIM  # DK/DV/DPK/DPV are contiguous (.., L, Hkv, D)
+
+    if pid_n < n_prefix_blocks:
+        g = tl.load(PREFIX_IDS + b)
+        if HAS_PLEN:
+            plen = tl.load(PREFIX_LENS + g)
+        else:
+            plen = len_p
+        n0 = pid_n * BLOCK_N
+        cols = n0 + offs_n
+        in_range = cols < plen
+        k = tl.load(PK + g * spkg + hkv * spkh + cols[:, None] * spkn + offs_d[None, :], mask=in_range[:, None], other=0.0)
+        v = tl.load(PV + g * spvg + hkv * spvh + cols[:, None] * spvn + offs_d[None, :], mask=in_range[:, None], other=0.0)
+        m_end = tl.where(n0 < plen, n_rows, 0)  # a block past the group's prefix length has no gradient
+        dk, dv = _dkdv_query_range(
+            k, v, cols, in_range, Q, DO, LSE, DELTA, b, hkv, sqb, sqm, sqh, sdb, sdm, sdh,
+            0, m_end, len_q, heads, len_p, qk_scale, GQ, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION,
+        )
+        dk = dk * sm_scale
+        if DETERMINISTIC:
+            # This row's share goes to its own slot (B, Lp, Hkv, D); _sum_rows_by_group_kernel adds
+            # the rows of each group in row order. Every column < Lp is written (zeros past plen).
+            off = (b * len_p + cols)[:, None] * kv_row + hkv * HEAD_DIM + offs_d[None, :]
+            tl.store(DPK + off, dk, mask=(cols < len_p)[:, None])
+            tl.store(DPV + off, dv, mask=(cols < len_p)[:, None])
+        else:
+            off = (g * len_p + cols)[:, None] * kv_row + hkv * HEAD_DIM + offs_d[None, :]
+            tl.atomic_add(DPK + off, dk, mask=in_range[:, None])
+            tl.atomic_add(DPV + off, dv, mask=in_range[:, None])
+    else:
+        if HAS_SEQLENS:
+            own_lo = len_k - tl.load(SEQLENS + b)
+        else:
+            own_lo = 0
+        n0 = (pid_n - n_prefix_blocks) * BLOCK_N
+        cols = n0 + offs_n
+        in_range = (cols >= own_lo) & (cols < len_k)
+        k = tl.load(K + b * skb + hkv * skh + cols[:, None] * skn + offs_d[None, :], mask=in_range[:, None], other=0.0)
+        v = tl.load(V + b * svb + hkv * svh + cols[:, None] * svn + offs_d[None, :], mask=in_range[:, None], other=0.0)
+        if CAUSAL:
+            diag = len_k - len_q
+            first_i = tl.maximum(n0 - diag, 0)  # earlier queries cannot see this block
+            m_begin = ((first_i * GQ) // BLOCK_M) * BLOCK_M
+        else:
+            diag = len_k
+            m_begin = 0
+        m_end = tl.where(n0 + BLOCK_N <= own_lo, 0, n_rows)  # all left padding: skip
+        dk, dv = _dkdv_query_range(
+            k, v, cols, in_range, Q, DO, LSE, DELTA, b, hkv, sqb, sqm, sqh, sdb, sdm, sdh,
+            m_begin, m_end, len_q, heads, diag, qk_scale, GQ, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION,
+        )
+        off = (b * len_k + cols)[:, None] * kv_row + hkv * HEAD_DIM + offs_d[None, :]
+        tl.store(DK + off, (dk * sm_scale).to(DK.dtype.element_ty), mask=(cols < len_k)[:, None])
+        tl.store(DV + off, dv.to(DV.dtype.element_ty), mask=(cols < len_k)[:, None])
+
+
+@triton.jit
+def _sum_rows_by_group_kernel(PART, PREFIX_IDS, OUT, batch, row_numel, BLOCK: tl.constexpr):
+    """OUT[g] = sum over b with prefix_ids[b] == g of PART[b], always added in increasing b."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    g = tl.program_id(1)
+    acc = tl.zeros([BLOCK], tl.float32)
+    part = PART + offs
+    for b in range(0, batch):
+        limit = tl.where(tl.load(PREFIX_IDS + b) == g, row_numel, 0)  # rows of other groups load nothing
+        acc += tl.load(part, mask=offs < limit, other=0.0)
+        part += row_numel  # pointer walk: no b * row_numel product to overflow int32
+    tl.store(OUT + g.to(tl.int64) * row_numel + offs, acc.to(OUT.dtype.element_ty), mask=offs < row_numel)
+
+
+# ---------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------
+def _dot_precision(dtype: torch.dtype) -> str:
+    # float32 inputs must not silently drop to TF32 (10-bit mantissa): the tests hold fp32 to fp32 accuracy.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _tiles(dtype: torch.dtype, head_dim: int, packed_rows: int, backward: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages).
+
+    Interpreter: 16 x 16 tiles, so tiny test shapes still cross several blocks. GPU: a
+    heuristic for Hopper (not autotuned): the M tile shrinks to the packed rows for short
+    decode rows (min 16, the smallest tl.dot), float32 with D = 128 uses smaller tiles to fit
+    shared memory.
+    """
+    if triton_interpret():
+        return 16, 16, 1, 1
+    small_rows = max(16, triton.next_power_of_2(packed_rows))
+    big = dtype == torch.float32 and head_dim == 128
+    if backward:
+        block = 32 if big else 64
+        return min(block, small_rows), block, 8 if head_dim == 128 else 4, 1 if big else 2
+    if big:
+        return min(64, small_rows), 32, 4, 2
+    block_m = min(128, small_rows)
+    return block_m, 64, 8 if block_m == 128 else 4, 3
+
+
+def _check_supported(q: torch.Tensor) -> None:
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"q: the Triton prefix_attention supports float16, bfloat16 and float32, got {q.dtype}")
+    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"q: the Triton prefix_attention supports head dims {SUPPORTED_HEAD_DIMS}, got {q.shape[-1]}")
+
+
+def _strides3(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _fwd(q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lengths, seqlens_k, causal, scale):
+    _check_supported(q)
+    batch, len_q, heads, head_dim = q.shape
+    len_k, kv_heads = k.shape[1], k.shape[2]
+    len_p = prefix_k.shape[1]
+    gq = heads // kv_heads
+    out = torch.empty((batch, len_q, heads, head_dim), dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, heads, len_q), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    block_m, block_n, warps, stages = _tiles(q.dtype, head_dim, len_q * gq, backward=False)
+    grid = (triton.cdiv(len_q * gq, block_m), batch * kv_heads)
+    _prefix_attn_fwd_kernel[grid](
+        q, k, v, prefix_k, prefix_v, prefix_ids,
+        prefix_lengths if prefix_lengths is not None else prefix_ids,  # placeholder pointer, never read
+        seqlens_k if seqlens_k is not None else prefix_ids,
+        out, lse,
+        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(prefix_k), *_strides3(prefix_v),
+        len_q, len_k, len_p, heads, scale * _LOG2E,
+        GQ=gq, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal,
+        HAS_PLEN=prefix_lengths is not None, HAS_SEQLENS=seqlens_k is not None,
+        DOT_PRECISION=_dot_precision(q.dtype), num_warps=warps, num_stages=stages,
+    )
+    return out, lse
+
+
+def _bwd(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lengths, seqlens_k, out, lse, causal, scale, deterministic):
+    batch, len_q, heads, head_dim = q.shape
+    len_k, kv_heads = k.shape[1], k.shape[2]
+    groups, len_p = prefix_k.shape[0], prefix_k.shape[1]
+    gq = heads // kv_heads
+    dev = q.device
+    dq = torch.empty((batch, len_q, heads, head_dim), dtype=q.dtype, device=dev)
+    dk = torch.empty((batch, len_k, kv_heads, head_dim), dtype=k.dtype, device=dev)
+    dv = torch.empty_like(dk)
+    prefix_shape = (groups, len_p, kv_heads, head_dim)
+    if batch * kv_heads * head_dim == 0 or len_q == 0:
+        # No query: nothing flows anywhere.
+        z = lambda shape, dt: torch.zeros(shape, dtype=dt, device=dev)  # noqa: E731
+        return dq, z(dk.shape, k.dtype), z(dv.shape, v.dtype), z(prefix_shape, prefix_k.dtype), z(prefix_shape, prefix_v.dtype)
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()
+
+    delta = torch.empty((batch, heads, len_q), dtype=torch.float32, device=dev)
+    n_rows = batch * len_q * heads
+    block_rows = 16 if triton_interpret() else 64
+    dl = dlse if dlse is not None else lse  # placeholder pointer when there is no lse gradient
+    _bwd_delta_kernel[(triton.cdiv(n_rows, block_rows),)](
+        out, dout, dl, delta, *_strides3(dout), *_strides3(dl), len_q, heads, n_rows,
+        HEAD_DIM=head_dim, BLOCK=block_rows, HAS_DLSE=dlse is not None,
+    )
+
+    plen_arg = prefix_lengths if prefix_lengths is not None else prefix_ids
+    seqlens_arg = seqlens_k if seqlens_k is not None else prefix_ids
+    strides = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(prefix_k), *_strides3(prefix_v), *_strides3(dout))
+    block_m, block_n, warps, stages = _tiles(q.dtype, head_dim, len_q * gq, backward=True)
+    flags = dict(
+        GQ=gq, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal,
+        HAS_PLEN=prefix_lengths is not None, HAS_SEQLENS=seqlens_k is not None,
+        DOT_PRECISION=_dot_precision(q.dtype), num_warps=warps, num_stages=stages,
+    )
+    qk_scale = scale * _LOG2E
+
+    _prefix_attn_bwd_dq_kernel[(triton.cdiv(len_q * gq, block_m), batch * kv_heads)](
+        q, k, v, prefix_k, prefix_v, prefix_ids, plen_arg, seqlens_arg, dout, lse, delta, dq,
+        *strides, len_q, len_k, len_p, heads, qk_scale, scale, **flags,
+    )
+
+    # Prefix gradients accumulate in float32: per group with atomics, or per row then summed in order.
+    scratch_rows = batch if deterministic else groups
+    alloc = torch.empty if deterministic else torch.zeros  # the per-row kernel writes every element
+    dpk32 = alloc((scratch_rows, len_p, kv_heads, head_dim), dtype=torch.float32, device=dev)
+    dpv32 = alloc((scratch_rows, len_p, kv_heads, head_dim), dtype=torch.float32, device=dev)
+    n_prefix_blocks = triton.cdiv(len_p, block_n)
+    grid = (n_prefix_blocks + triton.cdiv(len_k, block_n), batch * kv_heads)
+    if grid[0] > 0:
+        _prefix_attn_bwd_dkdv_kernel[grid](
+            q, k, v, prefix_k, prefix_v, prefix_ids, plen_arg, seqlens_arg, dout, lse, delta,
+            dk, dv, dpk32, dpv32,
+            *strides, len_q, len_k, len_p, heads, n_prefix_blocks, qk_scale, scale,
+            DETERMINISTIC=deterministic, **flags,
+        )
+
+    if deterministic:
+        dpk = torch.empty(prefix_shape, dtype=prefix_k.dtype, device=dev)
+        dpv = torch.empty(prefix_shape, dtype=prefix_v.dtype, device=dev)
+        row_numel = len_p * kv_heads * head_dim
+        if row_numel > 0:
+            block = 256 if triton_interpret() else 1024
+            reduce_grid = (triton.cdiv(row_numel, block), groups)
+            _sum_rows_by_group_kernel[reduce_grid](dpk32, prefix_ids, dpk, batch, row_numel, BLOCK=block)
+            _sum_rows_by_group_kernel[reduce_grid](dpv32, prefix_ids, dpv, batch, row_numel, BLOCK=block)
+    else:
+        dpk, dpv = dpk32.to(prefix_k.dtype), dpv32.to(prefix_v.dtype)
+    return dq, dk, dv, dpk, dpv
+
+
+# ---------------------------------------------------------------------------------------
+# torch.library custom ops (opaque to torch.compile; fake kernels give the shapes)
+# ---------------------------------------------------------------------------------------
+@torch.library.custom_op("mmict::prefix_attention_triton_fwd", mutates_args=())
+def prefix_attention_triton_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor,
+    prefix_ids: torch.Tensor, prefix_lengths: Optional[torch.Tensor], seqlens_k: Optional[torch.Tensor],
+    causal: bool, scale: float, deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse). ``deterministic`` only matters to the backward (it is an input so autograd sees it)."""
+    return _fwd(q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lengths, seqlens_k, causal, scale)
+
+
+@prefix_attention_triton_fwd.register_fake
+def _(q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lengths, seqlens_k, causal, scale, deterministic):
+    batch, len_q, heads, head_dim = q.shape
+    return q.new_empty((batch, len_q, heads, head_dim)), q.new_empty((batch, heads, len_q), dtype=torch.float32)
+
+
+@torch.library.custom_op("mmict::prefix_attention_triton_bwd", mutates_args=())
+def prefix_attention_triton_bwd(
+    dout: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    prefix_k: torch.Tensor, prefix_v: torch.Tensor, prefix_ids: torch.Tensor,
+    prefix_lengths: Optional[torch.Tensor], seqlens_k: Optional[torch.Tensor],
+    out: torch.Tensor, lse: torch.Tensor, causal: bool, scale: float, deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dprefix_k, dprefix_v); dprefix_* summed over the rows of each group."""
+    return _bwd(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lengths, seqlens_k, out, lse, causal, scale, deterministic)
+
+
+@prefix_attention_triton_bwd.register_fake
+def _(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lengths, seqlens_k, out, lse, causal, scale, deterministic):
+    return (
+        q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+        prefix_k.new_empty(prefix_k.shape), prefix_v.new_empty(prefix_v.shape),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lengths, seqlens_k, causal, scale, deterministic = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lengths, seqlens_k, out, lse)
+    ctx.causal, ctx.scale, ctx.deterministic = causal, scale, deterministic
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lengths, seqlens_k, out, lse = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv, dpk, dpv = prefix_attention_triton_bwd(
+        dout, dlse, q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lengths, seqlens_k, out, lse,
+        ctx.causal, ctx.scale, ctx.deterministic,
+    )
+    return dq, dk, dv, dpk, dpv, None, None, None, None, None, None
+
+
+prefix_attention_triton_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def prefix_attention_triton(q, k, v, prefix_k, prefix_v, prefix_ids, causal, scale, prefix_lengths, seqlens_k, deterministic):
+    """Backend entry point for :func:`mmict_kernels.ops.prefix_attention` (inputs already validated).
+
+    Returns (out (B, Lq, H, D) in q's dtype, lse (B, H, Lq) float32). Differentiable w.r.t. q, k,
+    v, prefix_k, prefix_v (and through lse). With ``deterministic=False`` the prefix gradients
+    are summed with float32 atomics (not bitwise reproducible); ``True`` makes every gradient
+    bitwise reproducible.
+    """
+    return prefix_attention_triton_fwd(
+        q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lengths, seqlens_k, bool(causal), float(scale), bool(deterministic)
+    )
