@@ -43,9 +43,10 @@ def _cuda_extension():
     sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
     sources += sorted(glob.glob(os.path.join("python", "*.cpp")))
     archs = os.environ.get("MMICT_KERNELS_CUDA_ARCHS", "90a;80")
+    # No -std flag: torch's BuildExtension adds the standard its headers need (C++17 up to
+    # torch 2.9, C++20 from 2.10); csrc/ itself is C++17 and compiles under both.
     nvcc_flags = [
         "-O3",
-        "-std=c++17",
         "--use_fast_math",
         "--expt-relaxed-constexpr",
         "-lineinfo",
@@ -55,7 +56,7 @@ def _cuda_extension():
         name="mmict_kernels._C",
         sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": nvcc_flags},
+        extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc_flags},
     )
     return ext, None
 
