@@ -9,5 +9,13 @@ Importing this package pulls in transformers; ``import mmict_kernels.ops`` does 
 
 from .fused_mhub import FusedMHub, MHubOutput
 from .image_kv_cache import ImageKVCache
+from .swap_in import apply_mmict_kernels, apply_mmict_kernels_to_blip2, apply_mmict_kernels_to_instructblip
 
-__all__ = ["FusedMHub", "MHubOutput", "ImageKVCache"]
+__all__ = [
+    "FusedMHub",
+    "MHubOutput",
+    "ImageKVCache",
+    "apply_mmict_kernels",
+    "apply_mmict_kernels_to_blip2",
+    "apply_mmict_kernels_to_instructblip",
+]
