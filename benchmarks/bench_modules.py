@@ -1,0 +1,202 @@
+"""Module-level rows: FusedMHub against transformers' Q-Former, and the MMICT step.
+
+Q-Former cases (GPU: transformers' default config, BERT-base width 768, 12 layers, 12 x 64
+heads, cross-attention every 2nd layer from 1408-wide ViT-g features; CPU: a tiny config):
+- ``qformer_blip2``: ``Blip2QFormerModel``, 32 learned queries x 257 image tokens.
+- ``qformer_instructblip``: ``InstructBlipQFormerModel``, 32 queries + 32 ragged text tokens.
+Providers: transformers eager (``hf-eager``), SDPA (``hf-sdpa``), ``torch.compile`` of the SDPA
+model (``hf-sdpa-compiled``), and ``FusedMHub.from_hf(hf, backend=b)`` for each of our
+backends (``fused-mhub-<b>``), all from the same weights, in eval mode (dropout off so
+every provider computes the same function), forward with autograd recording.
+
+FLOPs come from ``torch.utils.flop_counter.FlopCounterMode`` over one eager forward (and
+forward + backward) of the transformers model: it counts every matmul from its shapes
+(2 FLOPs per multiply-add). Bytes are a loose lower bound: the weights, the inputs and the
+output cross HBM once (backward: weights read + gradients written, output gradient read).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from bench_measure import measure, timing_config
+from bench_results import Skip, make_row, print_row
+from bench_timing import rotation_count
+
+GPU_QFORMER = dict(batch=64, num_query=32, text=32, image_tokens=257, config={})
+CPU_QFORMER = dict(
+    batch=2, num_query=8, text=8, image_tokens=17,
+    config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, encoder_hidden_size=48, vocab_size=100),
+)  # fmt: skip
+
+
+def qformer_shape(device, quick: bool) -> dict:
+    if device.type == "cuda":
+        return GPU_QFORMER
+    # One layer (self + cross attention) in --quick: the Triton interpreter takes ~1 s per kernel launch.
+    return {**CPU_QFORMER, "config": {**CPU_QFORMER["config"], "num_hidden_layers": 1 if quick else 2}}
+
+
+def _build_hf(flavor: str, shape: dict, device, dtype):
+    from transformers import Blip2QFormerConfig, Blip2QFormerModel, InstructBlipQFormerConfig, InstructBlipQFormerModel
+
+    torch.manual_seed(0)
+    if flavor == "blip2":
+        config = Blip2QFormerConfig(**{k: v for k, v in shape["config"].items() if k != "vocab_size"})
+        model = Blip2QFormerModel(config)
+    else:
+        model = InstructBlipQFormerModel(InstructBlipQFormerConfig(**shape["config"]))
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def _inputs(flavor: str, model, shape: dict, device, dtype, seed: int) -> dict:
+    cfg = model.config
+    g = torch.Generator().manual_seed(seed)
+    b, nq, t = shape["batch"], shape["num_query"], shape["text"]
+    x = {
+        "query_embeds": torch.randn(b, nq, cfg.hidden_size, generator=g).to(device, dtype),
+        "encoder_hidden_states": torch.randn(b, shape["image_tokens"], cfg.encoder_hidden_size, generator=g).to(device, dtype),
+    }
+    if flavor == "instructblip":
+        lengths = torch.randint(1, t + 1, (b,), generator=torch.Generator().manual_seed(1234))
+        mask = torch.ones(b, nq + t, dtype=torch.long)
+        mask[:, nq:] = (torch.arange(t)[None, :] < lengths[:, None]).long()  # right-padded text; queries always valid
+        x["input_ids"] = torch.randint(0, cfg.vocab_size, (b, t), generator=g).to(device)
+        x["attention_mask"] = mask.to(device)
+    return x
+
+
+def _count_flops(model, x: dict) -> tuple[float, float]:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fwd:
+        out = model(**x).last_hidden_state
+    with FlopCounterMode(display=False) as both:
+        out = model(**x).last_hidden_state
+        out.backward(torch.ones_like(out))
+    model.zero_grad(set_to_none=True)
+    return float(fwd.get_total_flops()), float(both.get_total_flops())
+
+
+def _providers(flavor, hf, device, options):
+    """(name, ours, build) where build() returns the module or raises with the reason."""
+    from mmict_kernels import backends
+
+    def hf_with(impl):
+        def build():
+            m = copy.deepcopy(hf)
+            m.set_attn_implementation(impl)
+            return m
+
+        return build
+
+    def compiled():
+        if options.no_compile:
+            raise RuntimeError("skipped: --no-compile (torch.compile of the Q-Former takes minutes)")
+        if device.type == "cpu" and options.quick:
+            raise RuntimeError("skipped in --quick on CPU: torch.compile of the Q-Former takes minutes here")
+        m = hf_with("sdpa")()
+        return torch.compile(m)
+
+    def fused(backend):
+        def build():
+            try:
+                from mmict_kernels import FusedMHub
+            except Exception as exc:
+                raise RuntimeError(f"FusedMHub is not importable ({type(exc).__name__}: {exc})") from None
+            head_dim = hf.config.hidden_size // hf.config.num_attention_heads
+            for op in ("hub_self_attention", "hub_cross_attention"):
+                why = backends.explain(op, device_type=device.type, dtype=next(hf.parameters()).dtype, head_dim=head_dim)[backend]
+                if why is not None:
+                    raise RuntimeError(f"{op}: {why}")
+            return FusedMHub.from_hf(copy.deepcopy(hf), backend=backend)
+
+        return build
+
+    result = [("hf-eager", False, hf_with("eager")), ("hf-sdpa", False, hf_with("sdpa")), ("hf-sdpa-compiled", False, compiled)]
+    result += [(f"fused-mhub-{b}", True, fused(b)) for b in ("torch", "triton", "cuda")]
+    return result
+
+
+def run_qformer(device, dtype, modes, options, floors, results) -> None:
+    quick = options.quick
+    shape = qformer_shape(device, quick)
+    dname = str(dtype).replace("torch.", "")
+    cfg = timing_config(device, quick)
+    for flavor in ("blip2", "instructblip"):
+        op = f"qformer_{flavor}"
+        try:
+            hf = _build_hf(flavor, shape, device, dtype)
+        except Exception as exc:
+            results.add_skip(Skip(op, "all", "-", dname, f"transformers' Q-Former could not be built: {type(exc).__name__}: {exc}"))
+            print(f"\n== {op}: transformers' Q-Former could not be built ({exc})")
+            continue
+        c = hf.config
+        label = (
+            f"B={shape['batch']} Nq={shape['num_query']}" + (f"+{shape['text']} text" if flavor == "instructblip" else "")
+            + f" image={shape['image_tokens']} hidden={c.hidden_size} layers={c.num_hidden_layers} heads={c.num_attention_heads}"
+        )  # fmt: skip
+        x0 = _inputs(flavor, hf, shape, device, dtype, 0)
+        hf.set_attn_implementation("eager")
+        flops_fwd, flops_both = _count_flops(hf, x0)
+        flops = {"fwd": flops_fwd, "bwd": flops_both - flops_fwd, "fwd+bwd": flops_both}
+        p_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
+        io_bytes = sum(t.numel() * t.element_size() for t in x0.values())
+        out_bytes = shape["batch"] * (shape["num_query"] + (shape["text"] if flavor == "instructblip" else 0)) * c.hidden_size * hf.dtype.itemsize
+        fwd_bytes = p_bytes + io_bytes + out_bytes
+        nbytes = {"fwd": fwd_bytes, "bwd": 2 * p_bytes + out_bytes, "fwd+bwd": fwd_bytes + 2 * p_bytes + out_bytes}
+        n_sets = rotation_count(io_bytes + 3 * out_bytes, device, cap=8)
+        input_sets = [x0] + [_inputs(flavor, hf, shape, device, dtype, s) for s in range(1, n_sets)]
+        with torch.no_grad():
+            ref32 = copy.deepcopy(hf).float()(**{k: (t.float() if t.is_floating_point() else t) for k, t in x0.items()}).last_hidden_state
+            ref_err = (hf(**x0).last_hidden_state.float() - ref32).abs().max().item()
+        tol = 4 * ref_err + (1e-4 if dtype == torch.float32 else 2e-3)
+        print(f"\n== {op} | {label} | {dname} | {n_sets} input set(s) rotated | {flops_fwd / 1e9:.2f} GFLOP fwd")
+        for name, ours, build in _providers(flavor, hf, device, options):
+            try:
+                model = build()
+                with torch.no_grad():
+                    out = model(**x0).last_hidden_state
+                err = (out.float() - ref32).abs().max().item()
+                if not err <= tol:
+                    raise RuntimeError(f"output differs from transformers: max abs error {err:.3g} > tolerance {tol:.3g}; not timed")
+            except Exception as exc:
+                reason = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+                results.add_skip(Skip(op, name, label, dname, reason))
+                print(f"   {name:<18} unavailable: {reason}")
+                continue
+            params = [p for p in model.parameters() if p.requires_grad]
+            fn = lambda x, m=model: m(**x).last_hidden_state  # noqa: E731
+            for mode in modes:
+                try:
+                    timing, peak = measure(fn, input_sets, lambda x, ps=params: ps, mode, device, cfg)
+                except Exception as exc:
+                    reason = f"{mode} failed: {type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+                    results.add_skip(Skip(op, name, label, dname, reason))
+                    print(f"   {name:<18} {mode:<8} {reason}")
+                    continue
+                row = make_row(op, name, mode, label, dname, timing, peak, flops[mode], nbytes[mode], floors, ours)
+                results.add_row(row)
+                print_row(row)
+            del model
+        del input_sets, hf
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def run_mmict_step(device, dtype, modes, options, floors, results) -> None:
+    """A whole MMICT training / evaluation step against the naive version (driver entry points)."""
+    dname = str(dtype).replace("torch.", "")
+    try:
+        from mmict_kernels.icl import bench_step  # the driver's benchmark hook, when it lands
+    except Exception as exc:
+        reason = (
+            "not available yet: the MMICT driver (mmict_kernels/icl/) has no step benchmark hook "
+            f"({type(exc).__name__}: {exc})"
+        )
+        results.add_skip(Skip("mmict_step", "all", "8 queries x 4 demonstrations", dname, reason))
+        print(f"\n== mmict_step: {reason}")
+        return
+    bench_step.run(device, dtype, modes, options, floors, results)  # pragma: no cover - depends on the driver

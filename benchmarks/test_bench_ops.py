@@ -1,0 +1,84 @@
+"""Regression benchmarks of the three ops (pytest-benchmark), plus checks of bench_hub's cost model.
+
+    pytest benchmarks/ --benchmark-only                      # timings only
+    pytest benchmarks/ --benchmark-only --benchmark-autosave # keep them in .benchmarks/ to compare runs
+    pytest benchmarks/ --benchmark-compare                   # against the last saved run
+
+CPU: the tiny shapes of bench_hub.py, our reference and (in Triton's interpreter) our Triton
+kernels, with SDPA's math path as the fixed point of comparison. GPU: the image-QA and
+GQA-prefix shapes in bf16 with every backend that runs there.
+"""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from bench_cases import CPU_PRESETS, GPU_PRESETS, OPS, PREFIX, SELF, build_cases
+from bench_peers import Unavailable, first_call, providers
+from mmict_kernels import ops
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+DTYPE = torch.bfloat16 if CUDA else torch.float32
+CASES = build_cases(list(OPS), GPU_PRESETS, ["image_qa", "llm4096_gqa"]) if CUDA else build_cases(list(OPS), CPU_PRESETS, ["tiny"])
+PROVIDERS = [p for p in providers() if p.ours or p.name in (("sdpa-flash", "sdpa-cudnn") if CUDA else ("sdpa-math",))]
+SLOW = {"triton"} if not CUDA else set()  # the interpreter takes ~1 s per launch: few rounds
+
+
+def _case_id(case):
+    return f"{case.op}-{case.preset}" + (f"-{case.mask}" if case.mask else "")
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("provider", PROVIDERS, ids=lambda p: p.name)
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_op(benchmark, case, provider, mode):
+    inputs = case.make_inputs(DTYPE, DEVICE, seed=0)
+    try:
+        fn = provider.build(case, inputs, DEVICE, types.SimpleNamespace(quick=True, no_compile=False))
+        with torch.no_grad():
+            first_call(provider, fn, inputs, DEVICE)
+    except Unavailable as why:
+        pytest.skip(str(why))
+    grad = torch.randn(inputs["q"].shape, dtype=DTYPE, device=DEVICE)
+    leaves = case.leaves(inputs)
+
+    def run():
+        with provider.context():
+            out = fn(inputs)
+            if mode == "fwd+bwd":
+                out.backward(grad)
+        if CUDA:
+            torch.cuda.synchronize()
+
+    def setup():
+        for t in leaves:
+            t.grad = None
+
+    benchmark.group = f"{case.op} {case.shape} {mode}"
+    rounds = 2 if provider.name in SLOW else 20
+    benchmark.pedantic(run, setup=setup, rounds=rounds, iterations=1, warmup_rounds=1)
+
+
+# ---------------------------------------------------------------------------------------
+# The analytic cost model of bench_hub.py (run without --benchmark-only)
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", build_cases(list(OPS), {**GPU_PRESETS, **CPU_PRESETS}, [*GPU_PRESETS, *CPU_PRESETS]), ids=_case_id)
+def test_visible_pairs_match_the_masks(case):
+    """The closed-form pair counts behind the FLOP numbers equal the reference masks' counts."""
+    p, cpu = case.params, torch.device("cpu")
+    if case.op == SELF:
+        length = p["num_query"] + p["text"]
+        mask = ops.self_attention_mask(p["num_query"], length, case.text_lengths(cpu), case.mask, cpu)
+        expected = int(mask.expand(p["batch"], 1, length, length).sum())
+    elif case.op == PREFIX:
+        ids = torch.zeros(p["batch"], dtype=torch.long)
+        expected = int(ops.prefix_attention_mask(p["len_q"], p["len_prefix"], p["len_q"], ids, None, None, True).sum())
+    else:
+        expected = p["batch"] * p["len_q"] * p["len_k"]
+    assert case.visible_pairs() == expected
+    assert case.flops("fwd+bwd") == pytest.approx(3.5 * case.flops("fwd"))
+    assert case.bytes("fwd+bwd", torch.bfloat16) == case.bytes("fwd", torch.bfloat16) + case.bytes("bwd", torch.bfloat16)
