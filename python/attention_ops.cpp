@@ -13,6 +13,7 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <utility>
 
 #include "attention_api.h"
 
@@ -236,8 +237,6 @@ void check_prefix_inputs(const Tensor& q, const Tensor& k, const Tensor& v, cons
   MMICT_CHECK(v.sizes() == k.sizes(), op, "v: expected the shape of k ", k.sizes(), ", got ", v.sizes());
   MMICT_CHECK(k.size(2) > 0 && q.size(2) % k.size(2) == 0, op, "k: the number of K/V heads (", k.size(2),
               ") must divide the number of query heads (", q.size(2), ")");
-  MMICT_CHECK(k.size(1) >= q.size(1), op, "k: expected at least Lq = ", q.size(1), " own keys (queries are the last Lq), got ",
-              k.size(1));
   MMICT_CHECK(prefix_k.size(0) >= 1 && prefix_k.size(2) == k.size(2) && prefix_k.size(3) == q.size(3), op,
               "prefix_k: expected (G, Lp, Hkv, D) with G >= 1 and Hkv, D of k, got ", prefix_k.sizes());
   MMICT_CHECK(prefix_v.sizes() == prefix_k.sizes(), op, "prefix_v: expected the shape of prefix_k ", prefix_k.sizes(), ", got ",
@@ -262,11 +261,12 @@ PrefixInputs prepare_prefix(const Tensor& q, const Tensor& k, const Tensor& v, c
   return p;
 }
 
-// The prefix is segment 0 unless it is empty (Lp == 0): then the own tokens are the only segment.
-// Returns the index of the own-token segment.
-int set_prefix_segments(mmict::AttentionArgs& a, const PrefixInputs& p, bool causal) {
+// Segment 0 is the prefix and segment 1 the own tokens; an empty one (Lp == 0 or Lk == 0) is
+// left out. Returns the indices of the prefix and own segments (-1 when left out).
+std::pair<int, int> set_prefix_segments(mmict::AttentionArgs& a, const PrefixInputs& p, bool causal) {
   const bool has_prefix = p.prefix_k.size(1) > 0;
-  a.num_segments = has_prefix ? 2 : 1;
+  const bool has_own = p.k.size(1) > 0;
+  a.num_segments = static_cast<int>(has_prefix) + static_cast<int>(has_own);
   if (has_prefix) {
     mmict::KvSegment& pre = a.segments[0];
     set_kv(pre, p.prefix_k, p.prefix_v);
@@ -275,20 +275,22 @@ int set_prefix_segments(mmict::AttentionArgs& a, const PrefixInputs& p, bool cau
     pre.max_len = static_cast<int>(p.prefix_k.size(1));
     if (p.prefix_lengths.has_value()) pre.lengths = p.prefix_lengths->data_ptr<int32_t>();
   }
-  const int own_index = has_prefix ? 1 : 0;
-  mmict::KvSegment& own = a.segments[own_index];
-  set_kv(own, p.k, p.v);
-  own.max_len = static_cast<int>(p.k.size(1));
-  own.left_pad = true;
-  own.causal = causal;
-  if (p.seqlens_k.has_value()) own.lengths = p.seqlens_k->data_ptr<int32_t>();
-  return own_index;
+  const int own_index = has_own ? (has_prefix ? 1 : 0) : -1;
+  if (has_own) {
+    mmict::KvSegment& own = a.segments[own_index];
+    set_kv(own, p.k, p.v);
+    own.max_len = static_cast<int>(p.k.size(1));
+    own.left_pad = true;
+    own.causal = causal;
+    if (p.seqlens_k.has_value()) own.lengths = p.seqlens_k->data_ptr<int32_t>();
+  }
+  return {has_prefix ? 0 : -1, own_index};
 }
 
 std::tuple<Tensor, Tensor> prefix_attention_fwd(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
                                                 const Tensor& prefix_k_in, const Tensor& prefix_v_in, const Tensor& prefix_ids,
                                                 bool causal, double scale, const std::optional<Tensor>& prefix_lengths,
-                                                const std::optional<Tensor>& seqlens_k) {
+                                                const std::optional<Tensor>& seqlens_k, bool /*deterministic: backward only*/) {
   const char* op = "prefix_attention_fwd";
   check_prefix_inputs(q_in, k_in, v_in, prefix_k_in, prefix_v_in, prefix_ids, prefix_lengths, seqlens_k, op);
   const c10::cuda::CUDAGuard guard(q_in.device());
@@ -299,6 +301,7 @@ std::tuple<Tensor, Tensor> prefix_attention_fwd(const Tensor& q_in, const Tensor
   mmict::AttentionArgs a = base_args(p.q, p.k.size(2), scale, op);
   set_outputs(a, out, lse);
   set_prefix_segments(a, p, causal);
+  if (a.num_segments == 0) return {out.zero_(), lse.fill_(-std::numeric_limits<float>::infinity())};  // no key at all
   launch(a, false, op);
   return {out, lse};
 }
@@ -327,13 +330,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> prefix_attention_bwd(
   mmict::AttentionArgs a = base_args(p.q, p.k.size(2), scale, op);
   set_outputs(a, out, lse);
   set_backward(a, dout, dq, dsum);
-  const int own = set_prefix_segments(a, p, causal);
-  set_dkv(a.segments[own], dk, dv);
+  const auto [prefix, own] = set_prefix_segments(a, p, causal);
+  if (a.num_segments == 0) return {dq, dk, dv, dprefix_k, dprefix_v};  // nothing attended: all zero
+  if (own >= 0) set_dkv(a.segments[own], dk, dv);
   Tensor dk_accum, dv_accum;
-  const bool atomic = own == 1 && !deterministic;
-  if (own == 1) {
-    set_dkv(a.segments[0], dprefix_k, dprefix_v);
-    a.segments[0].deterministic = deterministic;
+  const bool atomic = prefix >= 0 && !deterministic;
+  if (prefix >= 0) {
+    set_dkv(a.segments[prefix], dprefix_k, dprefix_v);
+    a.segments[prefix].deterministic = deterministic;
   }
   if (atomic) {
     dk_accum = at::zeros(p.prefix_k.sizes(), p.prefix_k.options().dtype(at::kFloat));
@@ -351,6 +355,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> prefix_attention_bwd(
 
 }  // namespace
 
+// Schemas. Shapes: q (B, Lq, H, D); hub k/v (B, Lk, H, D) or packed (total_k, H, D) with
+// int32 cu_seqlens_k (B+1,); prefix k/v (B, Lk, Hkv, D), prefix_k/v (G, Lp, Hkv, D), int64
+// prefix_ids (B,), int32 prefix_lengths (G,) and seqlens_k (B,); lse (B, H, Lq) float32.
+// prefix_attention_fwd takes `deterministic` only so that its autograd formula (registered in
+// Python from the forward's inputs) knows how to sum the prefix gradients; the forward ignores it.
 TORCH_LIBRARY(mmict_cuda, m) {
   m.def(
       "hub_cross_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_k, Tensor? seqlens_k, float scale)"
@@ -360,7 +369,7 @@ TORCH_LIBRARY(mmict_cuda, m) {
       " Tensor? seqlens_k, float scale) -> (Tensor dq, Tensor dk, Tensor dv)");
   m.def(
       "prefix_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, Tensor prefix_ids, bool causal,"
-      " float scale, Tensor? prefix_lengths, Tensor? seqlens_k) -> (Tensor out, Tensor lse)");
+      " float scale, Tensor? prefix_lengths, Tensor? seqlens_k, bool deterministic) -> (Tensor out, Tensor lse)");
   m.def(
       "prefix_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, Tensor prefix_ids,"
       " Tensor out, Tensor lse, bool causal, float scale, Tensor? prefix_lengths, Tensor? seqlens_k, bool deterministic)"
