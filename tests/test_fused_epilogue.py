@@ -262,6 +262,13 @@ def test_fused_qkv_cache_follows_weight_updates():
         after = fused_qkv_linear(x, *params)
     torch.testing.assert_close(after[1], lin[1](x))
     torch.testing.assert_close(after[0], before[0])
+    # Fresh tensors may reuse a dead tensor's id and memory: never a stale hit.
+    for _ in range(20):
+        wk, wv = torch.randn(16, 16), torch.randn(16, 16)
+        _, k, v = fused_qkv_linear(x, lin[0].weight, None, wk, None, wv, None)
+        torch.testing.assert_close(k, x @ wk.t())
+        torch.testing.assert_close(v, x @ wv.t())
+        del wk, wv, k, v
 
 
 def test_fused_qkv_torch_compile_fullgraph():

@@ -23,27 +23,38 @@ import torch.nn.functional as F
 
 from .. import _checks as C
 
-_CACHE: dict[tuple[int, ...], tuple[tuple, torch.Tensor, torch.Tensor | None]] = {}
+_MAX_CACHED = 256  # sets of weights (a 12-layer M-Hub uses 12 QKV + 6 cross K/V)
+_CACHE: dict[tuple[int, ...], tuple[tuple, tuple, torch.Tensor, torch.Tensor | None]] = {}
 
 
 def _stamp(t: torch.Tensor) -> tuple:
     return (t.data_ptr(), t._version, tuple(t.shape), t.dtype, t.device)
 
 
-def _cached_concat(weights: list[torch.Tensor], biases: list[torch.Tensor] | None):
-    tensors = weights + (biases or [])
-    key = tuple(id(t) for t in tensors)
-    stamps = tuple(_stamp(t) for t in tensors)
-    hit = _CACHE.get(key)
-    if hit is not None and hit[0] == stamps:
-        return hit[1], hit[2]
+def _concat(weights: list[torch.Tensor], biases: list[torch.Tensor] | None):
     with torch.no_grad():
         weight = torch.cat([w.detach() for w in weights], dim=0)
         bias = torch.cat([b.detach() for b in biases], dim=0) if biases is not None else None
-    if hit is None:
-        # Drop the entry when the first weight dies, so the cache never outlives a model.
-        weakref.finalize(weights[0], _CACHE.pop, key, None)
-    _CACHE[key] = (stamps, weight, bias)
+    return weight, bias
+
+
+def _cached_concat(weights: list[torch.Tensor], biases: list[torch.Tensor] | None):
+    """The detached concatenation, reused while every part is the same, unchanged tensor."""
+    tensors = weights + (biases or [])
+    if any(t.is_inference() for t in tensors):
+        return _concat(weights, biases)  # inference tensors have no version counter: no safe cache
+    key = tuple(id(t) for t in tensors)
+    stamps = tuple(_stamp(t) for t in tensors)
+    hit = _CACHE.get(key)
+    # ids and data pointers are reused after a tensor dies: the weakrefs prove it is the same one.
+    if hit is not None and hit[1] == stamps and all(ref() is t for ref, t in zip(hit[0], tensors)):
+        return hit[2], hit[3]
+    weight, bias = _concat(weights, biases)
+    if len(_CACHE) >= _MAX_CACHED:
+        _CACHE.pop(next(iter(_CACHE)))  # oldest first
+    _CACHE[key] = (tuple(weakref.ref(t) for t in tensors), stamps, weight, bias)
+    for t in tensors:  # free the copy as soon as any part dies
+        weakref.finalize(t, _CACHE.pop, key, None)
     return weight, bias
 
 

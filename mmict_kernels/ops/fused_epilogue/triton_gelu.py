@@ -27,7 +27,7 @@ def _bias_gelu_fwd_kernel(X, BIAS, Y, n_rows, n_cols, BLOCK_M: tl.constexpr, BLO
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    offs = rows[:, None] * n_cols + cols[None, :]
+    offs = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
     u = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     u += tl.load(BIAS + cols, mask=cols < n_cols, other=0.0).to(tl.float32)[None, :]
     y = 0.5 * u * (1.0 + tl.erf(u * _INV_SQRT2))
@@ -48,7 +48,7 @@ def _bias_gelu_bwd_kernel(
     for tile_start in range(row_start, row_end, BLOCK_M):
         rows = tile_start + tl.arange(0, BLOCK_M)
         mask = (rows[:, None] < row_end) & col_mask[None, :]
-        offs = rows[:, None] * n_cols + cols[None, :]
+        offs = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
         u = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32) + bias[None, :]
         cdf = 0.5 * (1.0 + tl.erf(u * _INV_SQRT2))
         pdf = tl.exp(-0.5 * u * u) * _INV_SQRT_2PI

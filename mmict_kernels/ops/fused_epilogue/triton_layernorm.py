@@ -26,17 +26,6 @@ from .triton_common import num_partials, num_warps_for, row_block
 
 
 @triton.jit
-def _prenorm_row(X, BIAS, RES, SEED, offs, col_mask, bias, dropout_p, keep_scale, HAS_DROPOUT: tl.constexpr):
-    """h = dropout(x + bias) + residual for one row, float32 (zeros past the row end)."""
-    h = tl.load(X + offs, mask=col_mask, other=0.0).to(tl.float32) + bias
-    if HAS_DROPOUT:
-        # Same stream as philox.dropout_keep_mask: element offset = row * hidden + col (int32).
-        keep = tl.rand(tl.load(SEED), offs) >= dropout_p
-        h = tl.where(keep, h * keep_scale, 0.0)
-    return h + tl.load(RES + offs, mask=col_mask, other=0.0).to(tl.float32)
-
-
-@triton.jit
 def _bdaln_fwd_kernel(
     X, BIAS, RES, W, LNB, SEED, OUT, MEAN, RSTD,
     n_cols, eps, dropout_p, keep_scale,
@@ -45,9 +34,14 @@ def _bdaln_fwd_kernel(
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     col_mask = cols < n_cols
-    offs = row * n_cols + cols
-    bias = tl.load(BIAS + cols, mask=col_mask, other=0.0).to(tl.float32)
-    h = _prenorm_row(X, BIAS, RES, SEED, offs, col_mask, bias, dropout_p, keep_scale, HAS_DROPOUT)
+    offs = row * n_cols + cols  # int32 on purpose: it is also the dropout stream's offset
+    h = tl.load(X + offs, mask=col_mask, other=0.0).to(tl.float32)
+    h += tl.load(BIAS + cols, mask=col_mask, other=0.0).to(tl.float32)
+    if HAS_DROPOUT:
+        # Same stream as philox.dropout_keep_mask: element offset = row * hidden + col.
+        keep = tl.rand(tl.load(SEED), offs) >= dropout_p
+        h = tl.where(keep, h * keep_scale, 0.0)
+    h += tl.load(RES + offs, mask=col_mask, other=0.0).to(tl.float32)
     mean = tl.sum(h, axis=0) / n_cols
     centered = tl.where(col_mask, h - mean, 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / n_cols + eps)
@@ -72,11 +66,18 @@ def _bdaln_bwd_kernel(
     dweight = tl.zeros([BLOCK], dtype=tl.float32)
     dln_bias = tl.zeros([BLOCK], dtype=tl.float32)
     dbias = tl.zeros([BLOCK], dtype=tl.float32)
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, n_rows)
     for row in range(row_start, row_end):
         offs = row * n_cols + cols
-        h = _prenorm_row(X, BIAS, RES, SEED, offs, col_mask, bias, dropout_p, keep_scale, HAS_DROPOUT)
+        # Rebuild h exactly as the forward did (the keep-mask is regenerated, never stored).
+        h = tl.load(X + offs, mask=col_mask, other=0.0).to(tl.float32) + bias
+        if HAS_DROPOUT:
+            keep = tl.rand(seed, offs) >= dropout_p
+            h = tl.where(keep, h * keep_scale, 0.0)
+        h += tl.load(RES + offs, mask=col_mask, other=0.0).to(tl.float32)
         xhat = tl.where(col_mask, (h - tl.load(MEAN + row)) * tl.load(RSTD + row), 0.0)
         dy = tl.load(DOUT + offs, mask=col_mask, other=0.0).to(tl.float32)
         g = dy * w
@@ -85,7 +86,6 @@ def _bdaln_bwd_kernel(
         dh = (g - mean_g - xhat * mean_g_xhat) * tl.load(RSTD + row)
         tl.store(DRES + offs, dh.to(DRES.dtype.element_ty), mask=col_mask)
         if HAS_DROPOUT:
-            keep = tl.rand(tl.load(SEED), offs) >= dropout_p
             dh = tl.where(keep, dh * keep_scale, 0.0)
             tl.store(DX + offs, dh.to(DX.dtype.element_ty), mask=col_mask)
         dweight += dy * xhat
