@@ -52,16 +52,28 @@ SUPPORTED_HEAD_DIMS = (32, 64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-# Triton 3.9's CPU interpreter multiplies the raw uint16 bit patterns of bfloat16 tl.dot
-# operands (it stores bfloat16 as uint16 and calls np.matmul on them). Under the interpreter
-# bfloat16 operands are widened to float32 first: exact products, float32 accumulation, the
-# same numbers a bfloat16 MMA gives. Compiled kernels are untouched.
-_INTERPRETER_BF16_DOT = tl.constexpr(triton_interpret())
+# Two bfloat16 defects of Triton 3.9's CPU interpreter (it stores bfloat16 as uint16), worked
+# around only when interpreting; compiled kernels are untouched:
+# - tl.dot multiplies the raw uint16 bit patterns: widen bfloat16 operands to float32 first
+#   (exact products, float32 accumulation: the numbers a bfloat16 MMA gives);
+# - float32 -> bfloat16 casts truncate (a GPU rounds to nearest even), doubling the error: round
+#   the float32 bits to nearest even first, so the cast is exact.
+_INTERPRETER_BF16_FIX = tl.constexpr(triton_interpret())
+
+
+@triton.jit
+def _to(x, dtype: tl.constexpr):
+    """float32 -> dtype, rounding to nearest even (as the GPU does) also in the interpreter."""
+    if _INTERPRETER_BF16_FIX and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
 
 
 @triton.jit
 def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
-    if _INTERPRETER_BF16_DOT:
+    if _INTERPRETER_BF16_FIX:
         if a.dtype == tl.bfloat16:
             a = a.to(tl.float32)
         if b.dtype == tl.bfloat16:
@@ -96,7 +108,7 @@ def _fwd_key_range(
         alpha = tl.math.exp2(m_i - m_ref)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=in_range[:, None], other=0.0)
-        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], DOT_PRECISION)
+        acc = _dot(_to(p, v.dtype), v, acc * alpha[:, None], DOT_PRECISION)
         m_i = m_new
     return acc, m_i, l_i
 
@@ -163,7 +175,7 @@ def _prefix_attn_fwd_kernel(
     out = acc / l_safe[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
     out_off = ((b * len_q + i_pos) * heads + h) * HEAD_DIM  # OUT is contiguous (B, Lq, H, D)
-    tl.store(OUT + out_off[:, None] + offs_d[None, :], out.to(OUT.dtype.element_ty), mask=row_valid[:, None])
+    tl.store(OUT + out_off[:, None] + offs_d[None, :], _to(out, OUT.dtype.element_ty), mask=row_valid[:, None])
     tl.store(LSE + (b * heads + h) * len_q + i_pos, lse, mask=row_valid)  # LSE is contiguous (B, H, Lq)
 
 
@@ -214,7 +226,7 @@ def _dq_key_range(
         p = tl.where(visible, tl.math.exp2(s - lse2[:, None]), 0.0)
         dp = _dot(do, tl.trans(v), None, DOT_PRECISION)
         ds = p * (dp - delta[:, None])
-        dq = _dot(ds.to(k.dtype), k, dq, DOT_PRECISION)
+        dq = _dot(_to(ds, k.dtype), k, dq, DOT_PRECISION)
     return dq
 
 
@@ -272,7 +284,7 @@ def _prefix_attn_bwd_dq_kernel(
         BLOCK_N, DOT_PRECISION,
     )
     dq_off = ((b * len_q + i_pos) * heads + h) * HEAD_DIM  # DQ is contiguous (B, Lq, H, D)
-    tl.store(DQ + dq_off[:, None] + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_valid[:, None])
+    tl.store(DQ + dq_off[:, None] + offs_d[None, :], _to(dq * sm_scale, DQ.dtype.element_ty), mask=row_valid[:, None])
 
 
 @triton.jit
@@ -302,10 +314,10 @@ def _dkdv_query_range(
         s_t = _dot(k, tl.trans(q), None, DOT_PRECISION) * qk_scale
         visible = in_range[:, None] & row_valid[None, :] & (cols[:, None] <= i_pos[None, :] + diag)
         p_t = tl.where(visible, tl.math.exp2(s_t - lse2[None, :]), 0.0)
-        dv = _dot(p_t.to(do.dtype), do, dv, DOT_PRECISION)
+        dv = _dot(_to(p_t, do.dtype), do, dv, DOT_PRECISION)
         dp_t = _dot(v, tl.trans(do), None, DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
-        dk = _dot(ds_t.to(q.dtype), q, dk, DOT_PRECISION)
+        dk = _dot(_to(ds_t, q.dtype), q, dk, DOT_PRECISION)
     return dk, dv
 
 
@@ -382,8 +394,8 @@ def _prefix_attn_bwd_dkdv_kernel(
             m_begin, m_end, len_q, heads, diag, qk_scale, GQ, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION,
         )
         off = (b * len_k + cols)[:, None] * kv_row + hkv * HEAD_DIM + offs_d[None, :]
-        tl.store(DK + off, (dk * sm_scale).to(DK.dtype.element_ty), mask=(cols < len_k)[:, None])
-        tl.store(DV + off, dv.to(DV.dtype.element_ty), mask=(cols < len_k)[:, None])
+        tl.store(DK + off, _to(dk * sm_scale, DK.dtype.element_ty), mask=(cols < len_k)[:, None])
+        tl.store(DV + off, _to(dv, DV.dtype.element_ty), mask=(cols < len_k)[:, None])
 
 
 @triton.jit
@@ -397,7 +409,7 @@ def _sum_rows_by_group_kernel(PART, PREFIX_IDS, OUT, batch, row_numel, BLOCK: tl
         limit = tl.where(tl.load(PREFIX_IDS + b) == g, row_numel, 0)  # rows of other groups load nothing
         acc += tl.load(part, mask=offs < limit, other=0.0)
         part += row_numel  # pointer walk: no b * row_numel product to overflow int32
-    tl.store(OUT + g.to(tl.int64) * row_numel + offs, acc.to(OUT.dtype.element_ty), mask=offs < row_numel)
+    tl.store(OUT + g.to(tl.int64) * row_numel + offs, _to(acc, OUT.dtype.element_ty), mask=offs < row_numel)
 
 
 # ---------------------------------------------------------------------------------------
