@@ -81,16 +81,16 @@ def _allowed(rows, cols, key_len, nq, MASK_MODE: tl.constexpr):
 @triton.jit
 def _visible_keys(m0, key_len, nq, BLOCK_M: tl.constexpr, MASK_MODE: tl.constexpr):
     """[lo, hi): the keys that rows m0 .. m0 + BLOCK_M - 1 can see (the rest is skipped)."""
-    lo = key_len * 0
+    lo = key_len * 0  # key_len is a tensor (see _visible_rows)
     hi = key_len
     if MASK_MODE == 1:
         if m0 + BLOCK_M <= nq:  # only query rows: query keys
-            hi = tl.minimum(nq, key_len)
+            hi = tl.minimum(lo + nq, key_len)
         elif m0 >= nq:  # only text rows: text keys
-            lo = tl.minimum(nq, key_len)
+            lo = tl.minimum(lo + nq, key_len)
     elif MASK_MODE == 2:
         if m0 + BLOCK_M <= nq:
-            hi = tl.minimum(nq, key_len)
+            hi = tl.minimum(lo + nq, key_len)
         else:  # text row i sees nothing beyond key i
             hi = tl.minimum(key_len, m0 + BLOCK_M)
     return lo, hi
@@ -99,13 +99,15 @@ def _visible_keys(m0, key_len, nq, BLOCK_M: tl.constexpr, MASK_MODE: tl.constexp
 @triton.jit
 def _visible_rows(n0, seq_len_q, nq, BLOCK_N: tl.constexpr, MASK_MODE: tl.constexpr):
     """[lo, hi): the query rows that can see some key of n0 .. n0 + BLOCK_N - 1 (mask mode only)."""
-    lo = nq * 0
-    hi = nq * 0 + seq_len_q
+    # Built from n0 (a tensor): ints equal to 1 are specialized to constants, and both branches
+    # of a runtime `if` must give tensors of one type.
+    lo = n0 * 0
+    hi = n0 * 0 + seq_len_q
     if MASK_MODE == 1:
         if n0 + BLOCK_N <= nq:  # only query keys: query rows
-            hi = tl.minimum(nq, seq_len_q)
+            hi = tl.minimum(n0 * 0 + nq, hi)
         elif n0 >= nq:  # only text keys: text rows
-            lo = tl.minimum(nq + n0 * 0, seq_len_q)
+            lo = tl.minimum(n0 * 0 + nq, hi)
     elif MASK_MODE == 2:
         if n0 >= nq:  # only text keys: rows i >= the first key
             lo = n0
