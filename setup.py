@@ -70,6 +70,11 @@ if ext is not None:
     ext_modules = [ext]
 else:
     ext_modules = []
-    print(f"mmict_kernels: installing without the CUDA extension ({why_not}); Triton and the PyTorch reference serve every op.", file=sys.stderr)
+    # pip runs this file once for metadata (egg_info / dist_info) and once to build: say it once.
+    if not any(cmd in sys.argv for cmd in ("egg_info", "dist_info")):
+        print(
+            f"mmict_kernels: installing without the CUDA extension ({why_not}); Triton and the PyTorch reference serve every op.",
+            file=sys.stderr,
+        )
 
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -40,6 +40,14 @@ void check_float_input(const Tensor& t, const Tensor& q, const char* op, const c
               t.strides());
 }
 
+// dout / out of a backward: same checks as an input, but any strides (they are re-laid out).
+void check_grad_input(const Tensor& t, const Tensor& q, const char* op, const char* name) {
+  MMICT_CHECK(t.device() == q.device(), op, name, ": expected device ", q.device(), " (same as q), got ", t.device());
+  MMICT_CHECK(t.scalar_type() == q.scalar_type(), op, name, ": expected dtype ", q.scalar_type(), " (same as q), got ",
+              t.scalar_type());
+  MMICT_CHECK(t.sizes() == q.sizes(), op, name, ": expected the shape of q ", q.sizes(), ", got ", t.sizes());
+}
+
 void check_index_input(const std::optional<Tensor>& t, const Tensor& q, const char* op, const char* name, at::ScalarType dtype,
                        int64_t length) {
   if (!t.has_value()) return;
@@ -49,7 +57,9 @@ void check_index_input(const std::optional<Tensor>& t, const Tensor& q, const ch
 }
 
 // cp.async reads 16-byte chunks: keep every head vector 16-byte aligned, copying when needed.
+// (An upstream gradient may come in any layout, e.g. expanded with all strides 0 from .sum().)
 Tensor aligned(const Tensor& t) {
+  if (t.numel() > 0 && t.stride(-1) != 1) return t.contiguous();
   bool ok = reinterpret_cast<std::uintptr_t>(t.data_ptr()) % 16 == 0;
   for (int64_t d = 0; d + 1 < t.dim(); ++d) ok = ok && (t.stride(d) % 8 == 0 || t.size(d) <= 1);
   return ok ? t : t.clone(at::MemoryFormat::Contiguous);
@@ -189,10 +199,8 @@ std::tuple<Tensor, Tensor, Tensor> hub_cross_attention_bwd(const Tensor& dout_in
                                                            const std::optional<Tensor>& seqlens_k, double scale) {
   const char* op = "hub_cross_attention_bwd";
   check_hub_inputs(q_in, k_in, v_in, cu_seqlens_k, seqlens_k, op);
-  check_float_input(dout_in, q_in, op, "dout", 4);
-  check_float_input(out_in, q_in, op, "out", 4);
-  MMICT_CHECK(dout_in.sizes() == q_in.sizes() && out_in.sizes() == q_in.sizes(), op, "dout/out: expected the shape of q ",
-              q_in.sizes());
+  check_grad_input(dout_in, q_in, op, "dout");
+  check_grad_input(out_in, q_in, op, "out");
   check_lse(lse, q_in, op);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const Tensor q = aligned(q_in), k = aligned(k_in), v = aligned(v_in), out = aligned(out_in), dout = aligned(dout_in);
@@ -312,10 +320,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> prefix_attention_bwd(
     const std::optional<Tensor>& prefix_lengths, const std::optional<Tensor>& seqlens_k, bool deterministic) {
   const char* op = "prefix_attention_bwd";
   check_prefix_inputs(q_in, k_in, v_in, prefix_k_in, prefix_v_in, prefix_ids, prefix_lengths, seqlens_k, op);
-  check_float_input(dout_in, q_in, op, "dout", 4);
-  check_float_input(out_in, q_in, op, "out", 4);
-  MMICT_CHECK(dout_in.sizes() == q_in.sizes() && out_in.sizes() == q_in.sizes(), op, "dout/out: expected the shape of q ",
-              q_in.sizes());
+  check_grad_input(dout_in, q_in, op, "dout");
+  check_grad_input(out_in, q_in, op, "out");
   check_lse(lse, q_in, op);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const PrefixInputs p = prepare_prefix(q_in, k_in, v_in, prefix_k_in, prefix_v_in, prefix_ids, prefix_lengths, seqlens_k);

@@ -103,6 +103,18 @@ def test_hub_cross_attention_strided_inputs():
     )
 
 
+def test_hub_cross_attention_expanded_upstream_gradient():
+    # out.sum().backward() hands the op an expanded dout (all strides 0): it must be re-laid out.
+    q, k, v, lengths = _hub_inputs(HUB_CASES["dense_ragged_zero"], torch.bfloat16, 64)
+    grads, grads64, grads_lp = [], [], []
+    for dst, impl, dt in ((grads, "cuda", None), (grads64, "torch", torch.float64), (grads_lp, "torch", None)):
+        leaves = [(t.to(dt) if dt else t).detach().requires_grad_() for t in (q, k, v)]
+        ops.hub_cross_attention(*leaves, backend=impl, seqlens_k=lengths["seqlens_k"]).sum().backward()
+        dst.extend(t.grad for t in leaves)
+    for name, g, g64, glp in zip("qkv", grads, grads64, grads_lp):
+        assert_close_by_rule(f"d{name}", g, g64, glp)
+
+
 # ---------------------------------------------------------------------------------------------
 # prefix attention
 # ---------------------------------------------------------------------------------------------
@@ -212,8 +224,15 @@ def test_opcheck_prefix_attention():
 
 
 def test_torch_compile_fullgraph_matches_eager():
+    # The CUDA wrapper itself (the front-end's backend lookup is not traced by dynamo here).
+    from mmict_kernels.ops.prefix_attention.cuda import prefix_attention_cuda
+
     inputs, extra = _prefix_inputs(PREFIX_CASES["train_gqa_groups"], torch.bfloat16, 64)
-    fn = _prefix_fn(extra, True)
+
+    def fn(q, k, v, pk, pv):
+        return prefix_attention_cuda(q, k, v, pk, pv, extra["prefix_ids"], True, 0.125, extra["prefix_lengths"],
+                                     extra["seqlens_k"], True)[0]
+
     compiled = torch.compile(fn, fullgraph=True)
     leaves_e = [t.detach().clone().requires_grad_() for t in inputs]
     leaves_c = [t.detach().clone().requires_grad_() for t in inputs]
