@@ -228,6 +228,13 @@ def test_prefix_held_once_per_group():
     assert cache.expanded_nbytes(prefix_ids) == 8 * per_group
     for k in cache.keys:
         assert k.shape[0] == 2  # G copies, whatever the number of rows
+    ids, mask = _prompts([2, 3], max_len=3)
+    filled = RowKVCache(capacity=3 + 4)
+    generate_with_prefix(model, cache, ids, attention_mask=mask, prefix_ids=torch.tensor([0, 1]), max_new_tokens=4, row_cache=filled)
+    # the rows' own K/V only (prompt + fed tokens), never the prefix
+    assert filled.nbytes() == 2 * 2 * 2 * 7 * 2 * 16 * 4 and set(filled.lengths.values()) == {3 + 3}
+    with pytest.raises(ValueError, match="row_cache"):
+        generate_with_prefix(model, cache, ids, attention_mask=mask, prefix_ids=torch.tensor([0, 1]), max_new_tokens=4, row_cache=filled)
     row_kv = RowKVCache(capacity=7)
     k = torch.zeros(8, 3, 2, 16)
     keys, _ = row_kv.append(0, k, k)
@@ -278,3 +285,67 @@ def test_bad_input_raises_clear_errors():
     dropping.train()
     with pytest.raises(ValueError, match="dropout"):
         forward_with_prefix(dropping, dropping_cache, inputs_embeds=rows, prefix_ids=torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_logits_follow_the_rule(dtype):
+    torch.manual_seed(99)
+    model = _tiny("llama")
+    demos, lengths = ragged_demos([5, 2], max_len=5)
+    rows = torch.randn(3, 4, HIDDEN)
+    mask = torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1], [1, 1, 1, 0]])
+    prefix_ids = torch.tensor([1, 0, 1])
+    ours = prefix_row_logits(copy.deepcopy(model).to(dtype), demos.to(dtype), lengths, rows.to(dtype), mask, prefix_ids)
+    ref_lp = stock_row_logits(copy.deepcopy(model).to(dtype), demos.to(dtype), lengths, rows.to(dtype), mask, prefix_ids)
+    ref64 = stock_row_logits(copy.deepcopy(model).double(), demos.double(), lengths, rows.double(), mask, prefix_ids)
+    assert ours.dtype == dtype
+    assert_close_by_rule(f"{dtype} logits", ours, ref64, ref_lp)
+
+
+def _triton_refusal() -> str | None:
+    from mmict_kernels import backends
+
+    why = backends.explain("prefix_attention", device_type="cpu", dtype=torch.float32, head_dim=32)["triton"]
+    if why is None:
+        try:
+            backends.resolve("prefix_attention", "triton", device_type="cpu", dtype=torch.float32, head_dim=32)
+        except ImportError as exc:  # kernels not importable in this checkout
+            why = str(exc)
+    return why
+
+
+def test_triton_backend_logits_and_demo_grads():
+    """The same model path on the Triton kernels (interpreter on CPU), head dim 32, GQA, ragged prefixes."""
+    why = _triton_refusal()
+    if why is not None:
+        pytest.skip(f"triton prefix_attention unavailable: {why}")
+    torch.manual_seed(5)
+    config = LlamaConfig(
+        hidden_size=HIDDEN, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+        num_hidden_layers=2, vocab_size=VOCAB, attn_implementation="eager",
+    )
+    model = LlamaForCausalLM(config).eval().requires_grad_(False)
+    demos, lengths = ragged_demos([5, 2], max_len=5)
+    rows = torch.randn(3, 4, HIDDEN)
+    mask = torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1], [1, 1, 1, 0]])
+    prefix_ids = torch.tensor([1, 0, 1])
+    weight = torch.randn(int(mask.sum()), VOCAB, dtype=torch.float64)
+
+    def run(fn, model, dtype, **kw):
+        d = demos.to(dtype).requires_grad_(True)
+        logits = fn(model, d, lengths, rows.to(dtype), mask, prefix_ids, **kw)
+        (grad,) = torch.autograd.grad((logits * weight.to(dtype)).sum(), d)
+        return logits.detach(), grad
+
+    ours = run(prefix_row_logits, model, torch.float32, backend="triton")
+    ref32 = run(stock_row_logits, model, torch.float32)
+    ref64 = run(stock_row_logits, copy.deepcopy(model).double(), torch.float64)
+    for name, o, r64, r32 in zip(("logits", "grad demo_embeds"), ours, ref64, ref32):
+        assert_close_by_rule(f"triton {name}", o, r64, r32)
+    # decode steps (Lq = 1, strided row-cache views, left padding) on the kernels
+    ids, prompt_mask = _prompts([3, 1, 2], max_len=3)
+    cache = DemoPrefixCache.build(model, demos, lengths)
+    kw = dict(attention_mask=prompt_mask, prefix_ids=prefix_ids, max_new_tokens=3)
+    assert torch.equal(
+        generate_with_prefix(model, cache, ids, backend="triton", **kw), generate_with_prefix(model, cache, ids, backend="torch", **kw)
+    )

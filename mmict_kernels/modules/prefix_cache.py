@@ -63,6 +63,9 @@ class DemoPrefixCache:
     ) -> "DemoPrefixCache":
         """Run ``model`` over the demonstrations once and keep each layer's K/V.
 
+        In training, build a fresh cache every step (the demonstration embeddings change); its
+        K/V carry the graph back to ``demo_embeds``, which the first backward frees as usual.
+
         Args:
             model: a transformers causal LM (or its decoder), frozen; in eval() mode (no dropout).
             demo_embeds: (G, Lp, hidden) right-padded input embeddings, or a list of G tensors

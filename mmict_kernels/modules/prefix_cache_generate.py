@@ -63,6 +63,7 @@ def generate_with_prefix(
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
     backend: str | None = None,
+    row_cache: RowKVCache | None = None,
 ) -> torch.Tensor:
     """Generate after [group prefix ; prompt] for every row; returns only the new tokens.
 
@@ -78,6 +79,8 @@ def generate_with_prefix(
             (default: ``eos_token_id``). Generation stops early once every row has finished.
         generator: random generator for sampling (reproducible draws).
         backend: ``ops.prefix_attention`` backend (default: the cache's).
+        row_cache: an empty :class:`RowKVCache` of capacity >= L + max_new_tokens to fill with
+            the rows' own K/V (pass one to inspect or measure it); default: a fresh one.
 
     Returns:
         int64 (B, T) new tokens, T <= max_new_tokens (T < max_new_tokens only if all rows hit EOS).
@@ -96,9 +99,12 @@ def generate_with_prefix(
         pad_token_id = eos_token_id if eos_token_id is not None else 0
     embedding = model.get_input_embeddings()
 
+    if row_cache is None:
+        row_cache = RowKVCache(length + max_new_tokens)
+    elif row_cache.capacity < length + max_new_tokens or row_cache.lengths:
+        raise ValueError(f"row_cache: expected an empty RowKVCache of capacity >= {length + max_new_tokens} (prompt + new tokens)")
     state = PrefixCallState(
-        cache=cache, prefix_ids=prefix_ids, seqlens_k=seqlens_k, row_kv=RowKVCache(length + max_new_tokens),
-        backend=backend or cache.backend,
+        cache=cache, prefix_ids=prefix_ids, seqlens_k=seqlens_k, row_kv=row_cache, backend=backend or cache.backend
     )
     new_tokens = []
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
