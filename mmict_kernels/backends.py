@@ -46,6 +46,9 @@ class _Entry:
 
 
 _REGISTRY: dict[str, dict[str, _Entry]] = {}
+# (op, backend) -> the imported implementation. Filled by _choose, read by resolve: a plain dict
+# lookup, which torch.compile can trace (importlib cannot be traced).
+_LOADED: dict[tuple[str, str], Callable] = {}
 
 
 # ---------------------------------------------------------------------------------------
@@ -115,11 +118,11 @@ def register(op: str, backend: str, module: str, attr: str, caps: Capabilities) 
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
 
-    @functools.lru_cache(maxsize=None)
     def loader():
         return getattr(importlib.import_module(module), attr)
 
     _REGISTRY.setdefault(op, {})[backend] = _Entry(loader, caps, _ENVIRONMENT[backend])
+    _LOADED.pop((op, backend), None)
 
 
 def _refusal(op: str, backend: str, device_type: str, dtype: torch.dtype, head_dim: int, dropout: bool) -> str | None:
@@ -147,6 +150,35 @@ def explain(op: str, *, device_type: str, dtype: torch.dtype, head_dim: int, dro
     return {b: _refusal(op, b, device_type, dtype, head_dim, dropout) for b in BACKENDS}
 
 
+@torch.compiler.assume_constant_result
+def _choose(op: str, backend: str, device_type: str, dtype: torch.dtype, head_dim: int, dropout: bool) -> str:
+    """The backend name for these static facts; imports its implementation into ``_LOADED``.
+
+    Under torch.compile this runs once, eagerly, at trace time, and its result is a constant of
+    the graph (the decision depends only on static facts, so it never syncs or re-traces).
+    """
+    if backend == "auto":
+        for b in _AUTO_ORDER:
+            if b == "triton" and device_type == "cpu":
+                continue  # the interpreter is for tests; auto on CPU means the reference
+            if _refusal(op, b, device_type, dtype, head_dim, dropout) is None:
+                chosen = b
+                break
+        else:
+            reasons = explain(op, device_type=device_type, dtype=dtype, head_dim=head_dim, dropout=dropout)
+            raise BackendUnavailableError(f"no backend can run {op}: {reasons}")
+    else:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend: expected 'auto' or one of {BACKENDS}, got {backend!r}")
+        why = _refusal(op, backend, device_type, dtype, head_dim, dropout)
+        if why is not None:
+            raise BackendUnavailableError(f"backend={backend!r} cannot run {op}: {why}")
+        chosen = backend
+    if (op, chosen) not in _LOADED:
+        _LOADED[(op, chosen)] = _REGISTRY[op][chosen].loader()
+    return chosen
+
+
 def resolve(
     op: str,
     backend: str,
@@ -157,20 +189,8 @@ def resolve(
     dropout: bool = False,
 ) -> tuple[str, Callable]:
     """Choose the implementation of ``op`` for ``backend`` ("auto", "cuda", "triton" or "torch")."""
-    if backend == "auto":
-        for b in _AUTO_ORDER:
-            if b == "triton" and device_type == "cpu":
-                continue  # the interpreter is for tests; auto on CPU means the reference
-            if _refusal(op, b, device_type, dtype, head_dim, dropout) is None:
-                return b, _REGISTRY[op][b].loader()
-        reasons = explain(op, device_type=device_type, dtype=dtype, head_dim=head_dim, dropout=dropout)
-        raise BackendUnavailableError(f"no backend can run {op}: {reasons}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: expected 'auto' or one of {BACKENDS}, got {backend!r}")
-    why = _refusal(op, backend, device_type, dtype, head_dim, dropout)
-    if why is not None:
-        raise BackendUnavailableError(f"backend={backend!r} cannot run {op}: {why}")
-    return backend, _REGISTRY[op][backend].loader()
+    name = _choose(op, backend, device_type, dtype, head_dim, bool(dropout))
+    return name, _LOADED[(op, name)]
 
 
 def available_backends(op: str, *, device_type: str, dtype: torch.dtype, head_dim: int, dropout: bool = False) -> list[str]:
