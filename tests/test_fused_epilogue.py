@@ -107,18 +107,17 @@ def test_dropout_reproducible_from_seed_and_same_on_both_backends():
 
 @requires_triton
 def test_parameter_gradients_are_deterministic():
-    shape = (13, 48)  # several rows per program
+    inputs = ln_inputs((13, 48), torch.float32)  # 13 rows: several rows per backward program
     grads = []
     for _ in range(2):
-        leaves = [t.requires_grad_() for t in ln_inputs(shape, torch.float32, DEVICE)] if not grads else [
-            t.detach().clone().requires_grad_() for t in leaves]
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
         out = bias_dropout_add_layernorm(*leaves, dropout_p=0.1, seed=5, backend="triton")
         gelu = bias_gelu(leaves[0], leaves[1], backend="triton")
         torch.manual_seed(0)
-        (out * torch.randn_like(out)).sum().add((gelu * torch.randn_like(gelu)).sum()).backward()
-        grads.append([t.grad.clone() for t in leaves])
-    for a, b in zip(*grads):
-        assert torch.equal(a, b)
+        ((out * torch.randn_like(out)).sum() + (gelu * torch.randn_like(gelu)).sum()).backward()
+        grads.append([t.grad for t in leaves])
+    for first, second in zip(*grads):
+        assert torch.equal(first, second)
 
 
 @requires_triton
