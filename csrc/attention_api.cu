@@ -58,7 +58,26 @@ const char* attention_args_error(const AttentionArgs& a) {
     return "q must be 16-byte aligned with strides that are multiples of 8 elements";
   if (!aligned16(a.out) || a.out_batch_stride % 2 != 0 || a.out_row_stride % 2 != 0 || a.out_head_stride % 2 != 0)
     return "out must be 16-byte aligned with even strides";
+  if (a.num_splits < 1 || a.num_splits > kMaxSplits) return "num_splits must be in [1, kMaxSplits]";
+  if (a.num_splits > 1 && (a.partial_out == nullptr || a.partial_lse == nullptr || !aligned16(a.partial_out)))
+    return "num_splits > 1 needs the partial_out (16-byte aligned) and partial_lse workspaces";
   return nullptr;
+}
+
+int attention_forward_num_splits(const AttentionArgs& a, int num_sms, int64_t keys_per_row) {
+  if (num_sms <= 0 || a.batch <= 0 || a.len_q <= 0 || a.heads <= 0 || keys_per_row <= 0) return 1;
+  const int64_t query_tile = a.len_q <= 32 ? 32 : 64;  // as forward_for_head_dim (kernels/dispatch.cuh)
+  const int64_t ctas = static_cast<int64_t>(a.batch) * a.heads * ((a.len_q + query_tile - 1) / query_tile);
+  // Two resident CTAs per SM is what the D = 128 tiles allow; below that the GPU idles.
+  const int64_t target = 2 * static_cast<int64_t>(num_sms);
+  if (ctas >= target) return 1;
+  // Each split keeps at least 4 key blocks (256 keys): less work than that does not pay for the
+  // float32 partial results and the combine kernel.
+  const int64_t key_blocks = (keys_per_row + 63) / 64;
+  int64_t splits = (target + ctas - 1) / ctas;
+  if (splits > key_blocks / 4) splits = key_blocks / 4;
+  if (splits > kMaxSplits) splits = kMaxSplits;
+  return splits >= 2 ? static_cast<int>(splits) : 1;
 }
 
 static const char* backward_args_error(const AttentionArgs& a) {

@@ -76,6 +76,15 @@ struct AttentionArgs {
   KvSegment segments[2];
   int num_segments = 1;
 
+  // Forward split-KV ("flash-decoding"): when B x H x query tiles CTAs cannot fill the GPU (few
+  // rows, or one query per row with a long prefix), each row's key blocks are cut into
+  // num_splits ranges processed by separate CTAs, whose partial results a combine kernel merges
+  // by log-sum-exp. Workspace (float32, contiguous, caller-allocated when num_splits > 1):
+  // partial_out (num_splits, B, H, Lq, D) and partial_lse (num_splits, B, H, Lq).
+  int num_splits = 1;
+  float* partial_out = nullptr;
+  float* partial_lse = nullptr;
+
   // Backward only.
   const void* dout = nullptr;
   int64_t dout_batch_stride = 0, dout_row_stride = 0, dout_head_stride = 0;
@@ -83,6 +92,12 @@ struct AttentionArgs {
   int64_t dq_batch_stride = 0, dq_row_stride = 0, dq_head_stride = 0;
   float* dsum = nullptr;  // workspace (B, H, Lq) float32: rowsum(dout * out)
 };
+
+// How many key splits the forward should use (1 = none) for a GPU with num_sms multiprocessors,
+// given the expected number of keys per row (dense: sum of the segments' max_len; packed:
+// total_k / B). Sizes args.partial_out / partial_lse; at most kMaxSplits.
+constexpr int kMaxSplits = 16;
+int attention_forward_num_splits(const AttentionArgs& args, int num_sms, int64_t keys_per_row);
 
 // Writes out and lse. Returns the first launch error (cudaSuccess otherwise).
 cudaError_t attention_forward(const AttentionArgs& args, cudaStream_t stream);

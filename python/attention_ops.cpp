@@ -125,6 +125,36 @@ void launch(const mmict::AttentionArgs& a, bool backward, const char* op) {
   MMICT_CHECK(err == cudaSuccess, op, "kernel launch failed: ", cudaGetErrorString(err));
 }
 
+// Forward split-KV: num_splits > 0 forces it (tests), 0 lets the heuristic decide from the GPU's
+// SM count. Allocates the float32 workspace when there is more than one split.
+struct SplitWorkspace {
+  Tensor partial_out, partial_lse;
+};
+
+SplitWorkspace plan_splits(mmict::AttentionArgs& a, const Tensor& q, int64_t keys_per_row, int64_t requested, const char* op) {
+  MMICT_CHECK(requested >= 0 && requested <= mmict::kMaxSplits, op, "num_splits: expected 0 (auto) to ", mmict::kMaxSplits,
+              ", got ", requested);
+  int splits = static_cast<int>(requested);
+  if (splits == 0) {
+    int sms = 0;
+    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, q.get_device()) != cudaSuccess) {
+      (void)cudaGetLastError();  // no split if the query fails: correct, only maybe slower
+      sms = 0;
+    }
+    splits = mmict::attention_forward_num_splits(a, sms, keys_per_row);
+  }
+  a.num_splits = splits;
+  SplitWorkspace ws;
+  if (splits > 1) {
+    const auto f32 = q.options().dtype(at::kFloat);
+    ws.partial_out = at::empty({splits, q.size(0), q.size(2), q.size(1), q.size(3)}, f32);
+    ws.partial_lse = at::empty({splits, q.size(0), q.size(2), q.size(1)}, f32);
+    a.partial_out = ws.partial_out.data_ptr<float>();
+    a.partial_lse = ws.partial_lse.data_ptr<float>();
+  }
+  return ws;
+}
+
 void check_lse(const Tensor& lse, const Tensor& q, const char* op) {
   MMICT_CHECK(lse.device() == q.device(), op, "lse: expected device ", q.device(), " (same as q), got ", lse.device());
   MMICT_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.dim() == 3 && lse.size(0) == q.size(0) &&
@@ -174,7 +204,7 @@ void check_hub_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const s
 
 std::tuple<Tensor, Tensor> hub_cross_attention_fwd(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
                                                     const std::optional<Tensor>& cu_seqlens_k,
-                                                    const std::optional<Tensor>& seqlens_k, double scale) {
+                                                    const std::optional<Tensor>& seqlens_k, double scale, int64_t num_splits) {
   const char* op = "hub_cross_attention_fwd";
   check_hub_inputs(q_in, k_in, v_in, cu_seqlens_k, seqlens_k, op);
   const c10::cuda::CUDAGuard guard(q_in.device());
@@ -189,6 +219,8 @@ std::tuple<Tensor, Tensor> hub_cross_attention_fwd(const Tensor& q_in, const Ten
   set_outputs(a, out, lse);
   a.segments[0] = hub_segment(k, v, cu, lens);
   a.num_segments = 1;
+  const int64_t keys_per_row = cu.has_value() ? k.size(0) / q.size(0) : k.size(1);
+  const SplitWorkspace ws = plan_splits(a, q, keys_per_row, num_splits, op);
   launch(a, false, op);
   return {out, lse};
 }
@@ -298,7 +330,8 @@ std::pair<int, int> set_prefix_segments(mmict::AttentionArgs& a, const PrefixInp
 std::tuple<Tensor, Tensor> prefix_attention_fwd(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
                                                 const Tensor& prefix_k_in, const Tensor& prefix_v_in, const Tensor& prefix_ids,
                                                 bool causal, double scale, const std::optional<Tensor>& prefix_lengths,
-                                                const std::optional<Tensor>& seqlens_k, bool /*deterministic: backward only*/) {
+                                                const std::optional<Tensor>& seqlens_k, bool /*deterministic: backward only*/,
+                                                int64_t num_splits) {
   const char* op = "prefix_attention_fwd";
   check_prefix_inputs(q_in, k_in, v_in, prefix_k_in, prefix_v_in, prefix_ids, prefix_lengths, seqlens_k, op);
   const c10::cuda::CUDAGuard guard(q_in.device());
@@ -310,6 +343,7 @@ std::tuple<Tensor, Tensor> prefix_attention_fwd(const Tensor& q_in, const Tensor
   set_outputs(a, out, lse);
   set_prefix_segments(a, p, causal);
   if (a.num_segments == 0) return {out.zero_(), lse.fill_(-std::numeric_limits<float>::infinity())};  // no key at all
+  const SplitWorkspace ws = plan_splits(a, p.q, p.prefix_k.size(1) + p.k.size(1), num_splits, op);
   launch(a, false, op);
   return {out, lse};
 }
@@ -366,16 +400,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> prefix_attention_bwd(
 // prefix_ids (B,), int32 prefix_lengths (G,) and seqlens_k (B,); lse (B, H, Lq) float32.
 // prefix_attention_fwd takes `deterministic` only so that its autograd formula (registered in
 // Python from the forward's inputs) knows how to sum the prefix gradients; the forward ignores it.
+// num_splits (forwards): 0 = choose split-KV from the GPU size, n >= 1 = exactly n key splits.
 TORCH_LIBRARY(mmict_cuda, m) {
   m.def(
-      "hub_cross_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_k, Tensor? seqlens_k, float scale)"
-      " -> (Tensor out, Tensor lse)");
+      "hub_cross_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_k, Tensor? seqlens_k, float scale,"
+      " int num_splits=0) -> (Tensor out, Tensor lse)");
   m.def(
       "hub_cross_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? cu_seqlens_k,"
       " Tensor? seqlens_k, float scale) -> (Tensor dq, Tensor dk, Tensor dv)");
   m.def(
       "prefix_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, Tensor prefix_ids, bool causal,"
-      " float scale, Tensor? prefix_lengths, Tensor? seqlens_k, bool deterministic) -> (Tensor out, Tensor lse)");
+      " float scale, Tensor? prefix_lengths, Tensor? seqlens_k, bool deterministic, int num_splits=0)"
+      " -> (Tensor out, Tensor lse)");
   m.def(
       "prefix_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, Tensor prefix_ids,"
       " Tensor out, Tensor lse, bool causal, float scale, Tensor? prefix_lengths, Tensor? seqlens_k, bool deterministic)"

@@ -97,7 +97,7 @@ def grads_of(ref, inputs, dout):
     return fresh_thread(run)
 
 
-def hub_fwd(q, k, v, cu, lens, scale):
+def hub_fwd(q, k, v, cu, lens, scale, num_splits=0):
     out, lse = hub_cross_attention_reference(q, k, v, cu_seqlens_k=cu, seqlens_k=lens, softmax_scale=scale)
     return out.contiguous(), lse.float().contiguous()
 
@@ -107,7 +107,7 @@ def hub_bwd(dout, q, k, v, out, lse, cu, lens, scale):
     return grads_of(ref, [q, k, v], dout)
 
 
-def prefix_fwd(q, k, v, pk, pv, ids, causal, scale, plens, slens, deterministic):
+def prefix_fwd(q, k, v, pk, pv, ids, causal, scale, plens, slens, deterministic, num_splits=0):
     out, lse = prefix_attention_reference(q, k, v, pk, pv, ids, causal, scale, plens, slens)
     return out.contiguous(), lse.float().contiguous()
 
@@ -153,8 +153,11 @@ check_grads("hub dense", lambda q, k, v: hub_cross_attention_cuda(q, k, v, None,
             lambda q, k, v: hub_cross_attention_reference(q, k, v, None, lens, 0.3)[0], [q, kd, vd])
 torch.library.opcheck(torch.ops.mmict_cuda.hub_cross_attention_fwd.default,
                       (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), cu, None, 0.3))
-torch.library.opcheck(torch.ops.mmict_cuda.hub_cross_attention_fwd.default, (q, kd, vd, None, lens, 0.3))
+torch.library.opcheck(torch.ops.mmict_cuda.hub_cross_attention_fwd.default, (q, kd, vd, None, lens, 0.3, 2))
 print("hub opcheck ok")
+# An explicit (non-default) num_splits reaches setup_context too: gradients still line up.
+check_grads("hub dense num_splits=3", lambda q, k, v: torch.ops.mmict_cuda.hub_cross_attention_fwd(q, k, v, None, lens, 0.3, 3)[0],
+            lambda q, k, v: hub_cross_attention_reference(q, k, v, None, lens, 0.3)[0], [q.detach(), kd, vd])
 
 # prefix attention: GQA, two groups, padding on both sides of the row
 ids = torch.tensor([1, 0, 1])
@@ -186,5 +189,5 @@ def test_python_layer_over_cpu_stand_in_ops():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), str(ROOT), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, "-c", _STAND_IN], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-6000:]}"
-    for line in ("hub packed", "hub dense", "hub opcheck ok", "prefix deterministic=True", "prefix opcheck ok", "torch.compile ok"):
+    for line in ("hub packed", "hub dense", "hub opcheck ok", "hub dense num_splits=3", "prefix deterministic=True", "prefix opcheck ok", "torch.compile ok"):
         assert line in proc.stdout

@@ -204,6 +204,49 @@ def test_prefix_attention_lse_matches_reference():
 
 
 # ---------------------------------------------------------------------------------------------
+# split-KV forward (flash-decoding): forced split counts, including more splits than key blocks
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("num_splits", [1, 2, 3, 16])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_prefix_attention_split_kv(dtype, num_splits):
+    # Decoding: one query per row, long prefix, a short own cache; row 2 sees nothing.
+    inputs, extra = _prefix_inputs((3, 1, 9, 4, 2, 2, 700, [1, 0, 0], [700, 0], [9, 3, 0], True), dtype, 128)
+
+    def fn(q, k, v, pk, pv):
+        return torch.ops.mmict_cuda.prefix_attention_fwd(q, k, v, pk, pv, extra["prefix_ids"], True, 128**-0.5,
+                                                         extra["prefix_lengths"], extra["seqlens_k"], True, num_splits)[0]
+
+    out, _ = check_against_oracle(fn, _prefix_ref(extra), inputs, grad_idx=(0, 1, 2, 3, 4), name=f"prefix split {num_splits}")
+    assert (out[2] == 0).all()
+
+
+@pytest.mark.parametrize("num_splits", [2, 5])
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_hub_cross_attention_split_kv(head_dim, num_splits):
+    q, k, v, lengths = _hub_inputs(HUB_CASES["packed_ragged_zero"], torch.float16, head_dim)
+    cu = lengths["cu_seqlens_k"]
+    out, lse = torch.ops.mmict_cuda.hub_cross_attention_fwd(q, k, v, cu, None, head_dim**-0.5, num_splits)
+    out1, lse1 = torch.ops.mmict_cuda.hub_cross_attention_fwd(q, k, v, cu, None, head_dim**-0.5, 1)
+    ref64, lse64 = hub_cross_attention_reference(q.double(), k.double(), v.double(), cu_seqlens_k=cu)
+    ref_lp, _ = hub_cross_attention_reference(q, k, v, cu_seqlens_k=cu)
+    assert_close_by_rule("split out", out, ref64, ref_lp)
+    assert torch.equal(torch.isinf(lse), torch.isinf(lse64))
+    finite = torch.isfinite(lse64)
+    assert (lse[finite] - lse1[finite]).abs().max().item() < 1e-4
+
+
+def test_auto_split_is_used_for_decoding_and_matches():
+    # B x H = 8 CTAs on a GPU with 100+ SMs and 40 key blocks: the heuristic splits.
+    inputs, extra = _prefix_inputs((2, 1, 4, 4, 4, 1, 2500, [0, 0], None, None, True), torch.bfloat16, 64)
+    out_auto = ops.prefix_attention(*inputs, extra["prefix_ids"], True, backend="cuda")
+    out_one = torch.ops.mmict_cuda.prefix_attention_fwd(*inputs, extra["prefix_ids"], True, 64**-0.5, None, None, False, 1)[0]
+    ref64 = prefix_attention_reference(*[t.double() for t in inputs], extra["prefix_ids"], True)[0]
+    ref_lp = prefix_attention_reference(*inputs, extra["prefix_ids"], True)[0]
+    assert_close_by_rule("auto split", out_auto, ref64, ref_lp)
+    assert_close_by_rule("one split", out_one, ref64, ref_lp)
+
+
+# ---------------------------------------------------------------------------------------------
 # torch.library registration: opcheck, torch.compile
 # ---------------------------------------------------------------------------------------------
 def test_opcheck_hub_cross_attention():

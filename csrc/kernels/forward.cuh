@@ -62,7 +62,9 @@ __global__ void __launch_bounds__(ForwardConfig<T, D, kBlockM, kBlockN>::kThread
   T* sk = sq + QTile::kElems;              // 2 stages
   T* sv = sk + 2 * KvTile::kElems;         // 2 stages
 
-  const int q0 = blockIdx.x * kBlockM;
+  // blockIdx.x = query tile * num_splits + split: the splits of one tile are neighbours.
+  const int split = static_cast<int>(blockIdx.x) % args.num_splits;
+  const int q0 = (static_cast<int>(blockIdx.x) / args.num_splits) * kBlockM;
   const int h = blockIdx.y;
   const int b = blockIdx.z;
   const int kv_head = h / (args.heads / args.kv_heads);
@@ -72,7 +74,10 @@ __global__ void __launch_bounds__(ForwardConfig<T, D, kBlockM, kBlockN>::kThread
 
   const T* q = static_cast<const T*>(args.q) + b * args.q_batch_stride + h * args.q_head_stride;
   const BlockPlan<T> plan = plan_blocks<T, kBlockN>(args, b, kv_head, last_query);
-  const int num_blocks = plan.total();
+  // This CTA's share of the row's key blocks: [block_begin, block_end).
+  const int per_split = (plan.total() + args.num_splits - 1) / args.num_splits;
+  const int block_begin = min(split * per_split, plan.total());
+  const int block_end = min(block_begin + per_split, plan.total());
 
   auto load_kv = [&](int blk, int stage) {
     // Selects, not a dynamic index, so the plan stays in registers.
@@ -87,7 +92,7 @@ __global__ void __launch_bounds__(ForwardConfig<T, D, kBlockM, kBlockN>::kThread
   };
 
   QTile::template load_async<Cfg::kThreads>(sq, q0, args.len_q, [&](int i) { return q + i * args.q_row_stride; }, q);
-  if (num_blocks > 0) load_kv(0, 0);
+  if (block_begin < block_end) load_kv(block_begin, 0);
   ptx::cp_async_commit();
 
   const float scale_log2 = args.softmax_scale * kLog2e;
@@ -104,13 +109,13 @@ __global__ void __launch_bounds__(ForwardConfig<T, D, kBlockM, kBlockN>::kThread
   uint32_t q_frag[kQInRegisters ? D / 16 : 1][4];
   const int row_in_tile = warp * 16;
 
-  for (int blk = 0; blk < num_blocks; ++blk) {
-    const int stage = blk & 1;
-    if (blk + 1 < num_blocks) load_kv(blk + 1, stage ^ 1);
+  for (int blk = block_begin; blk < block_end; ++blk) {
+    const int stage = (blk - block_begin) & 1;
+    if (blk + 1 < block_end) load_kv(blk + 1, stage ^ 1);
     ptx::cp_async_commit();  // possibly empty: keeps "wait for all but the newest group" exact
     ptx::cp_async_wait<1>();
     __syncthreads();
-    if (kQInRegisters && blk == 0) {
+    if (kQInRegisters && blk == block_begin) {
 #pragma unroll
       for (int kc = 0; kc < D / 16; ++kc) QTile::frag_a(q_frag[kc], sq, row_in_tile, kc);
     }
@@ -204,21 +209,69 @@ __global__ void __launch_bounds__(ForwardConfig<T, D, kBlockM, kBlockN>::kThread
   ptx::cp_async_wait<0>();
 
   // Epilogue: normalise, write out and lse. A row that saw no key has sum 0: out 0, lse -inf.
+  // With splits, the same goes (in float32) to this split's slice of the workspace.
+  const int64_t row_base = (static_cast<int64_t>(b) * args.heads + h) * args.len_q;
+  const bool partial = args.num_splits > 1;
   T* out = static_cast<T*>(args.out) + b * args.out_batch_stride + h * args.out_head_stride;
-  float* lse = args.lse + (static_cast<int64_t>(b) * args.heads + h) * args.len_q;
+  float* lse = partial ? args.partial_lse + split * static_cast<int64_t>(args.batch) * args.heads * args.len_q + row_base
+                       : args.lse + row_base;
+  float* partial_out = partial ? args.partial_out + (split * static_cast<int64_t>(args.batch) * args.heads * args.len_q + row_base) * D
+                               : nullptr;
 #pragma unroll
   for (int rh = 0; rh < 2; ++rh) {
     const float total = quad_sum(row_sum[rh]);
     const float inv = total > 0.f ? 1.f / total : 0.f;
     const int query = q0 + row_in_tile + group + 8 * rh;
     if (query < args.len_q) {
-      T* dst = out + query * args.out_row_stride;
+      if (partial) {
+        float* dst = partial_out + static_cast<int64_t>(query) * D;
 #pragma unroll
-      for (int d = 0; d < kDTiles; ++d)
-        store_pair(dst + d * 8 + 2 * tig, acc_o[d][2 * rh] * inv, acc_o[d][2 * rh + 1] * inv);
+        for (int d = 0; d < kDTiles; ++d)
+          *reinterpret_cast<float2*>(dst + d * 8 + 2 * tig) = make_float2(acc_o[d][2 * rh] * inv, acc_o[d][2 * rh + 1] * inv);
+      } else {
+        T* dst = out + query * args.out_row_stride;
+#pragma unroll
+        for (int d = 0; d < kDTiles; ++d)
+          store_pair(dst + d * 8 + 2 * tig, acc_o[d][2 * rh] * inv, acc_o[d][2 * rh + 1] * inv);
+      }
       if (tig == 0) lse[query] = total > 0.f ? (row_max[rh] + log2f(total)) * kLn2 : -INFINITY;
     }
   }
+}
+
+// Merge the splits of each (row, head, query): lse = log sum_s exp(lse_s), out = sum_s
+// exp(lse_s - lse) out_s. Splits that saw no key have lse_s = -inf and weigh 0; a query that
+// saw none at all gets out 0, lse -inf. One warp per query, lanes over the head dim.
+template <typename T, int D>
+__global__ void __launch_bounds__(128) attention_combine_splits_kernel(const AttentionArgs args) {
+  const int64_t rows = static_cast<int64_t>(args.batch) * args.heads * args.len_q;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * 4 + threadIdx.x / 32;  // (b, h, i) flattened
+  const int lane = threadIdx.x % 32;
+  if (row >= rows) return;
+  float max_lse = -INFINITY;
+  for (int s = 0; s < args.num_splits; ++s) max_lse = fmaxf(max_lse, args.partial_lse[s * rows + row]);
+  const int i = static_cast<int>(row % args.len_q);
+  const int h = static_cast<int>((row / args.len_q) % args.heads);
+  const int b = static_cast<int>(row / (static_cast<int64_t>(args.len_q) * args.heads));
+  T* out = static_cast<T*>(args.out) + b * args.out_batch_stride + i * args.out_row_stride + h * args.out_head_stride;
+  constexpr int kPerLane = D / 32;  // 2 or 4 consecutive elements per lane
+  float acc[kPerLane];
+#pragma unroll
+  for (int e = 0; e < kPerLane; ++e) acc[e] = 0.f;
+  float total = 0.f;
+  if (max_lse != -INFINITY) {
+    for (int s = 0; s < args.num_splits; ++s) {
+      const float w = __expf(args.partial_lse[s * rows + row] - max_lse);
+      total += w;
+      const float* src = args.partial_out + (s * rows + row) * D + lane * kPerLane;
+#pragma unroll
+      for (int e = 0; e < kPerLane; ++e) acc[e] += w * src[e];
+    }
+  }
+  const float inv = total > 0.f ? 1.f / total : 0.f;
+#pragma unroll
+  for (int e = 0; e < kPerLane; e += 2) store_pair(out + lane * kPerLane + e, acc[e] * inv, acc[e + 1] * inv);
+  if (lane == 0) args.lse[row] = total > 0.f ? max_lse + logf(total) : -INFINITY;
 }
 
 template <typename T, int D, int kBlockM, int kBlockN>
@@ -227,8 +280,12 @@ cudaError_t launch_forward_kernel(const AttentionArgs& args, cudaStream_t stream
   auto kernel = attention_forward_kernel<T, D, kBlockM, kBlockN>;
   cudaError_t err = set_smem(kernel, Cfg::kSmemBytes);
   if (err != cudaSuccess) return err;
-  const dim3 grid((args.len_q + kBlockM - 1) / kBlockM, args.heads, args.batch);
+  const dim3 grid(((args.len_q + kBlockM - 1) / kBlockM) * args.num_splits, args.heads, args.batch);
   kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(args);
+  err = cudaGetLastError();
+  if (err != cudaSuccess || args.num_splits <= 1) return err;
+  const int64_t rows = static_cast<int64_t>(args.batch) * args.heads * args.len_q;
+  attention_combine_splits_kernel<T, D><<<static_cast<unsigned>((rows + 3) / 4), 128, 0, stream>>>(args);
   return cudaGetLastError();
 }
 

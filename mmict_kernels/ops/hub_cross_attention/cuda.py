@@ -18,7 +18,7 @@ _bwd = torch.ops.mmict_cuda.hub_cross_attention_bwd
 
 
 @torch.library.register_fake("mmict_cuda::hub_cross_attention_fwd")
-def _fwd_fake(q, k, v, cu_seqlens_k, seqlens_k, scale):
+def _fwd_fake(q, k, v, cu_seqlens_k, seqlens_k, scale, num_splits=0):
     batch, len_q, heads, _ = q.shape
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((batch, heads, len_q), dtype=torch.float32)
 
@@ -30,10 +30,11 @@ def _bwd_fake(dout, q, k, v, out, lse, cu_seqlens_k, seqlens_k, scale):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_seqlens_k, seqlens_k, scale = inputs
+    q, k, v, cu_seqlens_k, seqlens_k, scale = inputs[:6]  # then num_splits (forward only)
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_k, seqlens_k)
     ctx.scale = scale
+    ctx.num_inputs = len(inputs)
 
 
 def _backward(ctx, dout, dlse):
@@ -43,7 +44,7 @@ def _backward(ctx, dout, dlse):
     if dout is None:
         dout = torch.zeros_like(out)
     dq, dk, dv = _bwd(dout, q, k, v, out, lse, cu_seqlens_k, seqlens_k, ctx.scale)
-    return dq, dk, dv, None, None, None
+    return (dq, dk, dv) + (None,) * (ctx.num_inputs - 3)
 
 
 torch.library.register_autograd("mmict_cuda::hub_cross_attention_fwd", _backward, setup_context=_setup_context)
@@ -53,7 +54,9 @@ def hub_cross_attention_cuda(q, k, v, cu_seqlens_k, seqlens_k, scale, dropout_p)
     """(out, lse) of M-Hub cross-attention on the CUDA kernels; arguments as the reference.
 
     The front-end (:func:`mmict_kernels.ops.hub_cross_attention`) has validated the inputs and
-    converted the length tensors to int32; the op re-checks what the kernels rely on.
+    converted the length tensors to int32; the op re-checks what the kernels rely on. The op
+    picks split-KV by itself when B x H is too small to fill the GPU (its ``num_splits``
+    argument, default 0 = auto, forces a count).
     """
     if dropout_p > 0.0:
         raise ValueError("dropout_p: the CUDA hub cross-attention has no attention dropout; use backend='triton' or 'torch'")

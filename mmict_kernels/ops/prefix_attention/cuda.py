@@ -19,7 +19,7 @@ _bwd = torch.ops.mmict_cuda.prefix_attention_bwd
 
 
 @torch.library.register_fake("mmict_cuda::prefix_attention_fwd")
-def _fwd_fake(q, k, v, prefix_k, prefix_v, prefix_ids, causal, scale, prefix_lengths, seqlens_k, deterministic):
+def _fwd_fake(q, k, v, prefix_k, prefix_v, prefix_ids, causal, scale, prefix_lengths, seqlens_k, deterministic, num_splits=0):
     batch, len_q, heads, _ = q.shape
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((batch, heads, len_q), dtype=torch.float32)
 
@@ -30,8 +30,9 @@ def _bwd_fake(dout, q, k, v, prefix_k, prefix_v, prefix_ids, out, lse, causal, s
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, prefix_k, prefix_v, prefix_ids, causal, scale, prefix_lengths, seqlens_k, deterministic = inputs
+    q, k, v, prefix_k, prefix_v, prefix_ids, causal, scale, prefix_lengths, seqlens_k, deterministic = inputs[:11]
     out, lse = output
+    ctx.num_inputs = len(inputs)  # + num_splits (forward only)
     ctx.save_for_backward(q, k, v, prefix_k, prefix_v, prefix_ids, out, lse, prefix_lengths, seqlens_k)
     ctx.causal, ctx.scale, ctx.deterministic = causal, scale, deterministic
 
@@ -44,7 +45,7 @@ def _backward(ctx, dout, dlse):
     dq, dk, dv, dprefix_k, dprefix_v = _bwd(
         dout, q, k, v, prefix_k, prefix_v, prefix_ids, out, lse, ctx.causal, ctx.scale, prefix_lengths, seqlens_k, ctx.deterministic
     )
-    return dq, dk, dv, dprefix_k, dprefix_v, None, None, None, None, None, None
+    return (dq, dk, dv, dprefix_k, dprefix_v) + (None,) * (ctx.num_inputs - 5)
 
 
 torch.library.register_autograd("mmict_cuda::prefix_attention_fwd", _backward, setup_context=_setup_context)
@@ -55,5 +56,7 @@ def prefix_attention_cuda(q, k, v, prefix_k, prefix_v, prefix_ids, causal, scale
 
     The front-end (:func:`mmict_kernels.ops.prefix_attention`) has validated the inputs
     (int64 prefix_ids, int32 prefix_lengths / seqlens_k); the op re-checks what the kernels rely on.
+    Split-KV (for decoding: one query per row against a long prefix) is chosen by the op from the
+    GPU size; its ``num_splits`` argument (default 0 = auto) forces a count.
     """
     return _fwd(q, k, v, prefix_k, prefix_v, prefix_ids, bool(causal), float(scale), prefix_lengths, seqlens_k, bool(deterministic))
