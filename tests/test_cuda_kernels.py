@@ -210,7 +210,7 @@ def test_prefix_attention_lse_matches_reference():
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_prefix_attention_split_kv(dtype, num_splits):
     # Decoding: one query per row, long prefix, a short own cache; row 2 sees nothing.
-    inputs, extra = _prefix_inputs((3, 1, 9, 4, 2, 2, 700, [1, 0, 0], [700, 0], [9, 3, 0], True), dtype, 128)
+    inputs, extra = _prefix_inputs((3, 1, 9, 4, 2, 2, 700, [1, 1, 0], [0, 700], [9, 3, 0], True), dtype, 128)
 
     def fn(q, k, v, pk, pv):
         return torch.ops.mmict_cuda.prefix_attention_fwd(q, k, v, pk, pv, extra["prefix_ids"], True, 128**-0.5,
