@@ -13,6 +13,7 @@ import copy
 
 import pytest
 import torch
+from conftest import requires_gpu
 from oracle import assert_close_by_rule
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
@@ -349,3 +350,32 @@ def test_triton_backend_logits_and_demo_grads():
     assert torch.equal(
         generate_with_prefix(model, cache, ids, backend="triton", **kw), generate_with_prefix(model, cache, ids, backend="torch", **kw)
     )
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_logits_and_demo_grads(dtype):
+    """On CUDA with backend="auto" (the CUDA or Triton kernels), head dim 64, GQA, ragged prefixes."""
+    torch.manual_seed(11)
+    config = LlamaConfig(
+        hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+        num_hidden_layers=2, vocab_size=VOCAB, attn_implementation="eager",
+    )
+    model = LlamaForCausalLM(config).eval().requires_grad_(False).cuda()
+    demos = torch.randn(3, 7, 128, device="cuda")
+    lengths = torch.tensor(DEMO_LENGTHS, device="cuda")
+    rows = torch.randn(5, 5, 128, device="cuda")
+    mask, prefix_ids = ROW_MASK.cuda(), PREFIX_IDS.cuda()
+    weight = torch.randn(int(ROW_MASK.sum()), VOCAB, dtype=torch.float64, device="cuda")
+
+    def run(fn, model, dtype):
+        d = demos.to(dtype).requires_grad_(True)
+        logits = fn(model, d, lengths, rows.to(dtype), mask, prefix_ids)
+        (grad,) = torch.autograd.grad((logits * weight.to(dtype)).sum(), d)
+        return logits.detach(), grad
+
+    ours = run(prefix_row_logits, copy.deepcopy(model).to(dtype), dtype)
+    ref_lp = run(stock_row_logits, copy.deepcopy(model).to(dtype), dtype)
+    ref64 = run(stock_row_logits, copy.deepcopy(model).double(), torch.float64)
+    for name, o, r64, rlp in zip(("logits", "grad demo_embeds"), ours, ref64, ref_lp):
+        assert_close_by_rule(f"cuda {dtype} {name}", o, r64, rlp)

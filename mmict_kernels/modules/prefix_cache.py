@@ -239,6 +239,7 @@ def forward_with_prefix(
     attention_mask: torch.Tensor | None = None,
     prefix_ids: torch.Tensor | None = None,
     backend: str | None = None,
+    deterministic: bool = False,
     **model_kwargs,
 ):
     """Run the rows' own tokens through ``model`` on top of their groups' cached prefixes.
@@ -250,6 +251,7 @@ def forward_with_prefix(
         attention_mask: (B, L) 1 for tokens, 0 for padding (left and/or right). Default: all tokens.
         prefix_ids: (B,) group of each row. Default: all 0 (one group).
         backend: ``ops.prefix_attention`` backend (default: the cache's).
+        deterministic: bitwise-reproducible gradients into the prefix (see ``ops.prefix_attention``).
         **model_kwargs: passed to ``model`` (e.g. ``labels``, ``logits_to_keep``).
 
     Returns:
@@ -263,7 +265,9 @@ def forward_with_prefix(
     batch, length = embeds.shape[:2]
     prefix_ids = cache.check_prefix_ids(prefix_ids, batch, embeds.device)
     seqlens_k, position_ids = rows_layout(attention_mask, cache.prefix_lengths[prefix_ids], batch, length)
-    state = PrefixCallState(cache=cache, prefix_ids=prefix_ids, seqlens_k=seqlens_k, backend=backend or cache.backend)
+    state = PrefixCallState(
+        cache=cache, prefix_ids=prefix_ids, seqlens_k=seqlens_k, backend=backend or cache.backend, deterministic=deterministic
+    )
     with prefix_attention_active(model, state):
         return call_rows(model, state, embeds, position_ids, **model_kwargs)
 

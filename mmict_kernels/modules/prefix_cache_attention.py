@@ -86,6 +86,7 @@ class PrefixCallState:
     seqlens_k: torch.Tensor | None = None  # (B,) int32: the last n own keys of each row are valid
     row_kv: RowKVCache | None = None
     backend: str = "auto"
+    deterministic: bool = False  # bitwise-reproducible prefix gradients (kernels otherwise sum rows with atomics)
     layers_called: int = 0
 
 
@@ -169,6 +170,7 @@ def prefix_cache_attention(
         backend=state.backend,
         prefix_lengths=state.cache.prefix_lengths,
         seqlens_k=state.seqlens_k,
+        deterministic=state.deterministic,
     )
     return out, None
 
