@@ -83,9 +83,8 @@ def run_op_cases(cases, dtype, modes, device, options, floors, results):
         for prov in providers():
             try:
                 fn = prov.build(case, x0, device, options)
-                with torch.no_grad():
-                    out = first_call(prov, fn, x0, device)
-                    err = (out.float() - ref32).abs().max().item()
+                out = first_call(prov, fn, x0, device)
+                err = (out.float() - ref32).abs().max().item()
                 if not err <= tol:  # also catches NaN
                     raise Unavailable(f"output differs from the reference: max abs error {err:.3g} > tolerance {tol:.3g}; not timed")
             except Unavailable as why:
@@ -110,12 +109,15 @@ def run_op_cases(cases, dtype, modes, device, options, floors, results):
 
 # ---------------------------------------------------------------------------------------
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    # Pick the device first: on CPU our Triton kernels run only in Triton's interpreter, which
+    # must be chosen before anything imports triton.language (importing mmict_kernels may).
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
+    wanted_device = pre.parse_known_args(argv)[0].device
+    device = torch.device("cuda" if wanted_device == "cuda" or (wanted_device == "auto" and torch.cuda.is_available()) else "cpu")
     if device.type == "cpu":
-        # Our Triton kernels run on CPU only in Triton's interpreter; it must be chosen before
-        # any kernel module is imported (triton reads it when a kernel is decorated).
         os.environ.setdefault("TRITON_INTERPRET", "1")
+    args = parse_args(argv)
     if not args.value_checks:
         os.environ["MMICT_KERNELS_SKIP_VALUE_CHECKS"] = "1"
 

@@ -247,13 +247,14 @@ def providers() -> list[Provider]:
 
 
 def first_call(provider: Provider, fn: Callable[[dict], torch.Tensor], inputs: dict, device: torch.device) -> torch.Tensor:
-    """Run a provider once; turn any failure (with the warnings SDPA emits about why it
-    refused each kernel) into :class:`Unavailable`."""
+    """Run a provider once (autograd recording, as it will be timed, so a compiled provider
+    compiles once, not once without and once with grad) and return the detached output; turn
+    any failure (with the warnings SDPA emits about why it refused each kernel) into :class:`Unavailable`."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             with provider.context():
-                out = fn(inputs)
+                out = fn(inputs).detach()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             return out
@@ -261,7 +262,8 @@ def first_call(provider: Provider, fn: Callable[[dict], torch.Tensor], inputs: d
             raise
         except Exception as exc:
             first_line = (str(exc).strip().splitlines() or [""])[0]
-            why = [str(w.message).strip().splitlines()[0] for w in caught if "sdp" in str(w.message).lower() or "kernel" in str(w.message).lower()]
-            detail = f" [{'; '.join(dict.fromkeys(why))}]" if why else ""
+            # SDPA explains each refused kernel in a warning ("Flash attention does not support ...").
+            why = list(dict.fromkeys((str(w.message).strip().splitlines() or [""])[0][:200] for w in caught))[:4]
+            detail = f" [{'; '.join(why)}]" if why else ""
             hint = " (no CPU kernel for this SDPA backend)" if device.type == "cpu" and provider.name in ("sdpa-efficient", "sdpa-cudnn") else ""
             raise Unavailable(f"{type(exc).__name__}: {first_line}{hint}{detail}") from None

@@ -68,6 +68,7 @@ def bench(
     min_reps: int,
     max_reps: int,
     before_each: Callable[[int], None] | None = None,
+    untimed_first: bool = True,
 ) -> Timing:
     """Time ``fn(i)`` (i = input-set index, rotated) and return median / p20 / p80 in ms.
 
@@ -90,14 +91,22 @@ def bench(
         return (time.perf_counter() - t0) * 1e3
 
     # Warm-up (compilation, autotuning, allocator) and a first estimate of one call's time.
-    # The first call is never timed; then calls continue until ``warmup_ms`` has passed.
+    # The first call is not timed (unless ``untimed_first`` is False: then it is the first
+    # repetition, for CPU runs where a call takes seconds and nothing compiles); then calls
+    # continue until ``warmup_ms`` has passed.
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    if before_each is not None:
-        before_each(0)
-    t0 = time.perf_counter()
-    fn(0)
-    sync()
-    estimate_ms = (time.perf_counter() - t0) * 1e3
+    raw = []
+    if untimed_first:
+        if before_each is not None:
+            before_each(0)
+        t0 = time.perf_counter()
+        fn(0)
+        sync()
+        estimate_ms = (time.perf_counter() - t0) * 1e3
+    else:
+        raw.append(run_once(0))
+        sync()
+        estimate_ms = raw[0] if not cuda else raw[0][0].elapsed_time(raw[0][1])
     t0, done = time.perf_counter(), 0
     while (time.perf_counter() - t0) * 1e3 < warmup_ms and done < max_reps:
         run_once(done)
@@ -107,7 +116,7 @@ def bench(
         estimate_ms = (time.perf_counter() - t0) * 1e3 / done
     reps = int(min(max_reps, max(min_reps, rep_ms / max(estimate_ms, 1e-3))))
 
-    raw = [run_once(i) for i in range(reps)]
+    raw += [run_once(len(raw) + i) for i in range(reps - len(raw))]
     sync()
     times = [s.elapsed_time(e) for s, e in raw] if cuda else raw
     return summarize(times)

@@ -39,8 +39,7 @@ def test_op(benchmark, case, provider, mode):
     inputs = case.make_inputs(DTYPE, DEVICE, seed=0)
     try:
         fn = provider.build(case, inputs, DEVICE, types.SimpleNamespace(quick=True, no_compile=False))
-        with torch.no_grad():
-            first_call(provider, fn, inputs, DEVICE)
+        first_call(provider, fn, inputs, DEVICE)
     except Unavailable as why:
         pytest.skip(str(why))
     grad = torch.randn(inputs["q"].shape, dtype=DTYPE, device=DEVICE)
