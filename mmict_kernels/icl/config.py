@@ -1,0 +1,189 @@
+"""Run configuration: nested dataclasses read from YAML, with unknown keys rejected by name.
+
+One file configures a whole run (model, data, demonstrations, training, evaluation), so a
+run is reproducible from its YAML alone; the YAML is copied into the output folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import yaml
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    # Frozen image encoder: a transformers vision model ("blip2" | "clip" | "siglip"), built from
+    # `vision_config` (random weights) or loaded from `vision_checkpoint` (a local folder).
+    vision_family: str = "blip2"
+    vision_checkpoint: str | None = None
+    vision_config: dict = dataclasses.field(default_factory=dict)
+    image_size: int = 32
+    # M-Hub: an InstructBLIP Q-Former (instruction-aware: queries + text, bidirectional).
+    mhub_checkpoint: str | None = None  # local folder of an InstructBLIP/BLIP-2 model, or None
+    mhub_config: dict = dataclasses.field(default_factory=dict)
+    num_query_tokens: int = 8  # the published M-Hub uses 32 (configs/mmict_paper.yaml)
+    mhub_tokenizer: str | None = None  # local tokenizer folder (BERT for real Q-Formers); None: embedded word tokenizer
+    # Frozen LLM: "decoder" (OPT, Llama-family: AutoModelForCausalLM) or "encoder-decoder" (T5).
+    llm_family: str = "decoder"
+    llm_type: str = "llama"  # model_type used when building from `llm_config`
+    llm_checkpoint: str | None = None
+    llm_config: dict = dataclasses.field(default_factory=dict)
+    llm_tokenizer: str | None = None  # default: llm_checkpoint, else the embedded word tokenizer
+    separator: str = "<|endofchunk|>"
+    mhub_impl: str = "fused"  # "fused" (mmict_kernels.FusedMHub) or "transformers" (InstructBlipQFormerModel, baseline)
+    backend: str = "auto"  # kernels of the M-Hub and the prefix cache: auto | cuda | triton | torch
+    init_seed: int = 0  # random weights of every part built from a config (frozen parts included)
+    use_prefix_cache: bool = True  # one-to-many groups on a decoder-only LLM share the demo prefix
+
+
+@dataclasses.dataclass
+class DataConfig:
+    # "shapes" (embedded, procedurally drawn) or a path to a JSONL file (see docs/DRIVER.md).
+    train: str = "shapes"
+    eval: str = "shapes"
+    image_root: str | None = None  # relative image paths in a JSONL are resolved against it (default: the file's folder)
+    feature_cache: str | None = None  # folder for cached frozen image features (None: memory only)
+    shapes_train_size: int = 600
+    shapes_eval_size: int = 200
+    shapes_tasks: tuple = ("color", "shape", "what_color", "what_shape")
+    max_text_tokens: int = 32
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class DemoConfig:
+    num_demos: int = 2  # 0, 1, 2, 4, 8
+    sampling: str = "random"  # random | similar | one-to-many
+    group_size: int = 4  # one-to-many: queries sharing one demonstration set
+    same_task: bool = True  # draw demonstrations from the query's own task
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    output_dir: str = "runs/tiny"
+    epochs: float = 8.0
+    max_steps: int | None = None  # overrides epochs when set
+    batch_size: int = 16  # queries per optimizer step, over all processes
+    lr: float = 5e-3
+    warmup_start_lr: float = 0.0
+    warmup_steps: int = 20
+    min_lr: float = 0.0
+    weight_decay: float = 0.05  # on matrices only (not biases, norms, query tokens)
+    betas: tuple = (0.9, 0.999)
+    grad_clip: float = 1.0
+    bf16: bool = True  # autocast on CUDA only
+    seed: int = 42
+    log_every: int = 10
+    save_every: int = 0  # steps; 0: only at the end
+    device: str = "auto"
+    progress: bool = True
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    batch_size: int = 32
+    num_beams: int = 1
+    max_new_tokens: int = 4
+    min_new_tokens: int = 1
+    demo_counts: tuple = (0, 2)  # evaluate with each number of demonstrations
+    output: str | None = None  # JSON path; default <output_dir>/eval.json
+
+
+@dataclasses.dataclass
+class RunConfig:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    demos: DemoConfig = dataclasses.field(default_factory=DemoConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _build(cls, values: dict, where: str):
+    if not isinstance(values, dict):
+        raise ValueError(f"config section {where!r}: expected a mapping, got {type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"config section {where!r}: unknown keys {unknown}; expected some of {sorted(fields)}")
+    kwargs = {}
+    for name, value in values.items():
+        default = getattr(cls(), name)
+        if dataclasses.is_dataclass(default):
+            kwargs[name] = _build(type(default), value or {}, f"{where}.{name}" if where else name)
+        elif isinstance(default, tuple) and isinstance(value, list):
+            kwargs[name] = tuple(value)
+        elif isinstance(default, float) and isinstance(value, (str, int)) and not isinstance(value, bool):
+            # YAML 1.1 reads "1e-5" (no dot) as a string: accept it as the number it is.
+            try:
+                kwargs[name] = float(value)
+            except ValueError:
+                raise ValueError(f"config key {where + '.' if where else ''}{name}: expected a number, got {value!r}") from None
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def config_from_dict(values: dict) -> RunConfig:
+    cfg = _build(RunConfig, values or {}, "")
+    validate(cfg)
+    return cfg
+
+
+def apply_overrides(values: dict, overrides: list[str]) -> dict:
+    """``section.key=value`` strings (YAML-parsed values) applied on top of a config mapping."""
+    for item in overrides or ():
+        if "=" not in item:
+            raise ValueError(f"--set: expected section.key=value, got {item!r}")
+        path, raw = item.split("=", 1)
+        keys = path.split(".")
+        node = values
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = yaml.safe_load(raw)
+    return values
+
+
+def load_config(path: str | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config (None: the defaults, i.e. the tiny embedded run)."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"config file not found: {path}")
+        with open(path, encoding="utf-8") as f:
+            try:
+                values = yaml.safe_load(f) or {}
+            except yaml.YAMLError as exc:
+                raise ValueError(f"config file {path} is not valid YAML: {exc}") from exc
+    return config_from_dict(apply_overrides(values, overrides or []))
+
+
+def validate(cfg: RunConfig) -> None:
+    m, d, t = cfg.model, cfg.demos, cfg.train
+    if m.llm_family not in ("decoder", "encoder-decoder"):
+        raise ValueError(f"model.llm_family: expected 'decoder' or 'encoder-decoder', got {m.llm_family!r}")
+    if m.vision_family not in ("blip2", "clip", "siglip"):
+        raise ValueError(f"model.vision_family: expected 'blip2', 'clip' or 'siglip', got {m.vision_family!r}")
+    if m.backend not in ("auto", "cuda", "triton", "torch"):
+        raise ValueError(f"model.backend: expected auto, cuda, triton or torch, got {m.backend!r}")
+    if m.mhub_impl not in ("fused", "transformers"):
+        raise ValueError(f"model.mhub_impl: expected 'fused' or 'transformers', got {m.mhub_impl!r}")
+    if m.num_query_tokens < 1:
+        raise ValueError(f"model.num_query_tokens: expected >= 1, got {m.num_query_tokens}")
+    if d.num_demos < 0:
+        raise ValueError(f"demos.num_demos: expected >= 0, got {d.num_demos}")
+    if d.sampling not in ("random", "similar", "one-to-many"):
+        raise ValueError(f"demos.sampling: expected random, similar or one-to-many, got {d.sampling!r}")
+    if d.group_size < 1:
+        raise ValueError(f"demos.group_size: expected >= 1, got {d.group_size}")
+    if t.batch_size < 1:
+        raise ValueError(f"train.batch_size: expected >= 1, got {t.batch_size}")
+    if d.sampling == "one-to-many" and t.batch_size % d.group_size:
+        raise ValueError(f"train.batch_size ({t.batch_size}) must be a multiple of demos.group_size ({d.group_size}) for one-to-many")
+    if t.grad_clip is not None and t.grad_clip < 0:
+        raise ValueError(f"train.grad_clip: expected >= 0 or null, got {t.grad_clip}")

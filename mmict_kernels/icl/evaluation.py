@@ -1,0 +1,93 @@
+"""Evaluation: generate answers with and without demonstrations, score them, print a table, write JSON.
+
+Demonstrations for evaluation queries come from the training set (the pool), drawn with the
+run's sampling strategy; ``num_demos=0`` is the query alone (VanillaFine-Tune style input).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from . import metrics
+from .batch import BatchBuilder
+from .build import Run
+from .sampling import DemoSampler, batches_of, epoch_groups
+
+
+@torch.no_grad()
+def predict(run: Run, num_demos: int, sampling: str = "random", group_size: int = 4, batch_size: int = 32,
+            num_beams: int = 1, max_new_tokens: int = 10, min_new_tokens: int = 1, seed: int = 0,
+            device: str | torch.device = "cpu", use_prefix_cache: bool = True, limit: int | None = None) -> list[dict]:
+    """One record per evaluation query: prediction, answers, task."""
+    cfg, model = run.cfg, run.model
+    m = cfg.model
+    queries, pool = run.eval_set, run.train_set
+    group = group_size if sampling == "one-to-many" else 1
+    sampler = DemoSampler(pool, queries, num_demos, sampling, cfg.demos.same_task, seed=seed)
+    shared = sampling == "one-to-many" and num_demos > 0 and m.llm_family == "decoder" and use_prefix_cache and num_beams == 1
+    builder = BatchBuilder(run.mhub_tokenizer, run.llm_tokenizer, m.num_query_tokens, m.separator, m.llm_family,
+                           cfg.data.max_text_tokens, mode="generate", shared_prefix=shared)
+    order = epoch_groups(queries.tasks(), sampling, group, seed, 0, shuffle=False)
+    if sampling == "one-to-many":  # evaluate every query: leftovers form smaller groups
+        covered = {q for g in order for q in g}
+        order += [[q] for q in range(len(queries)) if q not in covered]
+    if limit is not None:
+        order = order[:limit]
+    model.eval()
+    tok = run.llm_tokenizer
+    records = []
+    for groups in batches_of(order, batch_size, drop_last=False):
+        batch = builder(sampler.groups(groups, 0), queries, pool).to(device)
+        out = model.generate(batch, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_beams=num_beams,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        for q, answers, task, ids in zip(batch.queries, batch.answers, batch.tasks, out.tolist()):
+            if tok.eos_token_id in ids:
+                ids = ids[: ids.index(tok.eos_token_id)]
+            text = tok.decode(ids, skip_special_tokens=True).strip()
+            records.append({"query": q, "task": task, "prediction": text, "answers": list(answers)})
+    return records
+
+
+def score(records: list[dict]) -> dict:
+    """Per task and overall: n, exact match, VQA accuracy, BLEU-4 (all in %)."""
+    by_task: dict[str, list[dict]] = {}
+    for r in records:
+        by_task.setdefault(r["task"], []).append(r)
+    out = {}
+    for task, rs in sorted(by_task.items()) + [("all", records)]:
+        out[task] = {
+            "n": len(rs),
+            "exact_match": 100 * sum(metrics.exact_match(r["prediction"], r["answers"]) for r in rs) / max(len(rs), 1),
+            "vqa_accuracy": 100 * sum(metrics.vqa_accuracy(r["prediction"], r["answers"]) for r in rs) / max(len(rs), 1),
+            "bleu4": 100 * metrics.corpus_bleu([r["prediction"] for r in rs], [r["answers"] for r in rs]),
+        }
+    return out
+
+
+def evaluate(run: Run, demo_counts=(0, 2), sampling: str = "random", output: str | None = None, print_table: bool = True,
+             **kwargs) -> dict:
+    """Scores for each number of demonstrations; prints a table and writes JSON when ``output`` is set."""
+    results = {"sampling": sampling, "by_num_demos": {}}
+    for k in demo_counts:
+        records = predict(run, k, sampling=sampling, **kwargs)
+        results["by_num_demos"][str(k)] = {"scores": score(records), "examples": records[:20]}
+    if print_table:
+        print(format_table(results))
+    if output:
+        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+        tmp = output + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=1)
+        os.replace(tmp, output)
+    return results
+
+
+def format_table(results: dict) -> str:
+    lines = [f"sampling: {results['sampling']}", f"{'demos':>5}  {'task':<12} {'n':>5} {'exact':>7} {'vqa_acc':>8} {'bleu4':>7}"]
+    for k, res in results["by_num_demos"].items():
+        for task, s in res["scores"].items():
+            lines.append(f"{k:>5}  {task:<12} {s['n']:>5} {s['exact_match']:7.1f} {s['vqa_accuracy']:8.1f} {s['bleu4']:7.1f}")
+    return "\n".join(lines)

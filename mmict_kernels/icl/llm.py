@@ -1,0 +1,52 @@
+"""The frozen LLM: a transformers decoder-only causal LM (OPT, Llama-family) or an encoder-decoder (T5).
+
+Built from a config (random weights, seeded: the same in every process and every run, so an
+evaluation rebuilds exactly the LLM the training saw) or loaded from a local checkpoint folder.
+The MMICT separator ``<|endofchunk|>`` is added to the tokenizer when missing, with one more
+(frozen) embedding row.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+# Tiny LLMs for the embedded data (the paper's: FlanT5-XL, OPT-2.7b/6.7b).
+TINY_LLM = {
+    "llama": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "initializer_range": 0.2,
+              "num_key_value_heads": 2, "max_position_embeddings": 512},
+    "opt": {"hidden_size": 64, "ffn_dim": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "word_embed_proj_dim": 64,
+            "max_position_embeddings": 512},
+    "qwen2": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "max_position_embeddings": 512},
+    "t5": {"d_model": 64, "d_kv": 16, "d_ff": 128, "num_layers": 2, "num_decoder_layers": 2, "num_heads": 4,
+           "dropout_rate": 0.0},
+}
+
+
+def build_llm(family: str, llm_type: str, checkpoint: str | None, llm_config: dict, tokenizer, separator: str, seed: int = 0):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    auto = AutoModelForCausalLM if family == "decoder" else AutoModelForSeq2SeqLM
+    if separator not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [separator]})
+    if checkpoint:
+        if not os.path.isdir(checkpoint):
+            raise FileNotFoundError(f"model.llm_checkpoint: folder not found: {checkpoint}")
+        llm = auto.from_pretrained(checkpoint)
+    else:
+        special = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id}
+        if family == "encoder-decoder":
+            special["decoder_start_token_id"] = tokenizer.pad_token_id
+        values = {**TINY_LLM.get(llm_type, {}), **llm_config, "vocab_size": len(tokenizer), **special}
+        config = AutoConfig.for_model(llm_type, **values)
+        if bool(getattr(config, "is_encoder_decoder", False)) != (family == "encoder-decoder"):
+            raise ValueError(f"model.llm_type {llm_type!r} does not match model.llm_family {family!r}")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            llm = auto.from_config(config)
+    if llm.get_input_embeddings().num_embeddings < len(tokenizer):
+        llm.resize_token_embeddings(len(tokenizer))
+    llm.eval().requires_grad_(False)
+    return llm

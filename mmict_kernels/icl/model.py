@@ -1,0 +1,151 @@
+"""MMICTModel: trainable ln_vision + M-Hub (+ query tokens) + FC, in front of a frozen LLM.
+
+The frozen image encoder is not inside: its features are computed once per image and cached by
+the data loader (``data.py``), so a training step starts from the encoder's output.
+
+One step: (1) ``ln_vision`` on the batch's distinct images; (2) ONE batched M-Hub call over every
+demonstration and query turn of the batch (the image K/V projected once per distinct image and
+gathered per turn); (3) the FC on exactly the M-Hub positions the LLM reads; (4) the LLM
+embeddings of the token positions; (5) the frozen LLM and the NLL of the target tokens. With
+one-to-many groups on a decoder-only LLM, each group's demonstration prefix runs through the
+LLM once (``modules.prefix_cache``) and every row of the group attends to it.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .batch import IGNORE, MMICTBatch, Packed
+
+
+class MMICTModel(nn.Module):
+    def __init__(self, mhub: nn.Module, llm: nn.Module, vision_width: int, llm_family: str, num_query_tokens: int,
+                 ln_vision: nn.LayerNorm | None = None, prefix_backend: str = "auto"):
+        super().__init__()
+        self.ln_vision = ln_vision if ln_vision is not None else nn.LayerNorm(vision_width)
+        self.mhub = mhub
+        self.proj = nn.Linear(mhub.config.hidden_size, llm.get_input_embeddings().embedding_dim)
+        self.llm = llm
+        self.llm_family = llm_family
+        self.num_query_tokens = num_query_tokens
+        self.prefix_backend = prefix_backend
+        self.llm.requires_grad_(False)
+        self._keep_logits = "logits_to_keep" in inspect.signature(llm.forward).parameters
+
+    # ------------------------------------------------------------------------------------
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything that trains (ln_vision, M-Hub with its query tokens, FC); never the LLM."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("llm.")}
+
+    def trainable_parameters(self):
+        return [p for n, p in self.named_parameters() if not n.startswith("llm.") and p.requires_grad]
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.llm.eval()  # frozen: no dropout in the LLM, ever
+        return self
+
+    # ------------------------------------------------------------------------------------
+    def mhub_outputs(self, batch: MMICTBatch) -> torch.Tensor:
+        """(U, Nq + T, hidden): the M-Hub over every turn of the batch in one call."""
+        images = self.ln_vision(batch.images)
+        qmask = batch.turn_mask.new_ones(batch.turn_mask.shape[0], self.num_query_tokens)
+        attention_mask = torch.cat([qmask, batch.turn_mask], dim=1)
+        if hasattr(self.mhub, "encode_image"):
+            # Project each distinct image's K/V once, then gather them for the turns that show it.
+            cache = self.mhub.encode_image(images, batch.image_mask).select(batch.turn_image)
+            out = self.mhub(input_ids=batch.turn_ids, attention_mask=attention_mask, image_kv=cache)
+        else:
+            out = self.mhub(
+                input_ids=batch.turn_ids,
+                attention_mask=attention_mask,
+                encoder_hidden_states=images[batch.turn_image],
+                encoder_attention_mask=batch.image_mask[batch.turn_image],
+            )
+        return out.last_hidden_state
+
+    def embed(self, packed: Packed, mhub_flat: torch.Tensor) -> torch.Tensor:
+        """(B, L, llm width): FC(M-Hub output) at feature positions, LLM token embeddings elsewhere."""
+        embeds = self.llm.get_input_embeddings()(packed.token_ids)
+        is_feat = packed.feat_index >= 0
+        feats = self.proj(mhub_flat[packed.feat_index[is_feat]])
+        return embeds.masked_scatter(is_feat.unsqueeze(-1), feats.to(embeds.dtype))
+
+    # ------------------------------------------------------------------------------------
+    def forward(self, batch: MMICTBatch) -> tuple[torch.Tensor, int]:
+        """(sum of the target tokens' NLL, number of target tokens); the caller normalises."""
+        flat = self.mhub_outputs(batch).flatten(0, 1)
+        if self.llm_family == "encoder-decoder":
+            labels = batch.decoder.labels
+            logits = self.llm(
+                inputs_embeds=self.embed(batch.llm, flat), attention_mask=batch.llm.attention_mask, labels=labels
+            ).logits
+            return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="sum"), int(
+                (labels != IGNORE).sum()
+            )
+        labels = batch.llm.labels
+        # Logits are only needed where a target token is predicted (one position earlier).
+        target_pos = (labels[:, 1:] != IGNORE).any(0).nonzero().flatten()
+        first, last = int(target_pos[0]), int(target_pos[-1]) + 1
+        embeds = self.embed(batch.llm, flat)
+        kwargs = {"logits_to_keep": torch.arange(first, last, device=embeds.device)} if self._keep_logits else {}
+        if batch.prefix is not None:
+            logits = self._rows_with_prefix(batch, flat, embeds, **kwargs)
+        else:
+            logits = self.llm(inputs_embeds=embeds, attention_mask=batch.llm.attention_mask, **kwargs).logits
+        if not self._keep_logits:
+            logits = logits[:, first:last]
+        targets = labels[:, first + 1 : last + 1]
+        nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+        return nll, int((targets != IGNORE).sum())
+
+    def _prefix_cache(self, batch: MMICTBatch, flat: torch.Tensor):
+        from ..modules.prefix_cache import DemoPrefixCache
+
+        prefix_embeds = self.embed(batch.prefix, flat)
+        lengths = batch.prefix.attention_mask.sum(1)
+        return DemoPrefixCache.build(self.llm, prefix_embeds, lengths, backend=self.prefix_backend)
+
+    def _rows_with_prefix(self, batch, flat, embeds, **kwargs):
+        from ..modules.prefix_cache import forward_with_prefix
+
+        cache = self._prefix_cache(batch, flat)
+        out = forward_with_prefix(
+            self.llm, cache, inputs_embeds=embeds, attention_mask=batch.llm.attention_mask, prefix_ids=batch.prefix_ids, **kwargs
+        )
+        return out.logits
+
+    # ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, batch: MMICTBatch, max_new_tokens: int = 10, min_new_tokens: int = 1, num_beams: int = 1,
+                 eos_token_id: int | None = None, pad_token_id: int | None = None) -> torch.Tensor:
+        """(B, T) new tokens after each row's context (left-padded batch from a "generate" BatchBuilder)."""
+        flat = self.mhub_outputs(batch).flatten(0, 1)
+        embeds = self.embed(batch.llm, flat)
+        if batch.prefix is not None:
+            from ..modules.prefix_cache_generate import generate_with_prefix
+
+            if num_beams != 1:
+                raise ValueError("num_beams: the shared-prefix generation is greedy (num_beams=1)")
+            cache = self._prefix_cache(batch, flat)
+            return generate_with_prefix(
+                self.llm, cache, inputs_embeds=embeds, attention_mask=batch.llm.attention_mask, prefix_ids=batch.prefix_ids,
+                max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+            )
+        out = self.llm.generate(
+            inputs_embeds=embeds,
+            attention_mask=batch.llm.attention_mask,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
+            num_beams=num_beams,
+            do_sample=False,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+        )
+        if self.llm_family == "encoder-decoder":
+            out = out[:, 1:]  # drop the decoder start token
+        return out
