@@ -77,14 +77,17 @@ def test_head_dims(head_dim):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_decode_step(dtype):
     """Lq = 1 against a longer own cache (Lk > Lq), H=4 query heads packed on Hkv=1."""
-    case = make_case(batch=4, len_q=1, len_k=21, kv_heads=1, groups=3, len_p=9, prefix_ids=(2, 0, 1, 2),
-                     prefix_lengths=(9, 0, 4), seqlens_k=(21, 5, 17, 1), dtype=dtype)
+    # Lk = 17: the query's last visible key (16) starts a new 16-wide tile, the edge causal skipping must include.
+    case = make_case(batch=4, len_q=1, len_k=17, kv_heads=1, groups=3, len_p=9, prefix_ids=(2, 0, 1, 2),
+                     prefix_lengths=(9, 0, 4), seqlens_k=(17, 5, 16, 1), dtype=dtype)
     run_oracle(case, True, f"decode {dtype}")
 
 
 def test_defaults_all_valid_and_long_rows():
-    """No prefix_lengths / seqlens_k; Lq = Lk = 37 so queries and keys both span several tiles."""
-    case = make_case(batch=2, len_q=37, len_k=37, heads=2, kv_heads=2, groups=2, len_p=21, prefix_ids=(1, 1),
+    """No prefix_lengths / seqlens_k; 2 x 29 packed GQA rows and 37 own keys span several 16-wide tiles,
+    so the causal block skipping (forward, dq and dk/dv) crosses tile edges inside a query. Lk - Lq = 9
+    puts the last visible key of the 1st and 3rd query tiles (queries 7, 23) first in a key tile."""
+    case = make_case(batch=2, len_q=29, len_k=38, heads=4, kv_heads=2, groups=2, len_p=21, prefix_ids=(1, 1),
                      prefix_lengths=None, seqlens_k=None)
     run_oracle(case, True, "defaults")
 
