@@ -244,9 +244,8 @@ def test_torch_compile_fullgraph():
         q, k, v, pk, pv, c["prefix_ids"], True, 32**-0.5, c["prefix_lengths"], c["seqlens_k"], False))
 
 
-@pytest.mark.xfail(strict=False, reason="backends.resolve imports the implementation with importlib under "
-                   "dynamo (lru_cache is not honoured while tracing): lead-owned backends.py")
 def test_torch_compile_fullgraph_front_end():
+    """The same through ops.prefix_attention(backend="triton", return_lse=True)."""
     _compile_check(lambda q, k, v, pk, pv, c: ops.prefix_attention(
         q, k, v, pk, pv, c["prefix_ids"], True, None, "triton", prefix_lengths=c["prefix_lengths"],
         seqlens_k=c["seqlens_k"], return_lse=True))
