@@ -1,4 +1,4 @@
-"""Module-level rows: FusedMHub against transformers' Q-Former, and the MMICT step.
+"""Module-level rows: FusedMHub against transformers' Q-Former, and the whole MMICT step.
 
 Q-Former cases (GPU: transformers' default config, BERT-base width 768, 12 layers, 12 x 64
 heads, cross-attention every 2nd layer from 1408-wide ViT-g features; CPU: a tiny config):
@@ -185,17 +185,114 @@ def run_qformer(device, dtype, modes, options, floors, results) -> None:
             torch.cuda.empty_cache()
 
 
+# ---------------------------------------------------------------------------------------
+# The MMICT step (driver: mmict_kernels/icl/)
+# ---------------------------------------------------------------------------------------
+# 8 queries x 4 demonstrations, one-to-many: 2 groups of 4 queries, each group sharing one
+# 4-demonstration set (so one shared LLM prefix per group).
+STEP_QUERIES, STEP_DEMOS, STEP_GROUP = 8, 4, 4
+# GPU: the real M-Hub (BERT-base Q-Former) on 257 tokens x 1408 features (a 1-layer ViT-g-wide
+# encoder: it is frozen and its features are cached, only their shape matters), a 4-layer
+# Llama-style LLM of width 2048 (16 x 128 heads). CPU: the driver's tiny defaults.
+GPU_STEP_MODEL = dict(
+    image_size=224,
+    vision_config=dict(hidden_size=1408, intermediate_size=6144, num_hidden_layers=1, num_attention_heads=16, patch_size=14),
+    mhub_config=dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                     cross_attention_frequency=2, max_position_embeddings=512),
+    llm_type="llama",
+    llm_config=dict(hidden_size=2048, intermediate_size=5504, num_hidden_layers=4, num_attention_heads=16,
+                    num_key_value_heads=16, max_position_embeddings=2048),
+)  # fmt: skip
+# The two ways of running the same step: ours (FusedMHub + shared-prefix cache) and the
+# baseline (transformers' Q-Former, every row gets its own copy of the demonstration prefix).
+STEP_PROVIDERS = (
+    ("mmict-fused", True, dict(mhub_impl="fused", use_prefix_cache=True)),
+    ("mmict-baseline", False, dict(mhub_impl="transformers", use_prefix_cache=False)),
+)
+
+
+def _step_config(device, provider_model: dict, out_dir: str):
+    from mmict_kernels.icl.config import config_from_dict
+
+    model = {**(GPU_STEP_MODEL if device.type == "cuda" else {}), **provider_model}
+    return config_from_dict(
+        {
+            "model": model,
+            "data": {"shapes_train_size": 64, "shapes_eval_size": 16},
+            "demos": {"num_demos": STEP_DEMOS, "sampling": "one-to-many", "group_size": STEP_GROUP},
+            "train": {"batch_size": STEP_QUERIES, "max_steps": 10_000, "device": device.type, "progress": False,
+                      "output_dir": out_dir, "log_every": 10_000, "bf16": True},
+            "eval": {"batch_size": STEP_QUERIES, "max_new_tokens": 4},
+        }
+    )  # fmt: skip
+
+
 def run_mmict_step(device, dtype, modes, options, floors, results) -> None:
-    """A whole MMICT training / evaluation step against the naive version (driver entry points)."""
-    dname = str(dtype).replace("torch.", "")
+    """A whole MMICT training step and evaluation step, ours against the baseline.
+
+    ``train_step``: ``Trainer.train_step`` (batch building, forward, backward, clipping, AdamW),
+    the batch rotated with the step index. ``eval_step``: ``evaluation.predict`` on one batch of
+    8 queries (2 groups x 4 demonstrations; greedy, 4 new tokens). Autocast bf16 on GPU (the
+    driver's setting), fp32 on CPU; ``--dtype`` does not apply. FLOPs: FlopCounterMode over one
+    step; bytes: every weight read once plus the trainable weights' gradient and AdamW state
+    traffic (a loose lower bound).
+    """
+    import tempfile
+
+    op, dname = "mmict_step", "bf16-autocast" if device.type == "cuda" else "float32"
+    label = f"{STEP_QUERIES} queries x {STEP_DEMOS} demos ({STEP_QUERIES // STEP_GROUP} groups of {STEP_GROUP})"
     try:
-        from mmict_kernels.icl import bench_step  # the driver's benchmark hook, when it lands
+        from mmict_kernels.icl import evaluation
+        from mmict_kernels.icl.training import Trainer
     except Exception as exc:
-        reason = (
-            "not available yet: the MMICT driver (mmict_kernels/icl/) has no step benchmark hook "
-            f"({type(exc).__name__}: {exc})"
-        )
-        results.add_skip(Skip("mmict_step", "all", "8 queries x 4 demonstrations", dname, reason))
-        print(f"\n== mmict_step: {reason}")
+        reason = f"not available yet: the MMICT driver (mmict_kernels/icl/) is not importable ({type(exc).__name__}: {exc})"
+        results.add_skip(Skip(op, "all", label, dname, reason))
+        print(f"\n== {op}: {reason}")
         return
-    bench_step.run(device, dtype, modes, options, floors, results)  # pragma: no cover - depends on the driver
+    cfg = timing_config(device, options.quick)
+    print(f"\n== {op} | {label} | {'GPU model: M-Hub 768x12, LLM 2048x4 (llama)' if device.type == 'cuda' else 'tiny driver model'} | {dname}")
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bench_timing import bench, peak_extra_memory_mb
+
+    for name, ours, provider_model in STEP_PROVIDERS:
+        try:
+            with tempfile.TemporaryDirectory() as out_dir:
+                trainer = Trainer(_step_config(device, provider_model, out_dir))
+                run = trainer.run
+                shape = f"{label}; {run.model.mhub.config.hidden_size}-wide M-Hub, LLM {run.model.llm.config.hidden_size}"
+                params = list(run.model.parameters())
+                trainable = trainer.params
+                weight_bytes = sum(p.numel() * p.element_size() for p in params)
+                train_bytes = weight_bytes + 5 * sum(p.numel() * p.element_size() for p in trainable)  # grad w, then grad r + Adam m, v r/w
+                steps = iter(range(10**9))
+
+                def train(i):
+                    trainer.train_step(next(steps))
+
+                def evaluate(i):
+                    evaluation.predict(run, STEP_DEMOS, "one-to-many", STEP_GROUP, STEP_QUERIES, max_new_tokens=4,
+                                       device=trainer.device, use_prefix_cache=provider_model["use_prefix_cache"], limit=STEP_QUERIES // STEP_GROUP)  # fmt: skip
+
+                for mode, fn in (("train_step", train), ("eval_step", evaluate)):
+                    if mode == "train_step" and not any(m in modes for m in ("bwd", "fwd+bwd")):
+                        continue
+                    if mode == "eval_step" and "fwd" not in modes:
+                        continue
+                    fn(0)  # build, warm, and check it runs
+                    with FlopCounterMode(display=False) as counter:
+                        fn(0)
+                    timing = bench(fn, 1, device, warmup_ms=cfg.warmup_ms, rep_ms=cfg.rep_ms, min_reps=cfg.min_reps,
+                                   max_reps=min(cfg.max_reps, 50), untimed_first=cfg.untimed_first)  # fmt: skip
+                    peak = peak_extra_memory_mb(lambda: fn(0), device)
+                    nbytes = train_bytes if mode == "train_step" else weight_bytes
+                    row = make_row(op, name, mode, shape, dname, timing, peak, float(counter.get_total_flops()), nbytes, floors, ours)
+                    results.add_row(row)
+                    print_row(row)
+                del trainer, run
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+            results.add_skip(Skip(op, name, label, dname, reason))
+            print(f"   {name:<18} unavailable: {reason}")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
