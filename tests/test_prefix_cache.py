@@ -4,7 +4,8 @@ The stock baseline runs each row as one concatenated sequence [its group's valid
 valid tokens], left-padded across rows, with eager attention. Logits and gradients follow the
 NOTES section 4 rule (float64 stock model as the oracle, float32 stock model as the rounding
 yardstick); generated tokens must be identical. Tiny random-weight models from configs:
-Llama and Qwen2 with grouped-query attention, GPT-NeoX (partial rotary) for logits.
+Llama and Qwen2 with grouped-query attention; GPT-NeoX (partial rotary) and OPT (learned positions)
+for logits.
 """
 
 from __future__ import annotations
@@ -15,7 +16,16 @@ import pytest
 import torch
 from conftest import requires_gpu
 from oracle import assert_close_by_rule
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from mmict_kernels.modules.prefix_cache import (
     ATTENTION_NAME,
@@ -36,8 +46,11 @@ def _tiny(family: str, kv_heads: int = 2):
         model = LlamaForCausalLM(LlamaConfig(num_key_value_heads=kv_heads, attn_implementation="eager", **common))
     elif family == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(num_key_value_heads=kv_heads, attn_implementation="eager", **common))
-    else:
+    elif family == "gptneox":
         model = GPTNeoXForCausalLM(GPTNeoXConfig(rotary_pct=0.5, attn_implementation="eager", **common))
+    else:  # OPT: learned absolute positions (BLIP-2 / MMICT's decoder-only LLM)
+        common.pop("intermediate_size")
+        model = OPTForCausalLM(OPTConfig(ffn_dim=128, word_embed_proj_dim=HIDDEN, attn_implementation="eager", **common))
     return model.eval().requires_grad_(False)  # frozen LM
 
 
@@ -104,7 +117,7 @@ PREFIX_IDS = torch.tensor([2, 0, 1, 0, 2])
 DEMO_LENGTHS = [6, 2, 4]
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gptneox"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gptneox", "opt"])
 def test_logits_match_concatenated_stock_model(family):
     model = tiny_model(family)
     demos, lengths = ragged_demos(DEMO_LENGTHS, max_len=7)
@@ -149,7 +162,7 @@ def _prompts(lengths, max_len):
     return ids * mask, mask
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "opt"])
 def test_greedy_generation_matches_stock_generate(family):
     model = tiny_model(family)
     demos, lengths = ragged_demos([5, 3], max_len=6)

@@ -10,7 +10,7 @@ the group's prefix length. Gradients flow back into the demonstration embeddings
 the rows of each group. :func:`generate_with_prefix` decodes on top of the same cache.
 
 Works with any transformers decoder whose attention dispatches through ``ALL_ATTENTION_FUNCTIONS``
-(Llama, Qwen2, Mistral, GPT-NeoX, ...)::
+(Llama, Qwen2, Mistral, GPT-NeoX, OPT, ...)::
 
     cache = DemoPrefixCache.build(model, demo_embeds, demo_lengths)      # (G, Lp, hidden), (G,)
     out = forward_with_prefix(model, cache, inputs_embeds=rows, attention_mask=mask, prefix_ids=ids)
