@@ -122,8 +122,8 @@ def _prefix_attn_fwd_kernel(
     GQ: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_PLEN: tl.constexpr, HAS_SEQLENS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)  # B * Hkv on axis 0: CUDA caps axes 1 and 2 at 65535 programs
+    pid_m = tl.program_id(1)
     kv_heads = heads // GQ
     b = (pid_bh // kv_heads).to(tl.int64)
     hkv = pid_bh % kv_heads
@@ -239,8 +239,8 @@ def _prefix_attn_bwd_dq_kernel(
     GQ: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_PLEN: tl.constexpr, HAS_SEQLENS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)  # B * Hkv on axis 0: CUDA caps axes 1 and 2 at 65535 programs
+    pid_m = tl.program_id(1)
     kv_heads = heads // GQ
     b = (pid_bh // kv_heads).to(tl.int64)
     hkv = pid_bh % kv_heads
@@ -334,8 +334,8 @@ def _prefix_attn_bwd_dkdv_kernel(
 ):
     """One program per (key block, row, kv head): the first n_prefix_blocks key blocks are the
     group's prefix (this row's share of its gradient), the rest are the row's own keys."""
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)
+    pid_n = tl.program_id(1)
     kv_heads = heads // GQ
     b = (pid_bh // kv_heads).to(tl.int64)
     hkv = pid_bh % kv_heads
@@ -463,7 +463,7 @@ def _fwd(q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lengths, seqlens_k, cau
     if out.numel() == 0:
         return out, lse
     block_m, block_n, warps, stages = _tiles(q.dtype, head_dim, len_q * gq, backward=False)
-    grid = (triton.cdiv(len_q * gq, block_m), batch * kv_heads)
+    grid = (batch * kv_heads, triton.cdiv(len_q * gq, block_m))
     _prefix_attn_fwd_kernel[grid](
         q, k, v, prefix_k, prefix_v, prefix_ids,
         prefix_lengths if prefix_lengths is not None else prefix_ids,  # placeholder pointer, never read
@@ -515,7 +515,7 @@ def _bwd(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lengths, se
     )
     qk_scale = scale * _LOG2E
 
-    _prefix_attn_bwd_dq_kernel[(triton.cdiv(len_q * gq, block_m), batch * kv_heads)](
+    _prefix_attn_bwd_dq_kernel[(batch * kv_heads, triton.cdiv(len_q * gq, block_m))](
         q, k, v, prefix_k, prefix_v, prefix_ids, plen_arg, seqlens_arg, dout, lse, delta, dq,
         *strides, len_q, len_k, len_p, heads, qk_scale, scale, **flags,
     )
@@ -526,8 +526,8 @@ def _bwd(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lengths, se
     dpk32 = alloc((scratch_rows, len_p, kv_heads, head_dim), dtype=torch.float32, device=dev)
     dpv32 = alloc((scratch_rows, len_p, kv_heads, head_dim), dtype=torch.float32, device=dev)
     n_prefix_blocks = triton.cdiv(len_p, block_n)
-    grid = (n_prefix_blocks + triton.cdiv(len_k, block_n), batch * kv_heads)
-    if grid[0] > 0:
+    grid = (batch * kv_heads, n_prefix_blocks + triton.cdiv(len_k, block_n))
+    if grid[1] > 0:
         _prefix_attn_bwd_dkdv_kernel[grid](
             q, k, v, prefix_k, prefix_v, prefix_ids, plen_arg, seqlens_arg, dout, lse, delta,
             dk, dv, dpk32, dpv32,
