@@ -24,6 +24,7 @@ cmake -S "$ROOT" -B "$BUILD/cmake" -DCMAKE_CUDA_COMPILER="$NVCC" -DCMAKE_CUDA_AR
   -DCMAKE_BUILD_TYPE=Release >"$BUILD/configure.log" 2>&1 || { cat "$BUILD/configure.log"; exit 1; }
 cmake --build "$BUILD/cmake" -j "$JOBS"
 echo "compile_csrc: csrc/ compiled for [$ARCHS] with -Werror in $(( $(date +%s) - start )) s"
+"$BUILD/cmake/mmict_api_host_test"  # host-only: argument validation and the split-KV heuristic
 
 if [[ "${MMICT_SKIP_BINDING_CHECK:-0}" == "1" ]]; then
   exit 0
