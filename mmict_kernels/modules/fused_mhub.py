@@ -33,10 +33,11 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
 
-from .. import ops
+from .. import backends, ops
 from ..ops import _checks as C
 from .image_kv_cache import ImageKVCache, arrange_image_tokens
-from .mhub_layers import QFormerEncoder, QFormerTextEmbeddings, init_qformer_weights, linear_heads
+from . import epilogue
+from .mhub_layers import QFormerEncoder, QFormerTextEmbeddings, init_qformer_weights
 
 FLAVORS = ("blip2", "instructblip")
 
@@ -88,7 +89,7 @@ class FusedMHub(nn.Module):
             raise ValueError(f"flavor: expected one of {FLAVORS}, got {flavor!r}")
         if not isinstance(num_query_tokens, int) or isinstance(num_query_tokens, bool) or num_query_tokens < 0:
             raise ValueError(f"num_query_tokens: expected an int >= 0, got {num_query_tokens!r}")
-        self.backend = C.check_backend_name(backend)
+        self._backend = C.check_backend_name(backend)
         self.flavor = flavor
         self.config = _copy_config(config)
         hidden, heads = config.hidden_size, config.num_attention_heads
@@ -120,6 +121,42 @@ class FusedMHub(nn.Module):
         init_qformer_weights(self, std)
         if self.query_tokens is not None:
             nn.init.normal_(self.query_tokens, mean=0.0, std=std)
+        self._prepare_backends()
+
+    # -----------------------------------------------------------------------------------------
+    # Backend choice
+    # -----------------------------------------------------------------------------------------
+    @property
+    def backend(self) -> str:
+        """"auto", "cuda", "triton" or "torch": the attention ops' (and fused epilogues') backend."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        self._backend = C.check_backend_name(value)
+        self._prepare_backends()
+
+    def _prepare_backends(self) -> None:
+        """Resolve (and import) the attention implementations for the current device and dtype, eagerly.
+
+        torch.compile then finds them already loaded when the first call is a compiled one. A backend
+        that cannot run is not an error here: the op call raises with the reasons.
+        """
+        weight = self.encoder.layer[0].attention.attention.query.weight if len(self.encoder.layer) else None
+        if weight is None:
+            return
+        for op in ("hub_self_attention", "hub_cross_attention"):
+            for dropout in (False, True):
+                try:
+                    backends.resolve(op, self._backend, device_type=weight.device.type, dtype=weight.dtype, head_dim=self.head_dim, dropout=dropout)
+                except (backends.BackendUnavailableError, ImportError):
+                    pass
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to() / .cuda() / .half() change device or dtype, and with them the backend's implementation.
+        out = super()._apply(fn, *args, **kwargs)
+        self._prepare_backends()
+        return out
 
     # -----------------------------------------------------------------------------------------
     # Construction from transformers / state dicts
@@ -216,9 +253,9 @@ class FusedMHub(nn.Module):
         tokens = tokens.to(dtype)  # transformers casts image features to the Q-Former's dtype too
         keys, values = [], []
         for i in self.cross_attention_layers:
-            proj = self.encoder.layer[i].crossattention.attention
-            keys.append(linear_heads(proj.key, tokens, self.num_heads))
-            values.append(linear_heads(proj.value, tokens, self.num_heads))
+            k, v = epilogue.kv_projection(self.encoder.layer[i].crossattention.attention, tokens, self.num_heads, self.backend)
+            keys.append(k)
+            values.append(v)
         return ImageKVCache(tuple(keys), tuple(values), self.cross_attention_layers, cu_seqlens_k, seqlens_k, batch)
 
     # -----------------------------------------------------------------------------------------
@@ -430,10 +467,7 @@ class FusedMHub(nn.Module):
         rows, seq_len, width = hidden.shape
         num_objectives = len(masks)
         batch = rows // num_objectives
-        proj = layer.attention.attention
-        q = linear_heads(proj.query, hidden, self.num_heads)
-        k = linear_heads(proj.key, hidden, self.num_heads)
-        v = linear_heads(proj.value, hidden, self.num_heads)
+        q, k, v = epilogue.qkv_projection(layer.attention.attention, hidden, self.num_heads, self.backend)
         parts = []
         for o, mask in enumerate(masks):
             s = slice(o * batch, (o + 1) * batch)
@@ -458,7 +492,7 @@ class FusedMHub(nn.Module):
     def _cross_attention(self, layer, query_part, cache: ImageKVCache, num_objectives: int):
         rows, nq, width = query_part.shape
         batch = rows // num_objectives
-        q = linear_heads(layer.crossattention.attention.query, query_part, self.num_heads)
+        q = epilogue.query_projection(layer.crossattention.attention, query_part, self.num_heads)
         if num_objectives > 1:
             # Every objective's queries of sample b read sample b's image: put them side by side
             # along the query axis, (O*B, Nq, H, D) -> (B, O*Nq, H, D), and run one kernel call.

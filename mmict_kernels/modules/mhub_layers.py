@@ -11,7 +11,6 @@ K/V can be cached and several objectives can share one pass.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import epilogue
@@ -152,9 +151,3 @@ def init_qformer_weights(module: nn.Module, std: float) -> None:
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
-
-
-def linear_heads(linear: nn.Linear, x: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """``linear(x)`` viewed as (..., H, D): the layout the attention ops read (head dim contiguous)."""
-    y = F.linear(x, linear.weight, linear.bias)
-    return y.view(*y.shape[:-1], num_heads, y.shape[-1] // num_heads)
