@@ -115,9 +115,11 @@ __global__ void __launch_bounds__(ForwardConfig<T, D, kBlockM, kBlockN>::kThread
     ptx::cp_async_commit();  // possibly empty: keeps "wait for all but the newest group" exact
     ptx::cp_async_wait<1>();
     __syncthreads();
-    if (kQInRegisters && blk == block_begin) {
+    if constexpr (kQInRegisters) {
+      if (blk == block_begin) {
 #pragma unroll
-      for (int kc = 0; kc < D / 16; ++kc) QTile::frag_a(q_frag[kc], sq, row_in_tile, kc);
+        for (int kc = 0; kc < D / 16; ++kc) QTile::frag_a(q_frag[kc], sq, row_in_tile, kc);
+      }
     }
     const T* k_tile = sk + stage * KvTile::kElems;
     const T* v_tile = sv + stage * KvTile::kElems;
@@ -131,9 +133,9 @@ __global__ void __launch_bounds__(ForwardConfig<T, D, kBlockM, kBlockN>::kThread
 #pragma unroll
     for (int kc = 0; kc < D / 16; ++kc) {
       uint32_t a_q[4];
-      if (kQInRegisters) {
+      if constexpr (kQInRegisters) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) a_q[e] = q_frag[kQInRegisters ? kc : 0][e];
+        for (int e = 0; e < 4; ++e) a_q[e] = q_frag[kc][e];
       } else {
         QTile::frag_a(a_q, sq, row_in_tile, kc);
       }
