@@ -35,3 +35,21 @@ def test_unknown_backend_and_op():
         backends.resolve("hub_self_attention", "tpu", device_type="cpu", dtype=torch.float32, head_dim=64)
     assert "no cuda implementation" in backends.explain("hub_self_attention", device_type="cuda", dtype=torch.float16, head_dim=64)["cuda"]
     assert set(backends.registered_ops()) >= {"hub_cross_attention", "hub_self_attention", "prefix_attention"}
+
+
+def test_skip_value_checks_context():
+    from mmict_kernels.ops import _checks
+
+    t = torch.zeros(1)
+    assert _checks.value_checks_enabled(t)
+    with ops.skip_value_checks():
+        assert not _checks.value_checks_enabled(t)
+    assert _checks.value_checks_enabled(t)
+
+
+def test_front_end_compiles_fullgraph():
+    q = torch.randn(2, 4, 2, 8)
+    k = torch.randn(2, 6, 2, 8)
+    lengths = torch.tensor([6, 2], dtype=torch.int32)
+    fn = torch.compile(lambda q, k: ops.hub_cross_attention(q, k, k, seqlens_k=lengths, backend="torch"), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(fn(q, k), ops.hub_cross_attention(q, k, k, seqlens_k=lengths, backend="torch"))

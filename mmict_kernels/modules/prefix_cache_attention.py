@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
+from ..ops._checks import skip_value_checks
 from ..ops.prefix_attention import prefix_attention
 
 ATTENTION_NAME = "mmict_prefix"
@@ -158,7 +159,15 @@ def prefix_cache_attention(
     if state.row_kv is not None:
         k, v = state.row_kv.append(layer, k, v)
     _refuse_unsupported(kwargs, prefix_k.shape[1] + k.shape[1])
-    out = prefix_attention(
+    # prefix_ids, prefix_lengths and seqlens_k were validated once per call by the caller: skip
+    # the per-layer range checks (each is a device sync, in every layer of every decode step).
+    with skip_value_checks():
+        out = _prefix_attention(q, k, v, prefix_k, prefix_v, state, scaling)
+    return out, None
+
+
+def _prefix_attention(q, k, v, prefix_k, prefix_v, state, scaling):
+    return prefix_attention(
         q,
         k,
         v,
@@ -172,7 +181,6 @@ def prefix_cache_attention(
         seqlens_k=state.seqlens_k,
         deterministic=state.deterministic,
     )
-    return out, None
 
 
 AttentionInterface.register(ATTENTION_NAME, prefix_cache_attention)

@@ -3,10 +3,14 @@
 - :func:`hub_cross_attention`: M-Hub queries -> image / frame tokens (dense or packed varlen).
 - :func:`hub_self_attention`: M-Hub [queries ; text] with ITM / ITC / ITG masks computed in-kernel.
 - :func:`prefix_attention`: LLM rows -> [shared demonstration prefix ; own tokens], GQA.
+- Fused BERT-layer epilogues (``fused_epilogue``): bias + dropout + residual + LayerNorm, bias + GELU.
+- :func:`skip_value_checks`: a context that skips the syncing index-range checks of every op.
 """
 
 from .hub_cross_attention import hub_cross_attention, hub_cross_attention_reference
 from .hub_self_attention import MASK_MODES, hub_self_attention, hub_self_attention_reference, self_attention_mask
+from ._checks import skip_value_checks
+from .fused_epilogue import bias_dropout_add_layernorm, bias_gelu, dropout_keep_mask, fused_kv_linear, fused_qkv_linear
 from .prefix_attention import prefix_attention, prefix_attention_mask, prefix_attention_reference
 
 __all__ = [
@@ -19,4 +23,10 @@ __all__ = [
     "prefix_attention",
     "prefix_attention_reference",
     "prefix_attention_mask",
+    "bias_dropout_add_layernorm",
+    "bias_gelu",
+    "dropout_keep_mask",
+    "fused_qkv_linear",
+    "fused_kv_linear",
+    "skip_value_checks",
 ]

@@ -8,6 +8,8 @@ compiling, while capturing a CUDA graph, or when ``MMICT_KERNELS_SKIP_VALUE_CHEC
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 
 import torch
@@ -60,11 +62,29 @@ def check_index_tensor(name: str, t, *, shape: tuple[int, ...], dtypes, device: 
     return t
 
 
+_SKIP_VALUE_CHECKS: contextvars.ContextVar[bool] = contextvars.ContextVar("mmict_skip_value_checks", default=False)
+
+
+@contextlib.contextmanager
+def skip_value_checks():
+    """Skip the data-dependent checks (index ranges, lengths) of every op called inside the block.
+
+    Each such check costs a device sync; a caller that validated its index tensors once (e.g. a
+    decode loop calling prefix_attention in every layer and step) can skip the repeats. Shape,
+    dtype and device checks still run. Out-of-range values are then the caller's responsibility.
+    """
+    token = _SKIP_VALUE_CHECKS.set(True)
+    try:
+        yield
+    finally:
+        _SKIP_VALUE_CHECKS.reset(token)
+
+
 def value_checks_enabled(*tensors: torch.Tensor) -> bool:
     """Whether data-dependent checks (which sync with the device) may run now."""
-    if os.environ.get("MMICT_KERNELS_SKIP_VALUE_CHECKS", "0") == "1":
-        return False
     if torch.compiler.is_compiling():
+        return False
+    if os.environ.get("MMICT_KERNELS_SKIP_VALUE_CHECKS", "0") == "1" or _SKIP_VALUE_CHECKS.get():
         return False
     if any(t.is_cuda for t in tensors if t is not None) and torch.cuda.is_current_stream_capturing():
         return False
