@@ -81,6 +81,8 @@ def run_op_cases(cases, dtype, modes, device, options, floors, results):
         tol = 4 * ref_err + check_tolerance(dtype)
         print(f"\n== {case.op} | {case.shape} | {dname} | {n_sets} input set(s) rotated")
         for prov in providers():
+            if not options.in_phase(prov.compiled):
+                continue
             try:
                 fn = prov.build(case, x0, device, options)
                 out = first_call(prov, fn, x0, device)
@@ -117,6 +119,9 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if wanted_device == "cuda" or (wanted_device == "auto" and torch.cuda.is_available()) else "cpu")
     if device.type == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")
+        # Tiny shapes gain nothing from intra-op threads, and on a shared machine a parallel
+        # region waits for its slowest thread: one thread makes the wall-clock numbers steadier.
+        torch.set_num_threads(1)
     args = parse_args(argv)
     if not args.value_checks:
         os.environ["MMICT_KERNELS_SKIP_VALUE_CHECKS"] = "1"
@@ -147,7 +152,7 @@ def main(argv=None) -> int:
     if device.type == "cpu":
         print(
             "CPU NUMBERS: wall-clock timings of the PyTorch reference and of the Triton kernels in Triton's CPU interpreter"
-            f" (TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}) at tiny shapes. They show that the command works; they say"
+            f" (TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}) at tiny shapes, one intra-op thread. They show that the command works; they say"
             " nothing about GPU speed."
         )
     print(f"dtype {str(dtype).replace('torch.', '')} | modes {','.join(modes)} | shapes {','.join(names)} | quick={args.quick}"
@@ -162,14 +167,20 @@ def main(argv=None) -> int:
 
     results = Results(args.out, env, device.type)
     cases = build_cases([o for o in wanted if o in OPS], presets, names)
-    run_op_cases(cases, dtype, modes, device, args, floors, results)
+    import bench_modules
 
-    if "qformer" in wanted or "mmict_step" in wanted:
-        import bench_modules
-
+    # The torch.compile'd peers take minutes to compile, so they run in a last pass: a run cut
+    # short by a time limit (a GPU session) still has every other row. On CPU --quick and with
+    # --no-compile there is one pass, in which the compiled peers record why they were skipped.
+    single = args.no_compile or (args.quick and device.type == "cpu")
+    for phase in ("all",) if single else ("eager", "compiled"):
+        args.in_phase = lambda compiled, phase=phase: phase == "all" or (phase == "compiled") == compiled
+        if phase == "compiled":
+            print("\n######## last pass: the torch.compile'd peers (FlexAttention, compiled Q-Former)")
+        run_op_cases(cases, dtype, modes, device, args, floors, results)
         if "qformer" in wanted:
             bench_modules.run_qformer(device, dtype, modes, args, floors, results)
-        if "mmict_step" in wanted:
+        if "mmict_step" in wanted and phase != "compiled":
             bench_modules.run_mmict_step(device, dtype, modes, args, floors, results)
 
     print("\n== summary: our best vs the best peer (peer/ours > 1: we are faster) and vs the floor (floor/ours: share of the floor reached)")

@@ -81,7 +81,7 @@ def _count_flops(model, x: dict) -> tuple[float, float]:
 
 
 def _providers(flavor, hf, device, options):
-    """(name, ours, build) where build() returns the module or raises with the reason."""
+    """(name, ours, build, compiled) where build() returns the module or raises with the reason."""
     from mmict_kernels import backends
 
     def hf_with(impl):
@@ -115,8 +115,8 @@ def _providers(flavor, hf, device, options):
 
         return build
 
-    result = [("hf-eager", False, hf_with("eager")), ("hf-sdpa", False, hf_with("sdpa")), ("hf-sdpa-compiled", False, compiled)]
-    result += [(f"fused-mhub-{b}", True, fused(b)) for b in ("torch", "triton", "cuda")]
+    result = [("hf-eager", False, hf_with("eager"), False), ("hf-sdpa", False, hf_with("sdpa"), False), ("hf-sdpa-compiled", False, compiled, True)]
+    result += [(f"fused-mhub-{b}", True, fused(b), False) for b in ("torch", "triton", "cuda")]
     return result
 
 
@@ -154,7 +154,9 @@ def run_qformer(device, dtype, modes, options, floors, results) -> None:
             ref_err = (hf(**x0).last_hidden_state.float() - ref32).abs().max().item()
         tol = 4 * ref_err + (1e-4 if dtype == torch.float32 else 2e-3)
         print(f"\n== {op} | {label} | {dname} | {n_sets} input set(s) rotated | {flops_fwd / 1e9:.2f} GFLOP fwd")
-        for name, ours, build in _providers(flavor, hf, device, options):
+        for name, ours, build, is_compiled in _providers(flavor, hf, device, options):
+            if not options.in_phase(is_compiled):
+                continue
             try:
                 model = build()
                 out = model(**x0).last_hidden_state.detach()  # with autograd, as timed: a compiled model compiles once

@@ -47,6 +47,7 @@ class Provider:
     # Entered once around all calls of a measurement (e.g. forcing one SDPA backend),
     # so its own overhead stays out of the timings.
     context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    compiled: bool = False  # torch.compile'd: measured in a last pass (see bench_hub.in_phase)
 
 
 def _bhld(x: torch.Tensor) -> torch.Tensor:
@@ -242,7 +243,7 @@ def providers() -> list[Provider]:
         ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION),
     ):
         result.append(Provider(name, False, _sdpa(sdpa_backend), _sdpa_context(sdpa_backend)))
-    result += [Provider("flex", False, _flex), Provider("xformers", False, _xformers), Provider("flash-attn", False, _flash_attn)]
+    result += [Provider("flex", False, _flex, compiled=True), Provider("xformers", False, _xformers), Provider("flash-attn", False, _flash_attn)]
     return result
 
 

@@ -11,6 +11,8 @@ CSV_COLUMNS = [
     "op", "provider", "mode", "shape", "dtype", "median_ms", "p20_ms", "p80_ms", "tflops", "gbps",
     "floor_bw_ms", "floor_flops_ms", "gpu", "torch", "triton", "cuda", "commit", "date", "peak_mem_mb",
 ]  # fmt: skip
+# Providers that are mmict_kernels' own (everything else in a results file is a peer).
+OURS = frozenset({"reference", "triton", "cuda", "fused-mhub-torch", "fused-mhub-triton", "fused-mhub-cuda", "mmict-fused"})
 UNAVAILABLE_COLUMNS = ["op", "provider", "shape", "dtype", "reason", "gpu", "torch", "commit", "date"]
 
 
@@ -79,7 +81,7 @@ def summarize(rows: list[Row]) -> list[str]:
     for r in rows:
         groups.setdefault((r.op, r.shape, r.mode), []).append(r)
     lines = [
-        f"{'op':<22} {'shape':<58} {'mode':<8} {'our best':<24} {'best peer':<26} {'peer/ours':>9} {'floor/ours':>10}",
+        f"{'op':<22} {'shape':<64} {'mode':<10} {'our best':<30} {'best peer':<30} {'peer/ours':>9} {'floor/ours':>10}",
     ]
     for (op, shape, mode), group in groups.items():
         ours = min((r for r in group if r.ours), key=lambda r: r.median_ms, default=None)
@@ -88,7 +90,7 @@ def summarize(rows: list[Row]) -> list[str]:
         pe = f"{peer.provider} {peer.median_ms:.4f} ms" if peer else "-"
         ratio = f"{peer.median_ms / ours.median_ms:.2f}x" if ours and peer else "-"
         floor = f"{ours.floor_ms / ours.median_ms:.0%}" if ours else "-"
-        lines.append(f"{op:<22} {shape[:58]:<58} {mode:<8} {o:<24} {pe:<26} {ratio:>9} {floor:>10}")
+        lines.append(f"{op:<22} {shape[:64]:<64} {mode:<10} {o:<30} {pe:<30} {ratio:>9} {floor:>10}")
     return lines
 
 
@@ -150,3 +152,29 @@ class Results:
     def add_skip(self, s: Skip) -> None:
         self.skips.append(s)
         self._append(self.skips_path, UNAVAILABLE_COLUMNS, {**dataclasses.asdict(s), **{k: self.env[k] for k in ("gpu", "torch", "commit", "date")}})
+
+
+def summary_from_csv(path: str) -> list[str]:
+    """The summary table of the latest run of each device in a results CSV."""
+    with open(path, newline="") as f:
+        records = [r for r in csv.DictReader(f) if r.get("median_ms")]
+    last: dict[str, str] = {}
+    for r in records:
+        last[r["gpu"]] = max(last.get(r["gpu"], ""), r["date"])
+    lines = []
+    for gpu, date in last.items():
+        rows = [
+            Row(r["op"], r["provider"], r["mode"], r["shape"], r["dtype"], float(r["median_ms"]), float(r["p20_ms"]), float(r["p80_ms"]),
+                float(r["tflops"] or "nan"), float(r["gbps"] or "nan"), float(r["floor_bw_ms"] or 0), float(r["floor_flops_ms"] or 0),
+                float(r["peak_mem_mb"]) if r["peak_mem_mb"] else None, r["provider"] in OURS)
+            for r in records if r["gpu"] == gpu and r["date"] == date
+        ]  # fmt: skip
+        lines += [f"{gpu} | run of {date} | commit {next(r['commit'] for r in records if r['date'] == date)}"] + summarize(rows)
+    return lines
+
+
+if __name__ == "__main__":  # python benchmarks/bench_results.py RESULTS.csv: the summary table again
+    import sys
+
+    for p in sys.argv[1:]:
+        print("\n".join(summary_from_csv(p)))

@@ -6,7 +6,7 @@
 #
 # Knobs (environment): OUT (results folder; default ./gpu_out), BUDGET_S (seconds for the whole
 # script, default 540, so a 600 s call still returns), BENCH_ARGS (extra bench_hub.py flags),
-# SKIP_TESTS=1, SKIP_SANITIZER=1. Extra wheels (xformers 0.0.35, ...) are installed from .whl/
+# SKIP_BUILD=1, SKIP_TESTS=1, SKIP_SANITIZER=1. Extra wheels (xformers 0.0.35, ...) are installed from .whl/
 # when the call carries that folder (see the device README).
 # What comes back (at most 8 files): session.log, the two CSVs, and one PNG per op / module.
 set -uo pipefail
@@ -32,11 +32,15 @@ if compgen -G ".whl/*.whl" > /dev/null; then
         && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}" && STATUS+=("wheels: installed") || STATUS+=("wheels: FAILED")
 fi
 
+if [ "${SKIP_BUILD:-0}" = 1 ]; then
+    STATUS+=("build: skipped (SKIP_BUILD=1)")
+else
 step "build (MAX_JOBS=16, sm_90a only)"
 if MAX_JOBS=16 MMICT_KERNELS_CUDA_ARCHS="90a" timeout "$(left)" python3 -m pip install -v -e . --no-build-isolation --no-deps 2>&1 | tail -25; then
     STATUS+=("build: ok")
 else
     STATUS+=("build: FAILED (see above)")
+fi
 fi
 python3 -c "import mmict_kernels as m; print('mmict_kernels._C built:', m.backends.cuda_extension_available())"
 
@@ -60,17 +64,18 @@ fi
 step "benchmark (bench_hub.py ${BENCH_ARGS:-})"
 t=$(( $(left) - 15 ))
 # shellcheck disable=SC2086
-timeout "$t" python3 benchmarks/bench_hub.py --out "$OUT" --no-plot ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.out"
-rc=${PIPESTATUS[0]}
-STATUS+=("benchmark: exit $rc$([ "$rc" = 124 ] && echo ' (timed out: the CSV holds the rows measured until then)')")
+timeout "$t" python3 benchmarks/bench_hub.py --out "$OUT" --no-plot ${BENCH_ARGS:-}
+rc=$?
+STATUS+=("benchmark: exit $rc$([ "$rc" = 124 ] && echo ' (timed out: the CSV holds the rows measured until then; compiled peers run last)')")
 
 step "plots"
 for csv in "$OUT"/bench_hub_*.csv; do
     case "$csv" in *_unavailable.csv) ;; *) timeout 60 python3 benchmarks/plot.py "$csv" --out "$OUT" ;; esac
 done
 
-step "short table"
+step "short table (from the CSV: also after a timeout)"
 printf '%s\n' "${STATUS[@]}"
-sed -n '/^== summary/,/^appended/p' "$OUT/bench.out"
+for csv in "$OUT"/bench_hub_*.csv; do
+    case "$csv" in *_unavailable.csv) ;; *) python3 benchmarks/bench_results.py "$csv" ;; esac
+done
 } 2>&1 | tee "$LOG"
-rm -f "$OUT/bench.out"  # its content is in session.log; keep the file count within what comes back

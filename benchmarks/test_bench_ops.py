@@ -38,7 +38,7 @@ def _case_id(case):
 def test_op(benchmark, case, provider, mode):
     inputs = case.make_inputs(DTYPE, DEVICE, seed=0)
     try:
-        fn = provider.build(case, inputs, DEVICE, types.SimpleNamespace(quick=True, no_compile=False))
+        fn = provider.build(case, inputs, DEVICE, types.SimpleNamespace(quick=True, no_compile=False, in_phase=lambda compiled: True))
         first_call(provider, fn, inputs, DEVICE)
     except Unavailable as why:
         pytest.skip(str(why))
