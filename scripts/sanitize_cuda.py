@@ -19,7 +19,7 @@ import sys
 import torch
 
 
-def main() -> int:
+def main(dev: str = "cuda") -> int:
     if not torch.cuda.is_available():
         print("sanitize_cuda: no CUDA device; nothing to do")
         return 0
@@ -28,7 +28,6 @@ def main() -> int:
     if not backends.cuda_extension_available():
         print("sanitize_cuda: mmict_kernels._C is not built; nothing to do")
         return 1
-    dev = "cuda"
     torch.manual_seed(0)
     cases = 0
     for dtype in (torch.float16, torch.bfloat16):

@@ -287,7 +287,7 @@ def test_torch_compile_fullgraph_matches_eager():
         assert torch.equal(a.grad, b.grad)
 
 
-def test_auto_backend_picks_cuda_and_agrees_with_triton_rule():
+def test_auto_backend_picks_cuda():
     q, k, v, lengths = _hub_inputs(HUB_CASES["dense_full"], torch.float16, 64)
     assert backends.available_backends("hub_cross_attention", device_type="cuda", dtype=q.dtype, head_dim=64)[0] == "cuda"
     out = ops.hub_cross_attention(q, k, v, backend="auto", seqlens_k=lengths["seqlens_k"])
