@@ -201,7 +201,21 @@ class FusedMHub(nn.Module):
 
     @classmethod
     def from_lavis(cls, path_or_state_dict, num_attention_heads: int = 12, **kwargs):
-        """Load the Q-Former and query tokens of a LAVIS BLIP-2 / InstructBLIP / MMICT checkpoint (see :mod:`.lavis`)."""
+        """Load the Q-Former and query tokens of a LAVIS BLIP-2 / InstructBLIP / MMICT checkpoint.
+
+        Args:
+            path_or_state_dict: a ``.pth`` file (a state dict, or LAVIS's ``{"model": state_dict, ...}``),
+                a ``.safetensors`` file, or a state dict, with keys ``Qformer.bert.*`` and ``query_tokens``
+                (other keys, e.g. the ViT or the LLM, are skipped).
+            num_attention_heads: not recorded in shapes (BERT-base Q-Former: 12).
+            kwargs: ``backend=``, ``weights_only=`` (torch.load; default True), and transformers config
+                overrides (``layer_norm_eps``, ``hidden_dropout_prob``, ...).
+
+        Sizes, layer count, cross-attention layers, encoder width and vocabulary come from the tensors;
+        word embeddings in the checkpoint mean InstructBLIP / MMICT (text-aware), none mean BLIP-2.
+        Missing or unexpected Q-Former keys raise :class:`~mmict_kernels.modules.lavis.LavisCheckpointError`
+        listing them. See :mod:`mmict_kernels.modules.lavis` for the key mapping.
+        """
         from .lavis import fused_mhub_from_lavis
 
         return fused_mhub_from_lavis(cls, path_or_state_dict, num_attention_heads=num_attention_heads, **kwargs)
