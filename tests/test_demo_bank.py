@@ -15,7 +15,7 @@ def _states(n, seed=0):
 
 
 def test_hit_is_exactly_what_was_computed(tmp_path):
-    bank = DemonstrationBank(tmp_path)
+    bank = DemonstrationBank(tmp_path, memory_bytes=100)  # RAM copy too small: most hits read the files
     keys = [f"k{i}" for i in range(4)]
     states = _states(4)
     calls = []
@@ -27,6 +27,7 @@ def test_hit_is_exactly_what_was_computed(tmp_path):
     first = bank.get_or_compute(keys, compute)
     again = DemonstrationBank(tmp_path).get_or_compute(keys, compute)  # a new process would see the same
     assert calls == [[0, 1, 2, 3]]
+    assert torch.equal(bank.get_many(keys)["k0"], states[0])
     for a, b, s in zip(first, again, states):
         assert torch.equal(a, s) and torch.equal(b, s)
 
@@ -54,6 +55,7 @@ def test_corrupt_shard_is_reported_and_recomputed(tmp_path):
     raw = bytearray(path.read_bytes())
     raw[-8:] = b"\x00" * 8  # flip the last payload bytes
     path.write_bytes(bytes(raw))
+    bank = DemonstrationBank(tmp_path)  # another process: nothing in RAM, reads the files
     with pytest.warns(DemoBankWarning, match="checksum mismatch"):
         got = bank.get_many(["a", "b"])
     assert list(got) == ["b"] and torch.equal(got["b"], torch.full((2, 4), 2.0))  # the valid entry survives
@@ -69,10 +71,12 @@ def test_truncated_or_missing_shard_and_bad_index(tmp_path):
     bank.put_many({"a": torch.ones(3)})
     shard = tmp_path / "shards" / bank._read_index()["entries"]["a"]["shard"]
     shard.write_bytes(shard.read_bytes()[:10])
+    bank = DemonstrationBank(tmp_path)
     with pytest.warns(DemoBankWarning, match="unreadable"):
         assert bank.get_many(["a"]) == {}
     bank.put_many({"c": torch.zeros(2)})
     (tmp_path / "index.json").write_text("{not json")
+    bank = DemonstrationBank(tmp_path)
     with pytest.warns(DemoBankWarning, match="index"):
         assert len(bank) == 1  # rebuilt from the intact shard: nothing valid is lost
     with pytest.warns(DemoBankWarning, match="index"):
@@ -80,7 +84,7 @@ def test_truncated_or_missing_shard_and_bad_index(tmp_path):
 
 
 def test_size_bound_evicts_least_recently_used(tmp_path):
-    bank = DemonstrationBank(tmp_path, max_bytes=3 * 400)
+    bank = DemonstrationBank(tmp_path, max_bytes=3 * 400, memory_bytes=0)
     for i in range(3):
         bank.put_many({f"k{i}": torch.full((100,), float(i))})  # 400 bytes each
     bank.get_many(["k0"])  # k0 is now more recent than k1

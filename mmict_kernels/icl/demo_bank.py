@@ -88,9 +88,11 @@ class DemonstrationBank:
             shards are deleted beyond it.
         verify: check each entry's sha256 when read (detects corrupt files; costs one pass over
             the bytes read).
+        memory_bytes: entries this process has read or written stay in RAM up to this many bytes
+            (oldest dropped first), so a training loop does not re-read them from disk.
     """
 
-    def __init__(self, root: str | os.PathLike, max_bytes: int | None = None, verify: bool = True):
+    def __init__(self, root: str | os.PathLike, max_bytes: int | None = None, verify: bool = True, memory_bytes: int = 1 << 30):
         if max_bytes is not None and max_bytes <= 0:
             raise ValueError(f"max_bytes: expected a positive number of bytes or None, got {max_bytes}")
         self.root = Path(root)
@@ -100,6 +102,11 @@ class DemonstrationBank:
         self.hits = 0
         self.misses = 0
         self.recomputed_corrupt = 0
+        # Entries this process already read or wrote, kept in RAM: a training loop meets the same
+        # demonstrations again and again, and should not re-read (and re-hash) them from disk.
+        self._memory: dict[str, torch.Tensor] = {}
+        self._memory_limit = memory_bytes
+        self._index_cache: tuple[tuple[int, int], dict] | None = None
 
     # ------------------------------------------------------------------ index handling
     @property
@@ -117,11 +124,16 @@ class DemonstrationBank:
 
     def _read_index(self) -> dict:
         try:
+            st = os.stat(self.index_path)
+            stamp = (st.st_mtime_ns, st.st_size)
+            if self._index_cache is not None and self._index_cache[0] == stamp:
+                return json.loads(json.dumps(self._index_cache[1]))  # a private copy: callers mutate it
             with open(self.index_path) as fh:
                 index = json.load(fh)
             if index.get("version") != INDEX_VERSION or not isinstance(index.get("entries"), dict):
                 raise ValueError(f"unknown index version {index.get('version')!r}")
-            return index
+            self._index_cache = (stamp, index)
+            return json.loads(json.dumps(index))
         except FileNotFoundError:
             return {"version": INDEX_VERSION, "entries": {}}
         except (ValueError, json.JSONDecodeError) as exc:
@@ -170,12 +182,15 @@ class DemonstrationBank:
     def get_many(self, keys: Iterable[str]) -> dict[str, torch.Tensor]:
         """The stored tensors of ``keys`` that are present and intact (misses are left out)."""
         keys = list(keys)
+        found: dict[str, torch.Tensor] = {k: self._memory[k] for k in keys if k in self._memory}
+        if len(found) == len(keys):
+            self.hits += len(found)
+            return found
         index = self._read_index()["entries"]
-        found: dict[str, torch.Tensor] = {}
         bad: dict[str, str] = {}  # key -> why
         by_shard: dict[str, list[str]] = {}
         for key in keys:
-            if key in index:
+            if key in index and key not in found:
                 by_shard.setdefault(index[key]["shard"], []).append(key)
         for shard, shard_keys in by_shard.items():
             path = self.root / "shards" / shard
@@ -187,6 +202,7 @@ class DemonstrationBank:
                             bad[key] = f"checksum mismatch in {path}"
                         else:
                             found[key] = t
+                            self._remember(key, t)
             except Exception as exc:  # unreadable, truncated or missing shard
                 for key in shard_keys:
                     bad[key] = f"{path} is unreadable ({type(exc).__name__}: {exc})"
@@ -212,6 +228,8 @@ class DemonstrationBank:
         if not tensors:
             return
         cpu = {k: t.detach().contiguous().cpu() for k, t in tensors.items()}
+        for k, t in cpu.items():
+            self._remember(k, t)
         shard = f"{uuid.uuid4().hex}.safetensors"
         final = self.root / "shards" / shard
         tmp = final.with_name("." + shard + ".tmp")
@@ -249,6 +267,14 @@ class DemonstrationBank:
         return [found[k] for k in keys]
 
     # ------------------------------------------------------------------ maintenance
+    def _remember(self, key: str, t: torch.Tensor) -> None:
+        self._memory[key] = t
+        used = sum(x.numel() * x.element_size() for x in self._memory.values())
+        while used > self._memory_limit and self._memory:
+            oldest = next(iter(self._memory))  # dicts keep insertion order
+            used -= self._memory[oldest].numel() * self._memory[oldest].element_size()
+            del self._memory[oldest]
+
     def _touch(self, keys: Iterable[str]) -> None:
         now = time.time()
         with self._locked():
