@@ -27,6 +27,7 @@ Accumulation is float32; float32 inputs use IEEE matmuls (not TF32) so they meet
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -406,29 +407,38 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _block_m(seq_len_q: int, batch_heads: int, device: torch.device) -> int:
-    """Query tile: the smallest power of two >= Lq in [16, 64]; halved on a GPU while the grid
-    would leave SMs idle (short queries and few samples), since the loads are the cost."""
-    if FORCE_BLOCKS is not None:
-        return FORCE_BLOCKS[0]
-    block_m = min(64, max(16, triton.next_power_of_2(max(seq_len_q, 1))))
+@dataclasses.dataclass(frozen=True)
+class _Tiles:
+    block_m: int  # query rows per tile
+    block_n: int  # keys per tile
+    num_warps: int
+    num_stages: int = 2
+
+
+def _tiles(seq_len_q: int, batch_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> _Tiles:
+    """Tile sizes by heuristic (no autotuning: the packed dK/dV grid depends on BLOCK_N, and the
+    interpreter would run every candidate).
+
+    Query tile: the smallest power of two >= Lq in [16, 64] (32 for float32), halved on a GPU
+    while the grid would leave SMs idle (short queries, few samples), since loads are the cost.
+    Key tile and warps keep every kernel free of register spills on sm_90 (checked with ptxas
+    through ``triton.compile`` for fp16/bf16/fp32 and D = 32, 64, 128, with and without dropout):
+    float32 uses FMA dots (IEEE, not TF32), whose operand tiles must stay small.
+    """
+    wide = dtype == torch.float32
+    block_m = min(32 if wide else 64, max(16, triton.next_power_of_2(max(seq_len_q, 1))))
     if device.type == "cuda":
         sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
         while block_m > 16 and triton.cdiv(seq_len_q, block_m) * batch_heads < 2 * sms:
             block_m //= 2
-    return block_m
-
-
-def _block_n(head_dim: int, dtype: torch.dtype) -> int:
-    # Keep the (BLOCK_N x D) K and V tiles within registers: 64 keys up to D = 64, 32 beyond
-    # (and for float32, whose tiles are twice the size).
+    if wide:
+        block_n, num_warps = (32 if head_dim <= 64 else 16), 8
+    else:
+        block_n = 64 if head_dim <= 64 else 32
+        num_warps = 4 if head_dim <= 64 and block_m <= 32 else 8
     if FORCE_BLOCKS is not None:
-        return FORCE_BLOCKS[1]
-    return 64 if head_dim <= 64 and dtype != torch.float32 else 32
-
-
-def _launch_opts(head_dim: int) -> dict:
-    return {"num_warps": 4 if head_dim <= 64 else 8, "num_stages": 2}
+        block_m, block_n = FORCE_BLOCKS
+    return _Tiles(block_m, block_n, num_warps)
 
 
 def _dot_precision(dtype: torch.dtype, device: torch.device) -> str:
@@ -486,8 +496,8 @@ def attention_forward(
     if out.numel() == 0:
         return out, lse
     seq_len_k = k.shape[0] if key_layout == KEYS_PACKED else k.shape[1]
-    block_m = _block_m(seq_len_q, batch * heads, q.device)
-    grid = (triton.cdiv(seq_len_q, block_m), batch * heads)
+    tiles = _tiles(seq_len_q, batch * heads, head_dim, q.dtype, q.device)
+    grid = (triton.cdiv(seq_len_q, tiles.block_m), batch * heads)
     has_dropout = dropout_p > 0.0
     _attn_fwd_kernel[grid](
         q, _nonempty(k, q), _nonempty(v, q), out, lse,
@@ -497,8 +507,8 @@ def attention_forward(
         out.stride(0), out.stride(1), out.stride(2),
         heads, seq_len_q, seq_len_k, num_query_tokens, scale * LOG2E, dropout_p, max(seq_len_k, 1),
         KEY_LAYOUT=key_layout, MASK_MODE=mask_mode, HAS_DROPOUT=has_dropout,
-        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=_block_n(head_dim, q.dtype), DOT_PRECISION=_dot_precision(q.dtype, q.device),
-        **_launch_opts(head_dim),
+        HEAD_DIM=head_dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, DOT_PRECISION=_dot_precision(q.dtype, q.device),
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip
     return out, lse
 
@@ -532,15 +542,15 @@ def attention_backward(
         dout = dout.contiguous()
     do_strides = (dout.stride(0), dout.stride(1), dout.stride(2))
     seq_len_k = k.shape[0] if key_layout == KEYS_PACKED else k.shape[1]
-    block_m = _block_m(seq_len_q, batch * heads, q.device)
-    block_n = _block_n(head_dim, q.dtype)
+    tiles = _tiles(seq_len_q, batch * heads, head_dim, q.dtype, q.device)
+    block_m, block_n = tiles.block_m, tiles.block_n
     has_dropout = dropout_p > 0.0
     precision = _dot_precision(q.dtype, q.device)
-    opts = _launch_opts(head_dim)
     key_start_arg, key_len_arg = _nonempty(key_start, lse), _nonempty(key_len, lse)
     seed_arg = _nonempty(seed if has_dropout else None, lse)
     common = dict(KEY_LAYOUT=key_layout, MASK_MODE=mask_mode, HAS_DROPOUT=has_dropout, HEAD_DIM=head_dim,
-                  BLOCK_M=block_m, BLOCK_N=block_n, DOT_PRECISION=precision, **opts)  # fmt: skip
+                  BLOCK_M=block_m, BLOCK_N=block_n, DOT_PRECISION=precision,
+                  num_warps=tiles.num_warps, num_stages=tiles.num_stages)  # fmt: skip
 
     delta = torch.empty_like(lse)
     q_grid = (triton.cdiv(seq_len_q, block_m), batch * heads)
