@@ -244,3 +244,18 @@ def test_rejects_bad_construction():
         hub(encoder_hidden_states=torch.randn(2, 5, 48))
     with pytest.raises(ValueError, match="text FFN"):
         hub(query_embeds=torch.randn(2, 6, HIDDEN), query_length=4, encoder_hidden_states=torch.randn(2, 5, 48))
+
+
+def test_output_hidden_states_match_transformers():
+    hf = make_hf("instructblip", layers=3, freq=2)
+    hub = FusedMHub.from_hf(hf, backend="torch").eval()
+    inputs = make_inputs("instructblip", batch=2, nq=5, image_tokens=8, image_lengths=[8, 5], text_lengths=[3, 1])
+    with torch.no_grad():
+        ref = hf(**inputs, output_hidden_states=True).hidden_states
+        ours = hub(**inputs, output_hidden_states=True).hidden_states
+        both = hub.forward_objectives(**inputs, masks=("unimodal", "bidirectional"), output_hidden_states=True)
+    assert len(ours) == len(ref) == 4  # embeddings + one per layer
+    for a, b, c in zip(ours, ref, both[1].hidden_states):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-5)
+    assert hub(**inputs).hidden_states is None

@@ -47,7 +47,7 @@ _POSITIONAL = {
     "instructblip": ("input_ids", "attention_mask", "position_ids", "query_embeds", "encoder_hidden_states", "encoder_attention_mask"),
 }
 # transformers' generic keyword arguments that we accept (and what they must be).
-_IGNORED_FALSE = ("output_attentions", "output_hidden_states", "use_cache")
+_IGNORED_FALSE = ("output_attentions", "use_cache")
 
 
 @dataclasses.dataclass
@@ -288,6 +288,8 @@ class FusedMHub(nn.Module):
         - encoder_hidden_states (B, Li, E) image tokens with encoder_attention_mask (B, Li) (any pattern);
           or ``image_kv=`` an :class:`ImageKVCache` from :meth:`encode_image` instead.
         - mask: "bidirectional" (default), "unimodal" or "multimodal_causal" (see ops.hub_self_attention).
+        - output_hidden_states=True: ``hidden_states`` = (embeddings, layer 1, ..., layer N) as transformers.
+          ``output_attentions=True`` raises (the kernels never form the probabilities).
 
         Returns :class:`MHubOutput` (``last_hidden_state`` (B, L, hidden), ``pooler_output`` (B, hidden)),
         or a tuple when ``return_dict=False``.
@@ -336,8 +338,9 @@ class FusedMHub(nn.Module):
             "image_kv": None,
             "mask": "bidirectional",
             "return_dict": None,
+            "output_hidden_states": None,
         }
-        allowed = set(names) | {"image_kv", "mask", "return_dict"}
+        allowed = set(names) | {"image_kv", "mask", "return_dict", "output_hidden_states"}
         for name, value in kwargs.items():
             if name in allowed:
                 inputs[name] = value
@@ -418,7 +421,10 @@ class FusedMHub(nn.Module):
             raise ValueError(f"image batch {cache.batch_size} differs from the query/text batch {batch}")
         return cache
 
-    def _run(self, *, masks, input_ids, position_ids, query_embeds, query_length, attention_mask, encoder_hidden_states, encoder_attention_mask, image_kv):
+    def _run(
+        self, *, masks, input_ids, position_ids, query_embeds, query_length, attention_mask, encoder_hidden_states,
+        encoder_attention_mask, image_kv, output_hidden_states,
+    ):
         has_image = encoder_hidden_states is not None or image_kv is not None
         if self.flavor == "blip2":
             if input_ids is not None or position_ids is not None:
@@ -466,12 +472,20 @@ class FusedMHub(nn.Module):
         num_objectives = len(masks)
         if num_objectives > 1:
             hidden = hidden.repeat(num_objectives, 1, 1)  # objective-major: rows [o * B + b]
+        if output_hidden_states is None:
+            output_hidden_states = bool(_config_value(self.config, "output_hidden_states", False))
+        # As transformers: the embeddings' output, then every layer's output.
+        all_hidden = [hidden] if output_hidden_states else None
         for layer in self.encoder.layer:
             hidden = self._layer(layer, hidden, nq, text_lengths, masks, cache)
+            if all_hidden is not None:
+                all_hidden.append(hidden)
         outputs = []
         for o in range(num_objectives):
-            h = hidden[o * batch : (o + 1) * batch] if num_objectives > 1 else hidden
-            outputs.append(MHubOutput(last_hidden_state=h, pooler_output=h[:, 0, :]))
+            rows = slice(o * batch, (o + 1) * batch)
+            h = hidden[rows] if num_objectives > 1 else hidden
+            states = None if all_hidden is None else tuple(x[rows] if num_objectives > 1 else x for x in all_hidden)
+            outputs.append(MHubOutput(last_hidden_state=h, pooler_output=h[:, 0, :], hidden_states=states))
         return outputs
 
     def _dropout_p(self) -> float:
