@@ -89,7 +89,7 @@ class Trainer:
         self.step = 0
         self.ddp = None
         if self.world > 1:
-            self.ddp = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=None, broadcast_buffers=False)
+            self.ddp = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=None)
 
     # ------------------------------------------------------------------------------------
     def batch_groups(self, step: int):
