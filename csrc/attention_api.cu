@@ -28,7 +28,8 @@ const char* segment_error(const KvSegment& s, bool backward) {
       !strides_ok(s.v_batch_stride, s.v_row_stride, s.v_head_stride))
     return "k/v strides must be multiples of 8 elements (16 bytes)";
   if (s.max_len < 0) return "segment max_len must be >= 0";
-  if (s.batch_index != nullptr && s.num_batch_index_values <= 0) return "a grouped segment needs num_batch_index_values >= 1";
+  if (s.batch_index != nullptr && (s.num_batch_index_values <= 0 || s.num_batch_index_values > 65535))
+    return "a grouped segment needs 1 <= num_batch_index_values <= 65535 (grid limit)";
   if (!backward) return nullptr;
   const bool atomic = s.batch_index != nullptr && !s.deterministic;
   if (atomic) {
