@@ -108,3 +108,19 @@ def test_cuda_graph_capture_fixed_shape():
     graph.replay()
     with torch.no_grad():
         torch.testing.assert_close(captured, hub(**fresh).last_hidden_state, rtol=1e-4, atol=1e-4)
+
+
+def test_autocast_bfloat16_fused_path():
+    """Mixed precision (the official recipe): bf16 matmuls and kernels, float32 residual stream and LayerNorm."""
+    hf = make_hf("instructblip", layers=1, freq=1, num_attention_heads=2).to(DEVICE)
+    hub = FusedMHub.from_hf(hf, backend="triton").train()
+    inputs = _to(make_inputs("instructblip", batch=2, nq=5, image_tokens=7, image_lengths=[7, 3], text_lengths=[2, 4]))
+    x = inputs.pop("encoder_hidden_states").requires_grad_(True)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        out = hub(**inputs, encoder_hidden_states=x).last_hidden_state
+    assert out.dtype == torch.float32  # the residual stream (LayerNorm output) stays in the parameters' dtype
+    out.square().sum().backward()
+    assert torch.isfinite(x.grad).all() and all(torch.isfinite(p.grad).all() for p in hub.parameters() if p.grad is not None)
+    with torch.no_grad():
+        ref = hf(**inputs, encoder_hidden_states=x).last_hidden_state
+    torch.testing.assert_close(out.detach(), ref, rtol=0, atol=3e-2)  # bf16 rounding of the matmul inputs

@@ -31,6 +31,10 @@ def use_fused(backend: str, x: torch.Tensor) -> bool:
     return backend in ("auto", "cuda") and x.is_cuda
 
 
+def _autocast(x: torch.Tensor) -> bool:
+    return torch.is_autocast_enabled(x.device.type)
+
+
 def _epilogue_backend(backend: str) -> str:
     # The epilogues have Triton kernels and the reference; "cuda" and "auto" mean "the fastest".
     return "triton" if backend == "triton" else "auto"
@@ -42,8 +46,11 @@ def dense_dropout_residual_layernorm(block, x: torch.Tensor, residual: torch.Ten
     if use_fused(backend, x):
         h = F.linear(x, block.dense.weight)  # the bias joins the fused epilogue
         p = block.dropout.p if block.training else 0.0
+        # Under autocast the matmul gives low precision while the residual stream stays in the
+        # parameters' dtype; LayerNorm runs in that dtype (as autocast runs layer_norm in float32).
+        dtype = ln.weight.dtype
         return fused_epilogue.bias_dropout_add_layernorm(
-            h, block.dense.bias, residual, ln.weight, ln.bias, ln.eps, p, backend=_epilogue_backend(backend)
+            h.to(dtype), block.dense.bias, residual.to(dtype), ln.weight, ln.bias, ln.eps, p, backend=_epilogue_backend(backend)
         )
     h = block.dropout(F.linear(x, block.dense.weight, block.dense.bias))
     return F.layer_norm(h + residual, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
@@ -52,7 +59,9 @@ def dense_dropout_residual_layernorm(block, x: torch.Tensor, residual: torch.Ten
 def dense_activation(block, x: torch.Tensor, backend: str) -> torch.Tensor:
     """``act(dense(x))`` for a :class:`QFormerIntermediate`."""
     if block.act_name == "gelu" and use_fused(backend, x):
-        return fused_epilogue.bias_gelu(F.linear(x, block.dense.weight), block.dense.bias, backend=_epilogue_backend(backend))
+        h = F.linear(x, block.dense.weight)
+        # autocast: the bias joins in the matmul's dtype, as F.linear(x, W, b) would add it
+        return fused_epilogue.bias_gelu(h, block.dense.bias.to(h.dtype), backend=_epilogue_backend(backend))
     return block.intermediate_act_fn(F.linear(x, block.dense.weight, block.dense.bias))
 
 
@@ -63,7 +72,8 @@ def _heads(y: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 def qkv_projection(proj, x: torch.Tensor, num_heads: int, backend: str):
     """(q, k, v), each (..., H, D), of a self-attention block's ``query``/``key``/``value`` linears."""
-    if use_fused(backend, x):
+    # The fused projection's autograd keeps the un-cast weight: not under autocast.
+    if use_fused(backend, x) and not _autocast(x):
         q, k, v = fused_epilogue.fused_qkv_linear(
             x, proj.query.weight, proj.query.bias, proj.key.weight, proj.key.bias, proj.value.weight, proj.value.bias
         )
@@ -74,7 +84,7 @@ def qkv_projection(proj, x: torch.Tensor, num_heads: int, backend: str):
 
 def kv_projection(proj, x: torch.Tensor, num_heads: int, backend: str):
     """(k, v), each (..., H, D), of a cross-attention block applied to image tokens."""
-    if use_fused(backend, x):
+    if use_fused(backend, x) and not _autocast(x):
         k, v = fused_epilogue.fused_kv_linear(x, proj.key.weight, proj.key.bias, proj.value.weight, proj.value.bias)
     else:
         k, v = (F.linear(x, lin.weight, lin.bias) for lin in (proj.key, proj.value))
