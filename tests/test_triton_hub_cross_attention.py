@@ -232,12 +232,7 @@ def test_compile_fullgraph_front_end():
     seqlens = _lengths([7, 3])
     q, k, v = (_rand(2, 7, 2, 32, dtype=torch.float32).requires_grad_() for _ in range(3))
     fn = lambda q, k, v: ops.hub_cross_attention(q, k, v, backend="triton", seqlens_k=seqlens)  # noqa: E731
-    try:
-        _compile_and_compare(fn, q, k, v)
-    except torch._dynamo.exc.Unsupported as exc:
-        if "import_module" not in str(exc):
-            raise
-        pytest.xfail("backends.resolve loads implementations with importlib, which dynamo cannot trace (lead's file)")
+    _compile_and_compare(fn, q, k, v)
 
 
 # ---------------------------------------------------------------------------------------

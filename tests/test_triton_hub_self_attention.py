@@ -176,12 +176,7 @@ def test_compile_fullgraph_front_end():
     lengths = _lengths([3, 1])
     q, k, v = (t.requires_grad_() for t in _qkv(2, 7, 2, 32, torch.float32))
     fn = lambda q, k, v: ops.hub_self_attention(q, k, v, 4, lengths, "itg", backend="triton")  # noqa: E731
-    try:
-        _compile_and_compare(fn, q, k, v)
-    except torch._dynamo.exc.Unsupported as exc:
-        if "import_module" not in str(exc):
-            raise
-        pytest.xfail("backends.resolve loads implementations with importlib, which dynamo cannot trace (lead's file)")
+    _compile_and_compare(fn, q, k, v)
 
 
 # ---------------------------------------------------------------------------------------
