@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """bench_hub.py: every backend of mmict_kernels against every peer, with floors, CSV and plots.
 
-    python benchmarks/bench_hub.py                 # everything at the NOTES shapes (GPU) / small shapes (CPU)
+    python benchmarks/bench_hub.py                 # everything: the NOTES shapes on a GPU, tiny shapes on a CPU
     python benchmarks/bench_hub.py --quick         # a short pass (CI runs this on CPU)
     python benchmarks/bench_hub.py --ops prefix_attention --shapes llm4096_gqa --modes fwd,bwd
 
@@ -32,7 +32,7 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="one shape per op, fewer repetitions (CI on CPU: well under 2 minutes)")
     p.add_argument("--ops", default="all", help=f"comma-separated subset of {','.join(OPS)},qformer,mmict_step (default all)")
     p.add_argument(
-        "--shapes", default=None, help=f"comma-separated presets: GPU {','.join(GPU_PRESETS)}; CPU {','.join(CPU_PRESETS)} (default: all for the device; --quick: the first)"
+        "--shapes", default=None, help=f"comma-separated presets: GPU {','.join(GPU_PRESETS)}; CPU {','.join(CPU_PRESETS)} (default: GPU all, --quick the first; CPU tiny)"
     )
     p.add_argument("--dtype", default=None, choices=("bf16", "fp16", "fp32"), help="default bf16 on GPU, fp32 on CPU")
     p.add_argument("--modes", default=None, help="comma-separated subset of fwd,bwd,fwd+bwd (default all; --quick on CPU: fwd,fwd+bwd)")
@@ -89,8 +89,9 @@ def run_op_cases(cases, dtype, modes, device, options, floors, results):
                 err = (out.float() - ref32).abs().max().item()
                 if not err <= tol:  # also catches NaN
                     raise Unavailable(f"output differs from the reference: max abs error {err:.3g} > tolerance {tol:.3g}; not timed")
-            except Unavailable as why:
-                results.add_skip(Skip(case.op, prov.name, case.shape, dname, str(why)))
+            except Exception as exc:  # Unavailable, or a peer's own error while setting up (e.g. its mask)
+                why = str(exc) if isinstance(exc, Unavailable) else f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+                results.add_skip(Skip(case.op, prov.name, case.shape, dname, why))
                 print(f"   {prov.name:<15} unavailable: {why}")
                 continue
             for mode in modes:
@@ -137,7 +138,10 @@ def main(argv=None) -> int:
     unknown = [o for o in wanted if o not in OPS + ("qformer", "mmict_step")]
     if unknown:
         raise SystemExit(f"--ops: unknown {unknown}; expected some of {OPS + ('qformer', 'mmict_step')}")
-    names = [s.strip() for s in args.shapes.split(",")] if args.shapes else (list(presets)[:1] if args.quick else list(presets))
+    # Default: every GPU preset (--quick: the first); on CPU only "tiny" ("small" on request:
+    # the Triton interpreter takes seconds per call there).
+    default_names = list(presets)[:1] if args.quick or device.type == "cpu" else list(presets)
+    names = [s.strip() for s in args.shapes.split(",")] if args.shapes else default_names
     bad = [n for n in names if n not in presets]
     if bad:
         raise SystemExit(f"--shapes: {bad} are not {device.type} presets; expected some of {list(presets)}")

@@ -47,7 +47,7 @@ class Provider:
     # Entered once around all calls of a measurement (e.g. forcing one SDPA backend),
     # so its own overhead stays out of the timings.
     context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
-    compiled: bool = False  # torch.compile'd: measured in a last pass (see bench_hub.in_phase)
+    compiled: bool = False  # torch.compile'd: measured in a last pass (see the phases in bench_hub.main)
 
 
 def _bhld(x: torch.Tensor) -> torch.Tensor:

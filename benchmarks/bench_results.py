@@ -35,7 +35,8 @@ class Row:
 
     @property
     def floor_ms(self) -> float:
-        return max(self.floor_bw_ms, self.floor_flops_ms)
+        known = [f for f in (self.floor_bw_ms, self.floor_flops_ms) if f == f]  # a NaN floor is unknown
+        return max(known) if known else float("nan")
 
 
 @dataclasses.dataclass

@@ -17,7 +17,7 @@ mkdir -p "$OUT"
 LOG="$OUT/session.log"
 START=$(date +%s)
 export PYTHONUNBUFFERED=1
-left() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
+left() { local l=$(( BUDGET_S - ($(date +%s) - START) )); echo $(( l > 1 ? l : 1 )); }  # never 0: `timeout 0` means no limit
 step() { echo; echo "=== [$(( $(date +%s) - START ))s] $*"; }
 STATUS=()
 
@@ -62,7 +62,7 @@ elif [ "${SKIP_SANITIZER:-0}" != 1 ]; then
 fi
 
 step "benchmark (bench_hub.py ${BENCH_ARGS:-})"
-t=$(( $(left) - 15 ))
+t=$(( $(left) > 30 ? $(left) - 15 : 15 ))  # keep a few seconds for the plots and the table
 # shellcheck disable=SC2086
 timeout "$t" python3 benchmarks/bench_hub.py --out "$OUT" --no-plot ${BENCH_ARGS:-}
 rc=$?
