@@ -110,16 +110,17 @@ def run_with_grads(model, inputs: dict, dtype, dout: torch.Tensor, **extra):
     return out.detach(), grads
 
 
-def assert_matches_hf(hub, hf, inputs: dict, check_grads: bool = True, skip_params=("query_tokens",)):
-    """FusedMHub (float32) against transformers in float64 by the NOTES rule, outputs and gradients."""
+def assert_matches_hf(hub, hf, inputs: dict, check_grads: bool = True, skip_params=("query_tokens",), dtype=torch.float32):
+    """FusedMHub in ``dtype`` against transformers in float64 by the NOTES rule (base: transformers in ``dtype``),
+    outputs and gradients."""
     hf64, hf32, ours = copy.deepcopy(hf), copy.deepcopy(hf), copy.deepcopy(hub)
     with torch.no_grad():
         shape = hf32(**inputs).last_hidden_state.shape
     dout = torch.randn(shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     ref64, g64 = run_with_grads(hf64, inputs, torch.float64, dout)
-    ref32, g32 = run_with_grads(hf32, inputs, torch.float32, dout)
-    out, g = run_with_grads(ours, inputs, torch.float32, dout)
-    assert out.dtype == torch.float32
+    ref32, g32 = run_with_grads(hf32, inputs, dtype, dout)
+    out, g = run_with_grads(ours, inputs, dtype, dout)
+    assert out.dtype == dtype
     assert_close_by_rule("last_hidden_state", out, ref64, ref32)
     if not check_grads:
         return

@@ -259,3 +259,11 @@ def test_output_hidden_states_match_transformers():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-5)
     assert hub(**inputs).hidden_states is None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_other_dtypes_by_the_oracle_rule(dtype):
+    hf = make_hf("instructblip", layers=2, freq=1)
+    hub = FusedMHub.from_hf(hf, backend="torch")
+    inputs = make_inputs("instructblip", batch=2, nq=5, image_tokens=8, image_lengths=[8, 3], text_lengths=[4, 1])
+    assert_matches_hf(hub, hf, inputs, dtype=dtype)
