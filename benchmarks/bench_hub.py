@@ -199,6 +199,13 @@ def main(argv=None) -> int:
         import plot
 
         plot.plot_csv(results.rows_path, args.out)
+    # Exit non-zero when none of our own providers produced a row for an op or the Q-Former:
+    # then the command measured only peers, which means our code is broken (CI catches that).
+    missing = [op for op in {c.op for c in cases} | ({"qformer_blip2", "qformer_instructblip"} if "qformer" in wanted else set())
+               if not any(r.ours and r.op == op for r in results.rows)]  # fmt: skip
+    if missing:
+        print(f"\nERROR: no row of ours for {sorted(missing)}: every one of our backends failed (reasons above)")
+        return 1
     return 0
 
 
