@@ -184,19 +184,19 @@ def _prefix_attn_fwd_kernel(
 # ---------------------------------------------------------------------------------------
 @triton.jit
 def _bwd_delta_kernel(
-    OUT, DO, DLSE, DELTA, sdb, sdm, sdh, sgb, sgh, sgm, len_q, heads, n_rows,
+    OUT, DO, DLSE, DELTA, sdb, sdm, sdh, sgb, sgh, sgm, len_q, heads,
     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, HAS_DLSE: tl.constexpr,
 ):
     """delta[b, h, i] = sum_d out * dout - dlse: the softmax-backward row term (dlse folds into it)."""
-    r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # r = (b * Lq + i) * H + h
-    valid = r < n_rows
-    rl = r.to(tl.int64)
-    h = rl % heads
-    i = (rl // heads) % len_q
-    b = rl // (heads * len_q)
+    pid_bh = tl.program_id(0)
+    b = (pid_bh // heads).to(tl.int64)
+    h = pid_bh % heads
+    i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    valid = i < len_q
     offs_d = tl.arange(0, HEAD_DIM)
-    o = tl.load(OUT + rl[:, None] * HEAD_DIM + offs_d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-    do = tl.load(DO + (b * sdb + i * sdm + h * sdh)[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
+    out_rows = ((b * len_q + i) * heads + h) * HEAD_DIM  # OUT is contiguous (B, Lq, H, D)
+    o = tl.load(OUT + out_rows[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+    do = tl.load(DO + b * sdb + h * sdh + i[:, None] * sdm + offs_d[None, :], mask=valid[:, None], other=0.0)
     delta = tl.sum(o * do.to(tl.float32), 1)
     if HAS_DLSE:
         delta -= tl.load(DLSE + b * sgb + h * sgh + i * sgm, mask=valid, other=0.0)
@@ -423,21 +423,20 @@ def _dot_precision(dtype: torch.dtype) -> str:
 def _tiles(dtype: torch.dtype, head_dim: int, packed_rows: int, backward: bool) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages).
 
-    Interpreter: 16 x 16 tiles, so tiny test shapes still cross several blocks. GPU: a
-    heuristic for Hopper (not autotuned): the M tile shrinks to the packed rows for short
-    decode rows (min 16, the smallest tl.dot), float32 with D = 128 uses smaller tiles to fit
-    shared memory.
+    Interpreter: 16 x 16 tiles, so tiny test shapes still cross several blocks. GPU: chosen by
+    compiling every kernel for sm_90 with Triton 3.9 and reading ptxas' register use (not timed
+    on a GPU yet): these are the largest tiles with no register spills. The M tile shrinks to
+    the packed rows for short decode rows (min 16, the smallest tl.dot). float32 (IEEE dots run
+    on FMA units, operands live in registers) needs much smaller tiles than 16-bit MMA.
     """
     if triton_interpret():
         return 16, 16, 1, 1
-    small_rows = max(16, triton.next_power_of_2(packed_rows))
-    big = dtype == torch.float32 and head_dim == 128
+    rows = max(16, triton.next_power_of_2(packed_rows))
+    if dtype == torch.float32:
+        return (min(32, rows), 16, 8, 1) if backward else (min(32, rows), 16, 8, 2)
     if backward:
-        block = 32 if big else 64
-        return min(block, small_rows), block, 8 if head_dim == 128 else 4, 1 if big else 2
-    if big:
-        return min(64, small_rows), 32, 4, 2
-    block_m = min(128, small_rows)
+        return min(64, rows), 64, 8 if head_dim == 128 else 4, 2
+    block_m = min(128, rows)
     return block_m, 64, 8 if block_m == 128 else 4, 3
 
 
@@ -496,12 +495,11 @@ def _bwd(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lengths, se
         dout = dout.contiguous()
 
     delta = torch.empty((batch, heads, len_q), dtype=torch.float32, device=dev)
-    n_rows = batch * len_q * heads
     block_rows = 16 if triton_interpret() else 64
     dl = dlse if dlse is not None else lse  # placeholder pointer when there is no lse gradient
-    _bwd_delta_kernel[(triton.cdiv(n_rows, block_rows),)](
-        out, dout, dl, delta, *_strides3(dout), *_strides3(dl), len_q, heads, n_rows,
-        HEAD_DIM=head_dim, BLOCK=block_rows, HAS_DLSE=dlse is not None,
+    _bwd_delta_kernel[(batch * heads, triton.cdiv(len_q, block_rows))](
+        out, dout, dl, delta, *_strides3(dout), *_strides3(dl), len_q, heads,
+        HEAD_DIM=head_dim, BLOCK=block_rows, HAS_DLSE=dlse is not None, num_warps=4,
     )
 
     plen_arg = prefix_lengths if prefix_lengths is not None else prefix_ids
