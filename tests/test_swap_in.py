@@ -6,7 +6,14 @@ import copy
 
 import pytest
 import torch
-from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Model, InstructBlipConfig, InstructBlipForConditionalGeneration
+from transformers import (
+    Blip2Config,
+    Blip2ForConditionalGeneration,
+    Blip2ForImageTextRetrieval,
+    Blip2Model,
+    InstructBlipConfig,
+    InstructBlipForConditionalGeneration,
+)
 
 from mmict_kernels import FusedMHub
 from mmict_kernels.modules.swap_in import apply_mmict_kernels, apply_mmict_kernels_to_blip2, apply_mmict_kernels_to_instructblip
@@ -113,6 +120,21 @@ def test_instructblip_logits_and_greedy_generation_unchanged(llm):
         gen_ref = model.generate(**kwargs, max_new_tokens=6, do_sample=False)
         gen = swapped.generate(**kwargs, max_new_tokens=6, do_sample=False)
     assert torch.equal(gen, gen_ref)
+
+
+def test_blip2_retrieval_itc_and_itm_scores_unchanged():
+    """BLIP-2 stage-1 heads: ITC (query-only and text-only passes) and ITM ([queries ; text] with the image)."""
+    torch.manual_seed(0)
+    qformer = dict(QFORMER, use_qformer_text_input=True)
+    model = _randomize(Blip2ForImageTextRetrieval(Blip2Config(vision_config=VISION, qformer_config=qformer, num_query_tokens=NQ, image_text_hidden_size=16)))
+    swapped = _swap(model)
+    ids, mask = _prompt(length=6, with_image_tokens=False)
+    px = _pixels()
+    with torch.no_grad():
+        for itm in (False, True):
+            ref = model(pixel_values=px, input_ids=ids, attention_mask=mask, use_image_text_matching_head=itm)
+            out = swapped(pixel_values=px, input_ids=ids, attention_mask=mask, use_image_text_matching_head=itm)
+            torch.testing.assert_close(out.logits_per_image, ref.logits_per_image, rtol=1e-5, atol=1e-5)
 
 
 def test_swap_in_errors_and_retarget():
