@@ -32,15 +32,23 @@ OPS = (CROSS, SELF, PREFIX)
 MODES = ("fwd", "bwd", "fwd+bwd")
 
 # Shape presets. GPU presets are the NOTES.md shapes; CPU presets are small enough for the
-# Triton interpreter. Each preset lists, per op, the parameters of its case(s).
+# Triton interpreter. Each preset lists, per op, the parameters of its case (or a list of cases).
+# A cross-attention case with ``tokens_per_frame`` / ``max_frames`` instead of ``len_k`` is a
+# ragged video batch: sample b has 1..max_frames frames (fixed seed), K/V packed with cu_seqlens_k.
 GPU_PRESETS = {
     # M-Hub, image QA: 64 samples x (32 queries + 32 text) attending 257 ViT-g tokens; 12 x 64 heads.
     "image_qa": {
         CROSS: dict(batch=64, len_q=32, len_k=257, heads=12, head_dim=64),
         SELF: dict(batch=64, num_query=32, text=32, heads=12, head_dim=64),
     },
-    # M-Hub, video: 32 samples x 8 frames x 257 tokens in one cross-attention sequence.
-    "video": {CROSS: dict(batch=32, len_q=32, len_k=8 * 257, heads=12, head_dim=64)},
+    # M-Hub, video: 32 samples x 8 frames x 257 tokens in one cross-attention sequence; then
+    # ragged clips of 1 to 8 frames, packed (total_k, H, D) with cu_seqlens_k (varlen).
+    "video": {
+        CROSS: [
+            dict(batch=32, len_q=32, len_k=8 * 257, heads=12, head_dim=64),
+            dict(batch=32, len_q=32, tokens_per_frame=257, max_frames=8, heads=12, head_dim=64),
+        ]
+    },
     # Frozen LLM over a 4-demonstration prefix (4 x (32 fused text tokens + <|endofchunk|>)
     # = 132 tokens) shared by 64 rows of 64 own tokens (32 query features + 32 prompt).
     "llm2048": {PREFIX: dict(batch=64, len_q=64, len_prefix=132, heads=16, kv_heads=16, head_dim=128)},
@@ -48,7 +56,10 @@ GPU_PRESETS = {
 }
 CPU_PRESETS = {
     "tiny": {
-        CROSS: dict(batch=2, len_q=8, len_k=33, heads=2, head_dim=32),
+        CROSS: [
+            dict(batch=2, len_q=8, len_k=33, heads=2, head_dim=32),
+            dict(batch=3, len_q=8, tokens_per_frame=5, max_frames=4, heads=2, head_dim=32),
+        ],
         SELF: dict(batch=2, num_query=8, text=7, heads=2, head_dim=32),
         PREFIX: dict(batch=2, len_q=9, len_prefix=15, heads=4, kv_heads=2, head_dim=32),
     },
@@ -71,7 +82,11 @@ class Case:
     @property
     def shape(self) -> str:
         p = self.params
-        if self.op == CROSS:
+        if self.op == CROSS and self.packed:
+            total = sum(self.key_lengths())
+            s = (f"B={p['batch']} Lq={p['len_q']} Lk={p['tokens_per_frame']}x(1..{p['max_frames']} frames) packed total={total}"
+                 f" H={p['heads']} D={p['head_dim']}")  # fmt: skip
+        elif self.op == CROSS:
             s = f"B={p['batch']} Lq={p['len_q']} Lk={p['len_k']} H={p['heads']} D={p['head_dim']}"
         elif self.op == SELF:
             s = f"B={p['batch']} L={p['num_query']}+{p['text']} H={p['heads']} D={p['head_dim']} mask={self.mask}"
@@ -82,6 +97,23 @@ class Case:
     @property
     def head_dim(self) -> int:
         return self.params["head_dim"]
+
+    @property
+    def packed(self) -> bool:
+        """A ragged video batch with packed K/V (cross-attention only)."""
+        return "tokens_per_frame" in self.params
+
+    def key_lengths(self) -> list[int]:
+        """Image tokens per sample of a packed case: frames (1..max_frames, fixed seed) x tokens per frame."""
+        p = self.params
+        g = torch.Generator().manual_seed(4321)
+        frames = torch.randint(1, p["max_frames"] + 1, (p["batch"],), generator=g)
+        frames[0] = p["max_frames"]  # the longest clip is always there (it sets the padded width of the peers)
+        return [int(f) * p["tokens_per_frame"] for f in frames]
+
+    def cu_seqlens_k(self, device: torch.device) -> torch.Tensor:
+        lengths = torch.tensor([0] + self.key_lengths())
+        return lengths.cumsum(0).to(device=device, dtype=torch.int32)
 
     # ----- inputs -------------------------------------------------------------------
     def text_lengths(self, device: torch.device) -> torch.Tensor:
@@ -100,6 +132,9 @@ class Case:
         def leaf(*shape):
             return torch.randn(*shape, generator=g, dtype=torch.float32).to(device=device, dtype=dtype).requires_grad_()
 
+        if self.op == CROSS and self.packed:
+            b, lq, h, d, total = p["batch"], p["len_q"], p["heads"], p["head_dim"], sum(self.key_lengths())
+            return dict(q=leaf(b, lq, h, d), k=leaf(total, h, d), v=leaf(total, h, d), cu_seqlens_k=self.cu_seqlens_k(device))
         if self.op == CROSS:
             b, lq, lk, h, d = p["batch"], p["len_q"], p["len_k"], p["heads"], p["head_dim"]
             return dict(q=leaf(b, lq, h, d), k=leaf(b, lk, h, d), v=leaf(b, lk, h, d))
@@ -118,7 +153,7 @@ class Case:
     def call_ours(self, backend: str) -> Callable[[dict], torch.Tensor]:
         """Our public op with ``backend`` forced; returns out (B, Lq, H, D)."""
         if self.op == CROSS:
-            return lambda x: ops.hub_cross_attention(x["q"], x["k"], x["v"], backend=backend)
+            return lambda x: ops.hub_cross_attention(x["q"], x["k"], x["v"], x.get("cu_seqlens_k"), backend=backend)
         if self.op == SELF:
             nq, mask = self.params["num_query"], self.mask
             return lambda x: ops.hub_self_attention(x["q"], x["k"], x["v"], nq, x["text_lengths"], mask=mask, backend=backend)
@@ -129,7 +164,7 @@ class Case:
         """Number of (query, key) pairs that attend, summed over batch (per head)."""
         p = self.params
         if self.op == CROSS:
-            return p["batch"] * p["len_q"] * p["len_k"]
+            return p["len_q"] * (sum(self.key_lengths()) if self.packed else p["batch"] * p["len_k"])
         if self.op == PREFIX:
             lq, lp = p["len_q"], p["len_prefix"]
             return p["batch"] * (lq * lp + lq * (lq + 1) // 2)  # full prefix + causal own block
@@ -153,7 +188,8 @@ class Case:
         h, d = p["heads"], p["head_dim"]
         if self.op == CROSS:
             rows = p["batch"] * p["len_q"]
-            inputs = (rows * h + 2 * p["batch"] * p["len_k"] * h) * d * e
+            keys = sum(self.key_lengths()) if self.packed else p["batch"] * p["len_k"]
+            inputs = (rows * h + 2 * keys * h) * d * e
         elif self.op == SELF:
             rows = p["batch"] * (p["num_query"] + p["text"])
             inputs = 3 * rows * h * d * e
@@ -173,11 +209,12 @@ class Case:
 def build_cases(ops_wanted: list[str], presets: dict, preset_names: list[str]) -> list[Case]:
     cases = []
     for name in preset_names:
-        for op, params in presets[name].items():
+        for op, entry in presets[name].items():
             if op not in ops_wanted:
                 continue
-            if op == SELF:
-                cases.extend(Case(op, name, params, mask) for mask in ops.MASK_MODES)
-            else:
-                cases.append(Case(op, name, params))
+            for params in entry if isinstance(entry, list) else [entry]:
+                if op == SELF:
+                    cases.extend(Case(op, name, params, mask) for mask in ops.MASK_MODES)
+                else:
+                    cases.append(Case(op, name, params))
     return cases

@@ -12,6 +12,9 @@ Peers get the same job as our op, expressed the way a user of that library would
   avoiding it is what our prefix kernel is for.
 - FlexAttention, ``torch.compile``'d once, with the equivalent BlockMask built once per case.
 - xformers ``memory_efficient_attention`` and flash-attn ``flash_attn_func`` when importable.
+A ragged (packed, varlen) video batch goes to the peers without varlen support padded to the
+longest clip by a gather, with the padding masked; xformers gets a BlockDiagonalMask and
+flash-attn its varlen function, on the packed tensors as they are.
 """
 
 from __future__ import annotations
@@ -63,6 +66,23 @@ def _prefixed_kv(x: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return k, v
 
 
+class _Padder:
+    """Packed (total_k, H, D) K/V -> padded (B, max_len, H, D) with a key mask: how a peer
+    without varlen support takes a ragged video batch. The gather index is built once (the
+    lengths are the same in every input set); the gather itself is part of the peer's time."""
+
+    def __init__(self, case: Case, device: torch.device):
+        lengths = torch.tensor(case.key_lengths(), device=device)
+        starts = torch.cumsum(lengths, 0) - lengths
+        positions = torch.arange(int(lengths.max()), device=device)
+        self.valid = positions[None, :] < lengths[:, None]  # (B, max_len)
+        self.index = torch.where(self.valid, starts[:, None] + positions[None, :], torch.zeros_like(positions)[None, :])
+        self.lengths = lengths
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        return t[self.index]  # (B, max_len, H, D); padded slots hold row 0 and are masked
+
+
 # ---------------------------------------------------------------------------------------
 # Ours
 # ---------------------------------------------------------------------------------------
@@ -81,6 +101,15 @@ def _ours(backend: str):
 # ---------------------------------------------------------------------------------------
 def _sdpa(sdpa_backend):
     def build(case: Case, example: dict, device: torch.device, options):
+        if case.op == CROSS and case.packed:
+            pad = _Padder(case, device)
+            mask = pad.valid[:, None, None, :]  # (B, 1, 1, max_len)
+
+            def run(x):
+                k, v = pad(x["k"]), pad(x["v"])
+                return F.scaled_dot_product_attention(_bhld(x["q"]), _bhld(k), _bhld(v), attn_mask=mask).transpose(1, 2)
+
+            return run
         if case.op == CROSS:
             return lambda x: F.scaled_dot_product_attention(_bhld(x["q"]), _bhld(x["k"]), _bhld(x["v"])).transpose(1, 2)
         if case.op == SELF:
@@ -145,6 +174,15 @@ def _flex(case: Case, example: dict, device: torch.device, options):
 
     flex = _compiled_flex()
     p = case.params
+    if case.op == CROSS and case.packed:
+        pad = _Padder(case, device)
+        lengths = pad.lengths
+
+        def valid_key(b, h, q_idx, kv_idx):
+            return kv_idx < lengths[b]
+
+        block_mask = create_block_mask(valid_key, p["batch"], None, p["len_q"], pad.valid.shape[1], device=device)
+        return lambda x: flex(_bhld(x["q"]), _bhld(pad(x["k"])), _bhld(pad(x["v"])), block_mask=block_mask).transpose(1, 2)
     if case.op == CROSS:
         return lambda x: flex(_bhld(x["q"]), _bhld(x["k"]), _bhld(x["v"])).transpose(1, 2)
     if case.op == SELF:
@@ -178,6 +216,18 @@ def _xformers(case: Case, example: dict, device: torch.device, options):
     if device.type != "cuda":
         raise Unavailable("xformers' memory_efficient_attention needs CUDA tensors")
     p = case.params
+    if case.op == CROSS and case.packed:
+        from xformers.ops.fmha.attn_bias import BlockDiagonalMask
+
+        # Varlen the xformers way: one packed "batch" of 1 with a block-diagonal mask.
+        bias = BlockDiagonalMask.from_seqlens(q_seqlen=[p["len_q"]] * p["batch"], kv_seqlen=case.key_lengths())
+
+        def run(x):
+            q = x["q"]
+            out = xops.memory_efficient_attention(q.reshape(1, -1, *q.shape[2:]), x["k"][None], x["v"][None], attn_bias=bias)
+            return out.reshape(q.shape)
+
+        return run
     if case.op == CROSS:
         return lambda x: xops.memory_efficient_attention(x["q"], x["k"], x["v"])
     if case.op == SELF:
@@ -213,6 +263,19 @@ def _flash_attn(case: Case, example: dict, device: torch.device, options):
         raise Unavailable(f"flash-attn is not importable ({type(exc).__name__}: {exc}); {FLASH_ATTN_NOT_INSTALLABLE}") from None
     if device.type != "cuda":
         raise Unavailable("flash-attn needs CUDA tensors")
+    if case.op == CROSS and case.packed:
+        from flash_attn import flash_attn_varlen_func
+
+        batch, len_q = case.params["batch"], case.params["len_q"]
+        cu_q = torch.arange(0, (batch + 1) * len_q, len_q, dtype=torch.int32, device=device)
+        max_k = max(case.key_lengths())
+
+        def run(x):
+            q = x["q"]
+            out = flash_attn_varlen_func(q.reshape(-1, *q.shape[2:]), x["k"], x["v"], cu_q, x["cu_seqlens_k"], len_q, max_k)
+            return out.reshape(q.shape)
+
+        return run
     if case.op == CROSS:
         return lambda x: flash_attn_func(x["q"], x["k"], x["v"])
     if case.op == SELF:

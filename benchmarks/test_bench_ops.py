@@ -76,6 +76,9 @@ def test_visible_pairs_match_the_masks(case):
     elif case.op == PREFIX:
         ids = torch.zeros(p["batch"], dtype=torch.long)
         expected = int(ops.prefix_attention_mask(p["len_q"], p["len_prefix"], p["len_q"], ids, None, None, True).sum())
+    elif case.packed:
+        expected = p["len_q"] * int(case.cu_seqlens_k(cpu)[-1])
+        assert max(case.key_lengths()) == p["max_frames"] * p["tokens_per_frame"]
     else:
         expected = p["batch"] * p["len_q"] * p["len_k"]
     assert case.visible_pairs() == expected
