@@ -16,7 +16,7 @@ import torch
 from mmict_kernels import ops
 from mmict_kernels.backends import BackendUnavailableError
 from mmict_kernels.ops.prefix_attention import prefix_attention_reference
-from oracle import assert_close_by_rule, check_against_oracle
+from oracle import check_against_oracle
 from conftest import requires_gpu
 
 ON_GPU = torch.cuda.is_available()
@@ -49,7 +49,9 @@ def run_oracle(case, causal, name, deterministic=False):
     extra = dict(prefix_lengths=case["prefix_lengths"], seqlens_k=case["seqlens_k"])
 
     def triton_fn(q, k, v, pk, pv):
-        return ops.prefix_attention(q, k, v, pk, pv, case["prefix_ids"], causal, None, "triton", deterministic=deterministic, **extra)
+        return ops.prefix_attention(
+            q, k, v, pk, pv, case["prefix_ids"], causal, None, "triton", deterministic=deterministic, **extra
+        )
 
     def reference(q, k, v, pk, pv):
         return prefix_attention_reference(q, k, v, pk, pv, case["prefix_ids"], causal, None, **extra)[0]
@@ -209,7 +211,9 @@ def test_opcheck():
     grad_case = dict(case, **{n: case[n].clone().requires_grad_() for n in ("q", "k", "v", "prefix_k", "prefix_v")})
     torch.library.opcheck(prefix_triton.prefix_attention_triton_fwd, _op_args(grad_case))
     no_optionals = dict(case, prefix_lengths=None, seqlens_k=None)  # the fake kernel with None optionals
-    torch.library.opcheck(prefix_triton.prefix_attention_triton_fwd, _op_args(no_optionals, causal=False), test_utils="test_faketensor")
+    torch.library.opcheck(
+        prefix_triton.prefix_attention_triton_fwd, _op_args(no_optionals, causal=False), test_utils="test_faketensor"
+    )
     out, lse = prefix_triton.prefix_attention_triton_fwd(*_op_args(case))
     bwd_args = (torch.randn_like(out), torch.randn_like(lse), *_op_args(case)[:8], out, lse, True, 32**-0.5, True)
     torch.library.opcheck(prefix_triton.prefix_attention_triton_bwd, bwd_args)

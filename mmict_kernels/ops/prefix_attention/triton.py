@@ -574,7 +574,9 @@ def prefix_attention_triton_bwd(
     out: torch.Tensor, lse: torch.Tensor, causal: bool, scale: float, deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dprefix_k, dprefix_v); dprefix_* summed over the rows of each group."""
-    return _bwd(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lengths, seqlens_k, out, lse, causal, scale, deterministic)
+    return _bwd(
+        dout, dlse, q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lengths, seqlens_k, out, lse, causal, scale, deterministic
+    )
 
 
 @prefix_attention_triton_bwd.register_fake
