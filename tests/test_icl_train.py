@@ -87,6 +87,9 @@ def test_evaluate_cli_writes_json(learned, capsys):
     assert evaluate_cli.main(["--run", str(out), "--demos", "2", "--limit", "8"]) == 0
     printed = capsys.readouterr().out
     assert "exact" in printed and os.path.isfile(os.path.join(out, "eval.json"))
+    # Another seed re-creates another random frozen LLM: the checkpoint refuses to pair with it.
+    assert evaluate_cli.main(["--run", str(out), "--set", "model.init_seed=7", "--limit", "1"]) == 2
+    assert "another frozen LLM" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------ resume

@@ -88,6 +88,7 @@ def atomic_torch_save(obj, path: str) -> None:
 
 def load_trainable(model, path: str) -> None:
     """Load ``trainable.safetensors`` (or a checkpoint folder holding it) into ``model``; strict."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     if os.path.isdir(path):
@@ -96,8 +97,22 @@ def load_trainable(model, path: str) -> None:
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     try:
         state = load_file(path)
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
     except Exception as exc:
         raise ValueError(f"checkpoint file {path} cannot be read: {exc}") from exc
+    trained_with = meta.get("llm_fingerprint")
+    if trained_with is not None:
+        from .vision import fingerprint
+
+        now = fingerprint(model.llm)
+        if now != trained_with:
+            # A frozen LLM built from a config is re-created from its seed: another seed, config or
+            # torch version would silently pair the trained M-Hub with a different LLM.
+            raise ValueError(
+                f"checkpoint file {path} was trained with another frozen LLM (fingerprint {trained_with}, this model's {now}); "
+                "use the run's config.yaml, init_seed and LLM checkpoint"
+            )
     expected = model.trainable_state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:

@@ -23,6 +23,7 @@ from .batch import BatchBuilder
 from .build import Run, build_run
 from .config import RunConfig
 from .sampling import DemoSampler, batches_of, epoch_groups
+from .vision import fingerprint
 
 
 def lr_at(step: int, total: int, cfg) -> float:
@@ -142,8 +143,8 @@ class Trainer:
         rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
         ckpt.atomic_torch_save(rng, os.path.join(staging, f"rng-rank{self.rank}.pt"))
         if self.rank == 0:
-            ckpt.atomic_save_file(self.model.trainable_state_dict(), os.path.join(staging, "trainable.safetensors"),
-                                  metadata={"step": str(step), "world_size": str(self.world)})
+            meta = {"step": str(step), "world_size": str(self.world), "llm_fingerprint": fingerprint(self.model.llm)}
+            ckpt.atomic_save_file(self.model.trainable_state_dict(), os.path.join(staging, "trainable.safetensors"), metadata=meta)
             ckpt.atomic_torch_save({"step": step, "optimizer": self.optimizer.state_dict(), "world_size": self.world},
                                    os.path.join(staging, "state.pt"))
         if self.world > 1:
