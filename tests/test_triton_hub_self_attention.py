@@ -70,6 +70,16 @@ def test_masks_many_blocks(many_blocks, mask, nq, text):
     _check(q, k, v, nq, _lengths([text, text // 3]), mask, f"{mask} nq={nq} T={text}")
 
 
+@pytest.mark.parametrize("mask", ["unimodal", "multimodal_causal"])
+def test_tiles_aligned_to_queries(mask):
+    """With num_query_tokens a multiple of 16 the launcher's own tiles stop at the query/text edge."""
+    nq, text = 16, 20
+    tiles = TA._tiles(nq + text, 2, 32, torch.float16, torch.device("cpu"), align=nq)
+    assert nq % tiles.block_m == 0 and nq % tiles.block_n == 0
+    q, k, v = _qkv(2, nq + text, 1, 32, torch.float16)
+    _check(q, k, v, nq, _lengths([20, 5]), mask, f"{mask} aligned tiles")
+
+
 @pytest.mark.parametrize("mask", MASKS)
 @pytest.mark.parametrize("nq,text,lengths", [(0, 9, [9, 4]), (7, 0, [0, 0]), (4, 6, None)], ids=["no-queries", "no-text", "full-text"])
 def test_edge_layouts(mask, nq, text, lengths):

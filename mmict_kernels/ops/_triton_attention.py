@@ -415,7 +415,9 @@ class _Tiles:
     num_stages: int = 2
 
 
-def _tiles(seq_len_q: int, batch_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> _Tiles:
+def _tiles(
+    seq_len_q: int, batch_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device, align: int = 0
+) -> _Tiles:
     """Tile sizes by heuristic (no autotuning: the packed dK/dV grid depends on BLOCK_N, and the
     interpreter would run every candidate).
 
@@ -424,6 +426,9 @@ def _tiles(seq_len_q: int, batch_heads: int, head_dim: int, dtype: torch.dtype, 
     Key tile and warps keep every kernel free of register spills on sm_90 (checked with ptxas
     through ``triton.compile`` for fp16/bf16/fp32 and D = 32, 64, 128, with and without dropout):
     float32 uses FMA dots (IEEE, not TF32), whose operand tiles must stay small.
+    ``align`` (num_query_tokens of a masked mode, when a multiple of 16): tiles shrink until they
+    divide it, so no tile straddles the query/text boundary and whole blocks can be skipped
+    (M-Hub's 32 queries + 32 text: 32-row and 32-key tiles, half the unimodal work).
     """
     wide = dtype == torch.float32
     block_m = min(32 if wide else 64, max(16, triton.next_power_of_2(max(seq_len_q, 1))))
@@ -432,12 +437,17 @@ def _tiles(seq_len_q: int, batch_heads: int, head_dim: int, dtype: torch.dtype, 
         while block_m > 16 and triton.cdiv(seq_len_q, block_m) * batch_heads < 2 * sms:
             block_m //= 2
     if wide:
-        block_n, num_warps = (32 if head_dim <= 64 else 16), 8
+        block_n = 32 if head_dim <= 64 else 16
     else:
         block_n = 64 if head_dim <= 64 else 32
-        num_warps = 4 if head_dim <= 64 and block_m <= 32 else 8
+    if align > 0 and align % 16 == 0:  # shrinking helps only if some tile >= 16 divides align
+        while align % block_m:
+            block_m //= 2
+        while align % block_n:
+            block_n //= 2
     if FORCE_BLOCKS is not None:
         block_m, block_n = FORCE_BLOCKS
+    num_warps = 8 if wide or head_dim > 64 or block_m > 32 else 4
     return _Tiles(block_m, block_n, num_warps)
 
 
@@ -496,7 +506,8 @@ def attention_forward(
     if out.numel() == 0:
         return out, lse
     seq_len_k = k.shape[0] if key_layout == KEYS_PACKED else k.shape[1]
-    tiles = _tiles(seq_len_q, batch * heads, head_dim, q.dtype, q.device)
+    align = num_query_tokens if mask_mode != MASK_NONE else 0
+    tiles = _tiles(seq_len_q, batch * heads, head_dim, q.dtype, q.device, align)
     grid = (triton.cdiv(seq_len_q, tiles.block_m), batch * heads)
     has_dropout = dropout_p > 0.0
     _attn_fwd_kernel[grid](
@@ -542,7 +553,8 @@ def attention_backward(
         dout = dout.contiguous()
     do_strides = (dout.stride(0), dout.stride(1), dout.stride(2))
     seq_len_k = k.shape[0] if key_layout == KEYS_PACKED else k.shape[1]
-    tiles = _tiles(seq_len_q, batch * heads, head_dim, q.dtype, q.device)
+    align = num_query_tokens if mask_mode != MASK_NONE else 0
+    tiles = _tiles(seq_len_q, batch * heads, head_dim, q.dtype, q.device, align)
     block_m, block_n = tiles.block_m, tiles.block_n
     has_dropout = dropout_p > 0.0
     precision = _dot_precision(q.dtype, q.device)
