@@ -47,7 +47,6 @@ import triton.language as tl
 from ...backends import triton_interpret
 
 _LOG2E = 1.4426950408889634  # softmax runs in base 2 (exp2 is the hardware instruction)
-_LN2 = 0.6931471805599453
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -173,7 +172,7 @@ def _prefix_attn_fwd_kernel(
     empty = l_i == 0.0  # nothing visible: out 0, lse -inf
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)  # base 2 -> natural log
     out_off = ((b * len_q + i_pos) * heads + h) * HEAD_DIM  # OUT is contiguous (B, Lq, H, D)
     tl.store(OUT + out_off[:, None] + offs_d[None, :], _to(out, OUT.dtype.element_ty), mask=row_valid[:, None])
     tl.store(LSE + (b * heads + h) * len_q + i_pos, lse, mask=row_valid)  # LSE is contiguous (B, H, Lq)
