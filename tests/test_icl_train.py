@@ -111,6 +111,14 @@ def test_resume_reproduces_the_uninterrupted_losses(tmp_path):
     assert not any(k.startswith("llm.") for k in wa)  # only the trainable parts are saved
 
 
+def test_prefetched_batches_train_identically(tmp_path):
+    """The GPU path builds the next batch on a thread: same batches, same losses."""
+    plain = Trainer(load_config(None, SHORT + [f"train.output_dir={tmp_path / 'a'}"])).fit(resume=False)
+    trainer = Trainer(load_config(None, SHORT + [f"train.output_dir={tmp_path / 'b'}"]))
+    trainer.prefetch = True
+    assert trainer.fit(resume=False) == plain
+
+
 # ------------------------------------------------------------------ DDP
 def _free_port():
     with socket.socket() as s:

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.distributed as dist
@@ -88,6 +89,7 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, t)
         self.params = self.model.trainable_parameters()
         self.step = 0
+        self.prefetch = self.device.type == "cuda"  # build the next batch on a CPU thread during the step
         self.ddp = None
         if self.world > 1:
             self.ddp = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=None)
@@ -109,9 +111,17 @@ class Trainer:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def train_step(self, step: int) -> float:
+    def make_batch(self, step: int):
+        """This rank's batch of global step ``step``, on the CPU (pure: any thread may build it)."""
         ds = self.run.train_set
-        batch = self.builder(self.batch_groups(step), ds, ds).to(self.device)
+        batch = self.builder(self.batch_groups(step), ds, ds)
+        if self.device.type == "cuda":
+            batch.images = batch.images.pin_memory()
+        return batch
+
+    def train_step(self, step: int, batch=None) -> float:
+        """One optimizer step; ``batch``: ``make_batch(step)`` if already built (prefetched)."""
+        batch = (batch if batch is not None else self.make_batch(step)).to(self.device)
         lr = lr_at(step, self.total_steps, self.cfg.train)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
@@ -194,8 +204,14 @@ class Trainer:
             bar = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True)
         losses, log_path = [], os.path.join(t.output_dir, "metrics.jsonl")
         tick, seen = time.perf_counter(), 0
+        # On a GPU the next batch is assembled (tokenised, gathered, pinned) on a CPU thread while
+        # the current step runs; on a CPU that thread would only compete with the step for cores.
+        prefetch = ThreadPoolExecutor(max_workers=1) if self.prefetch else None
+        pending = prefetch.submit(self.make_batch, self.step) if prefetch and self.step < end else None
         while self.step < end:
-            loss = self.train_step(self.step)
+            batch = pending.result() if pending is not None else None
+            pending = prefetch.submit(self.make_batch, self.step + 1) if prefetch and self.step + 1 < end else None
+            loss = self.train_step(self.step, batch)
             losses.append(loss)
             self.step += 1
             seen += t.batch_size
@@ -211,6 +227,8 @@ class Trainer:
                 bar.update(1)
             if t.save_every and self.step % t.save_every == 0 and self.step < end:
                 self.save(self.step)
+        if prefetch is not None:
+            prefetch.shutdown(wait=True)
         if bar is not None:
             bar.close()
         self.save(self.step)
