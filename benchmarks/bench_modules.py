@@ -107,7 +107,7 @@ def _providers(flavor, hf, device, options):
             except Exception as exc:
                 raise RuntimeError(f"FusedMHub is not importable ({type(exc).__name__}: {exc})") from None
             head_dim = hf.config.hidden_size // hf.config.num_attention_heads
-            for op in ("hub_self_attention", "hub_cross_attention"):
+            for op in ("hub_self_attention", "hub_cross_attention") if backend != "auto" else ():
                 why = backends.explain(op, device_type=device.type, dtype=next(hf.parameters()).dtype, head_dim=head_dim)[backend]
                 if why is not None:
                     raise RuntimeError(f"{op}: {why}")
@@ -116,7 +116,9 @@ def _providers(flavor, hf, device, options):
         return build
 
     result = [("hf-eager", False, hf_with("eager"), False), ("hf-sdpa", False, hf_with("sdpa"), False), ("hf-sdpa-compiled", False, compiled, True)]
-    result += [(f"fused-mhub-{b}", True, fused(b), False) for b in ("torch", "triton", "cuda")]
+    # "auto" picks per op (on a GPU: cuda where it has a kernel, else triton): the user's default.
+    ours = ("torch", "triton", "cuda") + (("auto",) if device.type == "cuda" else ())
+    result += [(f"fused-mhub-{b}", True, fused(b), False) for b in ours]
     return result
 
 

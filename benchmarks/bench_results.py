@@ -12,7 +12,7 @@ CSV_COLUMNS = [
     "floor_bw_ms", "floor_flops_ms", "gpu", "torch", "triton", "cuda", "commit", "date", "peak_mem_mb",
 ]  # fmt: skip
 # Providers that are mmict_kernels' own (everything else in a results file is a peer).
-OURS = frozenset({"reference", "triton", "cuda", "fused-mhub-torch", "fused-mhub-triton", "fused-mhub-cuda", "mmict-fused"})
+OURS = frozenset({"reference", "triton", "cuda", "fused-mhub-torch", "fused-mhub-triton", "fused-mhub-cuda", "fused-mhub-auto", "mmict-fused"})
 UNAVAILABLE_COLUMNS = ["op", "provider", "shape", "dtype", "reason", "gpu", "torch", "commit", "date"]
 
 
