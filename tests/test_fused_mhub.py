@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fused_mhub_testing import HIDDEN, assert_matches_hf, image_mask_for, make_hf, make_inputs, small_config
+from fused_mhub_testing import HIDDEN, assert_matches_hf, make_hf, make_inputs, small_config
 from mmict_kernels import FusedMHub, MHubOutput
 
 # (flavor, layers, cross_attention_frequency, text_lengths or None)

@@ -44,7 +44,9 @@ FLAVORS = ("blip2", "instructblip")
 # forward's positional parameters, per flavor, in transformers' order.
 _POSITIONAL = {
     "blip2": ("query_embeds", "query_length", "attention_mask", "encoder_hidden_states", "encoder_attention_mask"),
-    "instructblip": ("input_ids", "attention_mask", "position_ids", "query_embeds", "encoder_hidden_states", "encoder_attention_mask"),
+    "instructblip": (
+        "input_ids", "attention_mask", "position_ids", "query_embeds", "encoder_hidden_states", "encoder_attention_mask",
+    ),
 }
 # transformers' generic keyword arguments that we accept (and what they must be).
 _IGNORED_FALSE = ("output_attentions", "use_cache")
@@ -148,7 +150,8 @@ class FusedMHub(nn.Module):
         for op in ("hub_self_attention", "hub_cross_attention"):
             for dropout in (False, True):
                 try:
-                    backends.resolve(op, self._backend, device_type=weight.device.type, dtype=weight.dtype, head_dim=self.head_dim, dropout=dropout)
+                    facts = dict(device_type=weight.device.type, dtype=weight.dtype, head_dim=self.head_dim, dropout=dropout)
+                    backends.resolve(op, self._backend, **facts)
                 except (backends.BackendUnavailableError, ImportError):
                     pass
 
@@ -162,7 +165,9 @@ class FusedMHub(nn.Module):
     # Construction from transformers / state dicts
     # -----------------------------------------------------------------------------------------
     @classmethod
-    def from_hf(cls, module, backend: str = "auto", *, query_tokens: torch.Tensor | None = None, num_query_tokens: int | None = None):
+    def from_hf(
+        cls, module, backend: str = "auto", *, query_tokens: torch.Tensor | None = None, num_query_tokens: int | None = None
+    ):
         """Build a FusedMHub holding a copy of a transformers Q-Former's weights.
 
         Args:
@@ -179,13 +184,17 @@ class FusedMHub(nn.Module):
         elif isinstance(module, Blip2QFormerModel):
             flavor = "blip2"
         else:
-            raise TypeError(f"module: expected a transformers Blip2QFormerModel or InstructBlipQFormerModel, got {type(module).__name__}")
+            raise TypeError(
+                f"module: expected a transformers Blip2QFormerModel or InstructBlipQFormerModel, got {type(module).__name__}"
+            )
         if query_tokens is not None:
             C.check_tensor("query_tokens", query_tokens, ndim=3, dtypes=C.FLOAT_DTYPES)
             if query_tokens.shape[0] != 1 or query_tokens.shape[2] != module.config.hidden_size:
-                raise ValueError(f"query_tokens: expected shape (1, Nq, {module.config.hidden_size}), got {tuple(query_tokens.shape)}")
+                expected = f"(1, Nq, {module.config.hidden_size})"
+                raise ValueError(f"query_tokens: expected shape {expected}, got {tuple(query_tokens.shape)}")
             if num_query_tokens is not None and num_query_tokens != query_tokens.shape[1]:
-                raise ValueError(f"num_query_tokens: {num_query_tokens} disagrees with query_tokens of shape {tuple(query_tokens.shape)}")
+                shape = tuple(query_tokens.shape)
+                raise ValueError(f"num_query_tokens: {num_query_tokens} disagrees with query_tokens of shape {shape}")
             num_query_tokens = query_tokens.shape[1]
         elif num_query_tokens is None:
             num_query_tokens = 32
@@ -261,7 +270,12 @@ class FusedMHub(nn.Module):
         pass that uses it flow back to ``image_embeds`` and to the key/value weights.
         """
         tokens, cu_seqlens_k, seqlens_k, batch = arrange_image_tokens(
-            image_embeds, image_mask, num_frames=num_frames, cu_seqlens=cu_seqlens, packed=packed, encoder_hidden_size=self.encoder_hidden_size
+            image_embeds,
+            image_mask,
+            num_frames=num_frames,
+            cu_seqlens=cu_seqlens,
+            packed=packed,
+            encoder_hidden_size=self.encoder_hidden_size,
         )
         dtype = self._param_dtype()
         tokens = tokens.to(dtype)  # transformers casts image features to the Q-Former's dtype too
@@ -371,10 +385,13 @@ class FusedMHub(nn.Module):
             C.check_tensor("input_ids", input_ids, ndim=2, dtypes=(torch.int32, torch.int64))
             if input_ids.shape[1] > self.config.max_position_embeddings and position_ids is None:
                 raise ValueError(
-                    f"input_ids: {input_ids.shape[1]} text tokens exceed max_position_embeddings = {self.config.max_position_embeddings}"
+                    f"input_ids: {input_ids.shape[1]} text tokens exceed "
+                    f"max_position_embeddings = {self.config.max_position_embeddings}"
                 )
             if query_embeds is not None and input_ids.shape[0] != query_embeds.shape[0]:
-                raise ValueError(f"input_ids: batch {input_ids.shape[0]} differs from query_embeds' batch {query_embeds.shape[0]}")
+                raise ValueError(
+                    f"input_ids: batch {input_ids.shape[0]} differs from query_embeds' batch {query_embeds.shape[0]}"
+                )
         return self.embeddings(input_ids, position_ids, query_embeds)
 
     def _text_lengths(self, attention_mask, batch: int, seq_len: int, nq: int):
@@ -384,10 +401,13 @@ class FusedMHub(nn.Module):
         C.check_tensor("attention_mask", attention_mask, ndim=(2, 3, 4))
         if attention_mask.dim() != 2:
             raise ValueError(
-                f"attention_mask: expected a 2-D (B, L) padding mask (1 = valid, 0 = padding), got shape {tuple(attention_mask.shape)}"
+                "attention_mask: expected a 2-D (B, L) padding mask (1 = valid, 0 = padding), "
+                f"got shape {tuple(attention_mask.shape)}"
             )
         if tuple(attention_mask.shape) != (batch, seq_len):
-            raise ValueError(f"attention_mask: expected shape {(batch, seq_len)} (B, queries + text), got {tuple(attention_mask.shape)}")
+            raise ValueError(
+                f"attention_mask: expected shape {(batch, seq_len)} (B, queries + text), got {tuple(attention_mask.shape)}"
+            )
         valid = attention_mask != 0
         text_lengths = valid[:, nq:].sum(dim=1, dtype=torch.int32)
         if C.value_checks_enabled(attention_mask):
@@ -407,7 +427,9 @@ class FusedMHub(nn.Module):
             if not isinstance(image_kv, ImageKVCache):
                 raise TypeError(f"image_kv: expected an ImageKVCache from encode_image, got {type(image_kv).__name__}")
             if tuple(image_kv.layer_ids) != self.cross_attention_layers:
-                raise ValueError(f"image_kv: cache holds layers {image_kv.layer_ids}, this hub cross-attends in {self.cross_attention_layers}")
+                raise ValueError(
+                    f"image_kv: cache holds layers {image_kv.layer_ids}, this hub cross-attends in {self.cross_attention_layers}"
+                )
             cache = image_kv
         elif encoder_hidden_states is not None:
             C.check_tensor("encoder_hidden_states", encoder_hidden_states, ndim=3, dtypes=C.FLOAT_DTYPES)
@@ -449,7 +471,9 @@ class FusedMHub(nn.Module):
         if query_embeds is not None:
             C.check_tensor("query_embeds", query_embeds, ndim=3, dtypes=C.FLOAT_DTYPES)
             if query_embeds.shape[-1] != self.hidden_size:
-                raise ValueError(f"query_embeds: expected last dim hidden_size = {self.hidden_size}, got shape {tuple(query_embeds.shape)}")
+                raise ValueError(
+                    f"query_embeds: expected last dim hidden_size = {self.hidden_size}, got shape {tuple(query_embeds.shape)}"
+                )
 
         hidden = self._embed(input_ids, position_ids, query_embeds)
         batch, seq_len, _ = hidden.shape
@@ -524,7 +548,8 @@ class FusedMHub(nn.Module):
         if num_objectives > 1:
             # Every objective's queries of sample b read sample b's image: put them side by side
             # along the query axis, (O*B, Nq, H, D) -> (B, O*Nq, H, D), and run one kernel call.
-            q = q.view(num_objectives, batch, nq, self.num_heads, self.head_dim).transpose(0, 1).reshape(batch, num_objectives * nq, self.num_heads, self.head_dim)
+            heads, dim = self.num_heads, self.head_dim
+            q = q.view(num_objectives, batch, nq, heads, dim).transpose(0, 1).reshape(batch, num_objectives * nq, heads, dim)
         k, v = cache.kv(layer.layer_idx)
         out = ops.hub_cross_attention(
             q, k, v, cache.cu_seqlens_k, backend=self.backend, seqlens_k=cache.seqlens_k, dropout_p=self._dropout_p()

@@ -49,7 +49,9 @@ class ImageKVCache:
         try:
             i = self.layer_ids.index(layer_idx)
         except ValueError:
-            raise ValueError(f"image_kv: the cache holds layers {self.layer_ids}, not cross-attention layer {layer_idx}") from None
+            raise ValueError(
+                f"image_kv: the cache holds layers {self.layer_ids}, not cross-attention layer {layer_idx}"
+            ) from None
         return self.keys[i], self.values[i]
 
     def lengths(self) -> torch.Tensor:
@@ -82,7 +84,12 @@ class ImageKVCache:
         if not self.packed:
             seqlens = None if self.seqlens_k is None else self.seqlens_k[index]
             return ImageKVCache(
-                tuple(k[index] for k in self.keys), tuple(v[index] for v in self.values), self.layer_ids, None, seqlens, index.numel()
+                tuple(k[index] for k in self.keys),
+                tuple(v[index] for v in self.values),
+                self.layer_ids,
+                None,
+                seqlens,
+                index.numel(),
             )
         lengths = self.lengths()[index]
         starts = self.cu_seqlens_k[:-1].long()[index]
@@ -161,7 +168,8 @@ def arrange_image_tokens(
     if num_frames is not None:
         if image_embeds.dim() != 3:
             raise ValueError(
-                f"image_embeds: with num_frames expected per-frame tokens (total_frames, tokens_per_frame, E), got {tuple(image_embeds.shape)}"
+                "image_embeds: with num_frames expected per-frame tokens (total_frames, tokens_per_frame, E), "
+                f"got {tuple(image_embeds.shape)}"
             )
         frames = torch.as_tensor(num_frames, device=device)
         if frames.dim() != 1 or frames.is_floating_point():
@@ -170,7 +178,10 @@ def arrange_image_tokens(
         if C.value_checks_enabled(frames):
             C.check_range("num_frames", frames, 0, total_frames, "frame counts")
             if int(frames.sum()) != total_frames:
-                raise ValueError(f"num_frames: expected frame counts summing to image_embeds.shape[0] = {total_frames}, got {int(frames.sum())}")
+                raise ValueError(
+                    f"num_frames: expected frame counts summing to image_embeds.shape[0] = {total_frames}, "
+                    f"got {int(frames.sum())}"
+                )
         cu = F.pad(torch.cumsum(frames.long() * per_frame, 0), (1, 0)).to(torch.int32)
         return image_embeds.reshape(total_frames * per_frame, image_embeds.shape[-1]), cu, None, frames.shape[0]
 

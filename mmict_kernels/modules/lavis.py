@@ -113,10 +113,14 @@ def infer_lavis_config(bert: dict, query_tokens: torch.Tensor | None, num_attent
         raise LavisCheckpointError(f"num_attention_heads: hidden size {hidden} is not a multiple of {num_attention_heads}")
     cross = sorted({i for i in layer_ids if f"encoder.layer.{i}.crossattention.self.key.weight" in bert})
     if not cross or cross[0] != 0:
-        raise LavisCheckpointError(f"path_or_state_dict: cross-attention must start at layer 0 (LAVIS cross_attention_freq); found layers {cross}")
+        raise LavisCheckpointError(
+            f"path_or_state_dict: cross-attention must start at layer 0 (LAVIS cross_attention_freq); found layers {cross}"
+        )
     freq = cross[1] - cross[0] if len(cross) > 1 else num_layers
     if cross != list(range(0, num_layers, freq)):
-        raise LavisCheckpointError(f"path_or_state_dict: cross-attention layers {cross} are not every f-th layer from 0 (LAVIS cross_attention_freq)")
+        raise LavisCheckpointError(
+            f"path_or_state_dict: cross-attention layers {cross} are not every f-th layer from 0 (LAVIS cross_attention_freq)"
+        )
     encoder_width = _shape(bert, "encoder.layer.0.crossattention.self.key.weight", "the image encoder width")[1]
     intermediate = _shape(bert, "encoder.layer.0.intermediate_query.dense.weight", "the FFN size")[0]
     has_words = "embeddings.word_embeddings.weight" in bert
@@ -143,7 +147,15 @@ def infer_lavis_config(bert: dict, query_tokens: torch.Tensor | None, num_attent
     return config, flavor, nq
 
 
-def fused_mhub_from_lavis(cls, path_or_state_dict, num_attention_heads: int = 12, *, backend: str = "auto", weights_only: bool = True, **config_overrides):
+def fused_mhub_from_lavis(
+    cls,
+    path_or_state_dict,
+    num_attention_heads: int = 12,
+    *,
+    backend: str = "auto",
+    weights_only: bool = True,
+    **config_overrides,
+):
     """See :meth:`FusedMHub.from_lavis`. ``config_overrides`` (e.g. ``layer_norm_eps``, ``hidden_dropout_prob``)
     go to the transformers config; the sizes come from the checkpoint."""
     if not isinstance(num_attention_heads, int) or isinstance(num_attention_heads, bool) or num_attention_heads < 1:
@@ -166,7 +178,9 @@ def fused_mhub_from_lavis(cls, path_or_state_dict, num_attention_heads: int = 12
         renamed[_rename_bert_key(key, flavor)] = value
     expected = set(hub.state_dict())
     missing = sorted(_rename_to_lavis(k, flavor) for k in expected - set(renamed))
-    unexpected = sorted(BERT_PREFIX + k for k, v in bert.items() if not k.startswith(_SKIPPED_BERT) and _rename_bert_key(k, flavor) not in expected)
+    unexpected = sorted(
+        BERT_PREFIX + k for k in bert if not k.startswith(_SKIPPED_BERT) and _rename_bert_key(k, flavor) not in expected
+    )
     if missing or unexpected:
         raise LavisCheckpointError(
             f"path_or_state_dict: the LAVIS Q-Former keys do not match a {flavor} Q-Former of this shape; "
@@ -175,7 +189,8 @@ def fused_mhub_from_lavis(cls, path_or_state_dict, num_attention_heads: int = 12
     for name, tensor in hub.state_dict().items():
         if tuple(renamed[name].shape) != tuple(tensor.shape):
             raise LavisCheckpointError(
-                f"path_or_state_dict: {_rename_to_lavis(name, flavor)} has shape {tuple(renamed[name].shape)}, expected {tuple(tensor.shape)}"
+                f"path_or_state_dict: {_rename_to_lavis(name, flavor)} has shape {tuple(renamed[name].shape)}, "
+                f"expected {tuple(tensor.shape)}"
             )
     hub.load_state_dict(renamed, strict=True)
     return hub

@@ -50,6 +50,10 @@ class QFormerOutputBlock(nn.Module):
         return epilogue.dense_dropout_residual_layernorm(self, x, residual, backend)
 
 
+def _output_block(config, in_features: int) -> QFormerOutputBlock:
+    return QFormerOutputBlock(in_features, config.hidden_size, config.layer_norm_eps, config.hidden_dropout_prob)
+
+
 class QFormerAttentionBlock(nn.Module):
     """``attention`` (the projections) + ``output`` (dense, dropout, residual, LayerNorm), as in HF."""
 
@@ -57,7 +61,7 @@ class QFormerAttentionBlock(nn.Module):
         super().__init__()
         kv_in = config.encoder_hidden_size if is_cross_attention else config.hidden_size
         self.attention = QFormerProjections(config.hidden_size, kv_in, config.hidden_size)
-        self.output = QFormerOutputBlock(config.hidden_size, config.hidden_size, config.layer_norm_eps, config.hidden_dropout_prob)
+        self.output = _output_block(config, config.hidden_size)
 
 
 class QFormerIntermediate(nn.Module):
@@ -92,9 +96,9 @@ class QFormerLayer(nn.Module):
         self.has_text_ffn = has_text_ffn
         if has_text_ffn:
             self.intermediate = QFormerIntermediate(config)
-            self.output = QFormerOutputBlock(config.intermediate_size, config.hidden_size, config.layer_norm_eps, config.hidden_dropout_prob)
+            self.output = _output_block(config, config.intermediate_size)
         self.intermediate_query = QFormerIntermediate(config)
-        self.output_query = QFormerOutputBlock(config.intermediate_size, config.hidden_size, config.layer_norm_eps, config.hidden_dropout_prob)
+        self.output_query = _output_block(config, config.intermediate_size)
 
     def feed_forward_query(self, x: torch.Tensor, backend: str) -> torch.Tensor:
         return self.output_query(self.intermediate_query(x, backend), x, backend)
