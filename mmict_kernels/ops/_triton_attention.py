@@ -458,9 +458,13 @@ def _dot_precision(dtype: torch.dtype, device: torch.device) -> str:
 
 
 def _nonempty(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    """A tensor to pass as a kernel pointer: unused or empty ones become a 1-element placeholder."""
-    if t is None or t.numel() == 0:
-        return torch.zeros(1, dtype=like.dtype if t is None else t.dtype, device=like.device)
+    """A tensor to pass as a kernel pointer. An unused one (None) becomes ``like``, which the
+    kernel never reads through it (its constexpr branch is compiled out), so no allocation or
+    extra launch happens per call; an empty one (no valid address) a 1-element placeholder."""
+    if t is None:
+        return like
+    if t.numel() == 0:
+        return torch.zeros(1, dtype=t.dtype, device=t.device)
     return t
 
 
