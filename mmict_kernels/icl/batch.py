@@ -41,7 +41,9 @@ class Packed:
     labels: torch.Tensor | None = None  # (B, L) int64 target token at target positions, IGNORE elsewhere
 
     def to(self, device, non_blocking: bool = True) -> "Packed":
-        return Packed(*(None if t is None else t.to(device, non_blocking=non_blocking) for t in dataclasses.astuple(self)))
+        # (not dataclasses.astuple: it deep-copies every tensor)
+        fields = (getattr(self, f.name) for f in dataclasses.fields(self))
+        return Packed(*(None if t is None else t.to(device, non_blocking=non_blocking) for t in fields))
 
 
 @dataclasses.dataclass

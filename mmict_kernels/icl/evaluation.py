@@ -6,6 +6,7 @@ run's sampling strategy; ``num_demos=0`` is the query alone (VanillaFine-Tune st
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -41,8 +42,10 @@ def predict(run: Run, num_demos: int, sampling: str = "random", group_size: int 
     records = []
     for groups in batches_of(order, batch_size, drop_last=False):
         batch = builder(sampler.groups(groups, 0), queries, pool).to(device)
-        out = model.generate(batch, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_beams=num_beams,
-                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        amp = torch.autocast("cuda", dtype=torch.bfloat16) if torch.device(device).type == "cuda" and cfg.train.bf16 else contextlib.nullcontext()
+        with amp:
+            out = model.generate(batch, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_beams=num_beams,
+                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
         for q, answers, task, ids in zip(batch.queries, batch.answers, batch.tasks, out.tolist()):
             if tok.eos_token_id in ids:
                 ids = ids[: ids.index(tok.eos_token_id)]

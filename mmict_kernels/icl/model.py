@@ -90,6 +90,8 @@ class MMICTModel(nn.Module):
         labels = batch.llm.labels
         # Logits are only needed where a target token is predicted (one position earlier).
         target_pos = (labels[:, 1:] != IGNORE).any(0).nonzero().flatten()
+        if target_pos.numel() == 0:  # no target tokens at all: nothing to learn from this batch
+            return flat.sum() * 0.0, 0
         first, last = int(target_pos[0]), int(target_pos[-1]) + 1
         embeds = self.embed(batch.llm, flat)
         kwargs = {"logits_to_keep": torch.arange(first, last, device=embeds.device)} if self._keep_logits else {}
