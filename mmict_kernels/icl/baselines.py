@@ -1,0 +1,158 @@
+"""The paper's baselines, built on the driver's batch layout and model (``batch.py``, ``model.py``).
+
+- **VanillaFine-Tune**: the query alone. It is the driver's own layout with zero demonstrations
+  (``BatchBuilder`` with ``num_demos=0``): ``[query feats][prompt][target]``; nothing here.
+- **Vanilla ICT**: every demonstration enters the LLM as its *raw* multimodal content, its visual
+  features followed by the word embeddings of its text, instead of M-Hub's fused text features::
+
+      [demo 1 visual feats][demo 1 text tokens][SEP] ... [SEP][query feats][prompt tokens][target tokens]
+
+  A demonstration's visual features are the FC of M-Hub's query outputs for its image with NO
+  text (BLIP-2's image-only Q-Former output, ``num_query_tokens`` positions), i.e. the visual
+  tokens a BLIP-2/InstructBLIP model feeds its LLM. We chose these over the FC of the
+  ``ln_vision`` image tokens because (1) the model stays exactly MMICT's (same trainable modules
+  and parameter count: only what the LLM reads for a demonstration differs), so the comparison
+  isolates M-Hub's demonstration fusion; (2) it is also what ``aim_backbones.MMICTBackbone``
+  calls an image's tokens; (3) raw ViT tokens would need a second FC that MMICT does not have and
+  cost 257 LLM positions per frame at the published shape (32 here per image).
+- **AIM** (``aim.py``): :func:`aim_batch` turns the driver's sampled groups into an ``AIMBatch``,
+  so AIM sees exactly the demonstrations the other methods see.
+
+Everything M-Hub computes still goes through ONE batched call per step (``MMICTModel.mhub_outputs``):
+a Vanilla ICT demonstration is a turn with an empty text, read at its query positions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .batch import BatchBuilder, MMICTBatch, pack
+from .sampling import Group
+
+METHODS = ("finetune", "vanilla_ict", "mmict", "aim")
+LABELS = {"finetune": "VanillaFine-Tune", "vanilla_ict": "Vanilla ICT", "mmict": "MMICT", "aim": "AIM"}
+
+
+class VanillaICTBuilder(BatchBuilder):
+    """``BatchBuilder`` with the Vanilla ICT demonstration layout (same arguments, same batch type)."""
+
+    def __call__(self, groups: list[Group], query_ds, pool_ds) -> MMICTBatch:
+        # --- M-Hub turns: a demonstration's image with no text, a query's image with its prompt ---
+        turn_of: dict = {}
+        turn_text, turn_img, image_of, image_src = [], [], {}, []
+
+        def add_turn(key, ds, idx, text_ids):
+            if key not in turn_of:
+                img_key = ds[idx].images
+                if img_key not in image_of:
+                    image_of[img_key] = len(image_src)
+                    image_src.append((ds, idx))
+                turn_of[key] = len(turn_text)
+                turn_text.append(text_ids)
+                turn_img.append(image_of[img_key])
+            return turn_of[key]
+
+        group_demos, rows = [], []
+        for gi, g in enumerate(groups):
+            group_demos.append([(add_turn(("demo", d), pool_ds, d, ()), d) for d in g.demos])
+            for q in g.queries:
+                rows.append((gi, q, add_turn(("query", q), query_ds, q, self._mtok(query_ds[q].prompt))))
+
+        span = self.nq + max(len(t) for t in turn_text)  # query turns always carry a prompt
+        mpad = self.mtok.pad_token_id if self.mtok.pad_token_id is not None else 0
+        turn_ids = torch.full((len(turn_text), span - self.nq), mpad, dtype=torch.long)
+        turn_mask = torch.zeros_like(turn_ids)
+        for u, ids in enumerate(turn_text):
+            if ids:
+                turn_ids[u, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+                turn_mask[u, : len(ids)] = 1
+
+        feats = [ds.image_tokens(i) for ds, i in image_src]
+        lv = max(f.shape[0] for f in feats)
+        images = feats[0].new_zeros(len(feats), lv, feats[0].shape[1])
+        image_mask = torch.zeros(len(feats), lv, dtype=torch.long)
+        for i, f in enumerate(feats):
+            images[i, : f.shape[0]], image_mask[i, : f.shape[0]] = f, 1
+
+        # --- LLM sequences ---
+        def demo_part(demos):
+            f, t = [], []
+            for u, d in demos:
+                text = list(self._ltok(f"{pool_ds[d].prompt} {pool_ds[d].answer}"))
+                f += [u * span + j for j in range(self.nq)] + [-1] * len(text) + [-1]
+                t += [self.pad_id] * self.nq + text + [self.sep_id]
+            return f, t
+
+        train = self.mode == "train"
+        seqs, tgt_seqs, num_labels = [], [], 0
+        for gi, q, uq in rows:
+            f, t = ([], []) if self.shared_prefix else demo_part(group_demos[gi])
+            prompt = list(self._ltok(query_ds[q].prompt))
+            f += [uq * span + j for j in range(self.nq)] + [-1] * len(prompt)
+            t += [self.pad_id] * self.nq + prompt
+            lab = [False] * len(f)
+            if train:
+                target = self.target_ids(query_ds[q].answer)
+                num_labels += len(target)
+                if self.family == "decoder":
+                    f, t, lab = f + [-1] * len(target), t + target, lab + [True] * len(target)
+                else:
+                    tgt_seqs.append(([-1] * len(target), target, [True] * len(target)))
+            seqs.append((f, t, lab))
+        llm = pack(seqs, self.pad_id, pad_left=not train, with_labels=train and self.family == "decoder")
+        decoder = pack(tgt_seqs, self.pad_id, False, with_labels=True) if tgt_seqs else None
+        prefix = prefix_ids = None
+        if self.shared_prefix:
+            prefix = pack([(*demo_part(d), []) for d in group_demos], self.pad_id, False, with_labels=False)
+            prefix_ids = torch.tensor([gi for gi, _, _ in rows], dtype=torch.long)
+        return MMICTBatch(
+            images, image_mask, torch.tensor(turn_img, dtype=torch.long), turn_ids, turn_mask, llm, decoder, prefix, prefix_ids,
+            [q for _, q, _ in rows], [query_ds[q].answers or (query_ds[q].answer,) for _, q, _ in rows],
+            [query_ds[q].task for _, q, _ in rows], num_labels,
+        )
+
+
+def builder_class(method: str) -> type[BatchBuilder]:
+    """The batch layout of a method trained through the driver's ``Trainer`` (not AIM)."""
+    if method == "vanilla_ict":
+        return VanillaICTBuilder
+    if method in ("finetune", "mmict"):
+        return BatchBuilder
+    raise ValueError(f"method: expected 'finetune', 'vanilla_ict' or 'mmict' for a batch layout, got {method!r}")
+
+
+def aim_batch(groups: list[Group], query_ds, pool_ds, builder: BatchBuilder, with_answer: bool = True):
+    """An ``AIMBatch`` for the same groups: images as frozen encoder features, text as LLM token ids.
+
+    A demonstration's text is ``prompt + answer`` (as in MMICT's demonstration turn); the answer
+    ids are the driver's target ids without the end token (``AIMModel`` appends its ``eos_id``).
+    Images must all have the same number of tokens (AIM stacks them): one frame each.
+    """
+    from .aim import AIMBatch
+
+    distinct = sorted({d for g in groups for d in g.demos})
+    where = {d: i for i, d in enumerate(distinct)}
+    queries = [q for g in groups for q in g.queries]
+
+    def stack(ds, idx):
+        feats = [ds.image_tokens(i) for i in idx]
+        if len({f.shape[0] for f in feats}) > 1:
+            raise ValueError("AIM: every image must have the same number of tokens (single frames); got ragged videos")
+        return torch.stack(feats)
+
+    eos = [builder.eos_id] if builder.eos_id is not None else []
+
+    def answer_ids(ex):
+        ids = builder.target_ids(ex.answer)
+        return ids[: len(ids) - len(eos)] if eos else ids
+
+    return AIMBatch(
+        demo_images=stack(pool_ds, distinct) if distinct else None,
+        demo_text=[list(builder._ltok(f"{pool_ds[d].prompt} {pool_ds[d].answer}")) for d in distinct],
+        group_demos=[[where[d] for d in g.demos] for g in groups],
+        query_images=stack(query_ds, queries),
+        query_group=torch.tensor([gi for gi, g in enumerate(groups) for _ in g.queries], dtype=torch.long),
+        query_prompt=[list(builder._ltok(query_ds[q].prompt)) for q in queries],
+        query_answer=[answer_ids(query_ds[q]) if with_answer else [] for q in queries],
+        query_ids=queries,
+    )
