@@ -13,7 +13,8 @@ over key blocks and a dQ kernel over query blocks) cover both ops, because both 
 
 Why these tile shapes: M-Hub's query side is short (32 learned queries, at most 32 more text
 tokens), so query tiles are 16 to 64 rows, and the grid is (query blocks, B * H): 64 samples
-x 12 heads already give 768 programs for 132 SMs. The backward does not use atomics: dK/dV
+x 12 heads already give 768 programs for 132 SMs. Grids are (blocks, H, B): neighbouring
+programs share one head's K/V (or Q/dO) in L2, and B, H each stay under CUDA's 65535 limit. The backward does not use atomics: dK/dV
 programs own a key block and loop over the few query blocks that see it, dQ programs own a
 query block and loop over keys, so gradients are deterministic.
 
@@ -163,9 +164,9 @@ def _attn_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // num_heads
-    h = bh % num_heads
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    bh = b * num_heads + h
     key_start, key_len = _sample_keys(b, KEY_START, KEY_LEN, seq_len_k, KEY_LAYOUT)
 
     m0 = pid_m * BLOCK_M
@@ -221,9 +222,9 @@ def _attn_bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_om, stride_oh, stride
                            num_heads, seq_len_q, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):  # fmt: skip
     """delta[b, h, i] = sum_d dO[b, i, h, d] * O[b, i, h, d], the FlashAttention-2 preprocess."""
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // num_heads
-    h = bh % num_heads
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    bh = b * num_heads + h
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, HEAD_DIM)
     o_offs = b.to(tl.int64) * stride_ob + h * stride_oh + rows[:, None] * stride_om + dims[None, :]
@@ -254,11 +255,11 @@ def _attn_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """One program per (key block, head): dK, dV of that block, looping over the query blocks that see it.
+    """One program per (key block, head, sample): dK, dV of that block, looping over the query blocks that see it.
 
-    dK and dV share strides (both are fresh). Packed keys:
-    grid axis 0 enumerates every sample's key blocks through BLOCK_TABLE (the first block
-    index of each sample, B + 1 entries), so no host-side max length is needed.
+    dK and dV share strides (both are fresh). Packed keys: the grid is (blocks, H) and axis 0
+    enumerates every sample's key blocks through BLOCK_TABLE (the first block index of each
+    sample, B + 1 entries), so no host-side max length (and no device sync) is needed.
     """
     pid_n = tl.program_id(0)
     if KEY_LAYOUT == 2:
@@ -273,9 +274,8 @@ def _attn_bwd_dkdv_kernel(
         key_len = tl.where(active, key_len, 0)
         store_len = key_len  # a packed sample owns exactly its keys
     else:
-        bh0 = tl.program_id(1)
-        b = bh0 // num_heads
-        h = bh0 % num_heads
+        h = tl.program_id(1)
+        b = tl.program_id(2)
         n0 = pid_n * BLOCK_N
         key_start, key_len = _sample_keys(b, KEY_START, KEY_LEN, seq_len_k, KEY_LAYOUT)
         store_len = seq_len_k  # padded keys (>= key_len) get zero gradients
@@ -339,11 +339,11 @@ def _attn_bwd_dq_kernel(
     KEY_LAYOUT: tl.constexpr, MASK_MODE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """One program per (query block, b * H + h): dQ of those rows, looping over their visible keys."""
+    """One program per (query block, head, sample): dQ of those rows, looping over their visible keys."""
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // num_heads
-    h = bh % num_heads
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    bh = b * num_heads + h
     key_start, key_len = _sample_keys(b, KEY_START, KEY_LEN, seq_len_k, KEY_LAYOUT)
 
     m0 = pid_m * BLOCK_M
@@ -386,9 +386,9 @@ def _attn_bwd_dq_kernel(
 def _dropout_mask_kernel(SEED, KEEP, seq_len_q, seq_len_k, drop_stride, dropout_p,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     """KEEP[bh, i, j] (contiguous (B*H, Lq, Lk) bool) = the kernels' keep decision."""
-    bh = tl.program_id(2)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    bh = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
     keep = _dropout_keep(tl.load(SEED), bh, rows[:, None], cols[None, :], seq_len_q, drop_stride, dropout_p)
     offs = (bh.to(tl.int64) * seq_len_q + rows[:, None]) * seq_len_k + cols[None, :]
     tl.store(KEEP + offs, keep.to(tl.int8), mask=(rows[:, None] < seq_len_q) & (cols[None, :] < seq_len_k))
@@ -512,7 +512,7 @@ def attention_forward(
     seq_len_k = k.shape[0] if key_layout == KEYS_PACKED else k.shape[1]
     align = num_query_tokens if mask_mode != MASK_NONE else 0
     tiles = _tiles(seq_len_q, batch * heads, head_dim, q.dtype, q.device, align)
-    grid = (triton.cdiv(seq_len_q, tiles.block_m), batch * heads)
+    grid = (triton.cdiv(seq_len_q, tiles.block_m), heads, batch)
     has_dropout = dropout_p > 0.0
     _attn_fwd_kernel[grid](
         q, _nonempty(k, q), _nonempty(v, q), out, lse,
@@ -569,7 +569,7 @@ def attention_backward(
                   num_warps=tiles.num_warps, num_stages=tiles.num_stages)  # fmt: skip
 
     delta = torch.empty_like(lse)
-    q_grid = (triton.cdiv(seq_len_q, block_m), batch * heads)
+    q_grid = (triton.cdiv(seq_len_q, block_m), heads, batch)
     _attn_bwd_delta_kernel[q_grid](
         out, dout, delta, out.stride(0), out.stride(1), out.stride(2), *do_strides, heads, seq_len_q,
         HEAD_DIM=head_dim, BLOCK_M=block_m,
@@ -593,7 +593,7 @@ def attention_backward(
         kv_grid = (triton.cdiv(seq_len_k, block_n) + batch, heads)
     else:
         table = lse  # unused
-        kv_grid = (triton.cdiv(seq_len_k, block_n), batch * heads)
+        kv_grid = (triton.cdiv(seq_len_k, block_n), heads, batch)
     _attn_bwd_dkdv_kernel[kv_grid](
         q, k, v, dout, lse, delta, dk, dv, key_start_arg, key_len_arg, table, seed_arg,
         q.stride(0), q.stride(1), q.stride(2),
@@ -612,6 +612,6 @@ def dropout_keep_mask(
     Philox offsets (Lk of a dense K, total_k of a packed one)."""
     keep = torch.zeros((batch, heads, seq_len_q, seq_len_k), dtype=torch.int8, device=seed.device)
     if keep.numel() > 0:
-        grid = (triton.cdiv(seq_len_q, 16), triton.cdiv(seq_len_k, 64), batch * heads)
+        grid = (batch * heads, triton.cdiv(seq_len_q, 16), triton.cdiv(seq_len_k, 64))
         _dropout_mask_kernel[grid](seed, keep, seq_len_q, seq_len_k, max(drop_stride, 1), dropout_p, BLOCK_M=16, BLOCK_N=64)
     return keep.bool()
