@@ -137,6 +137,11 @@ def test_fully_masked_image_row_gives_zero_cross_attention_not_nan():
     with torch.no_grad():
         ref = hf(**inputs).last_hidden_state
     torch.testing.assert_close(out[0], ref[0], rtol=1e-5, atol=1e-5)  # the sample with image tokens is unaffected
+    # the packed cache (zero-length segment) agrees
+    cache = hub.encode_image(inputs["encoder_hidden_states"], inputs["encoder_attention_mask"])
+    assert cache.packed and cache.cu_seqlens_k.tolist() == [0, 4, 4]
+    with torch.no_grad():
+        torch.testing.assert_close(hub(query_embeds=inputs["query_embeds"], image_kv=cache).last_hidden_state, out.detach(), rtol=1e-5, atol=1e-5)
 
 
 def test_training_dropout_statistics_match_transformers():
@@ -221,6 +226,14 @@ def test_rejects_bad_shapes_and_arguments(ib_hub):
         ib_hub(inputs["input_ids"], input_ids=inputs["input_ids"])
     with pytest.raises(ValueError, match="mask: expected one of"):
         ib_hub(**inputs, mask="causal")
+    with pytest.raises(ValueError, match="query_embeds: expected device cpu"):
+        ib_hub(**dict(inputs, query_embeds=inputs["query_embeds"].to("meta")))
+    with pytest.raises(ValueError, match="image_embeds: expected device cpu"):
+        ib_hub.encode_image(inputs["encoder_hidden_states"].to("meta"))
+    with pytest.raises(TypeError, match="input_ids: expected dtype"):
+        ib_hub(**dict(inputs, input_ids=inputs["input_ids"].float()))
+    with pytest.raises(TypeError, match="attention_mask: expected a torch.Tensor"):
+        ib_hub(**dict(inputs, attention_mask=[[1, 1]]))
     cache = ib_hub.encode_image(inputs["encoder_hidden_states"])
     with pytest.raises(ValueError, match="image_kv: pass either"):
         ib_hub(**inputs, image_kv=cache)

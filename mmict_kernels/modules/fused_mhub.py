@@ -276,6 +276,7 @@ class FusedMHub(nn.Module):
             cu_seqlens=cu_seqlens,
             packed=packed,
             encoder_hidden_size=self.encoder_hidden_size,
+            device=self.encoder.layer[0].attention.attention.query.weight.device,
         )
         dtype = self._param_dtype()
         tokens = tokens.to(dtype)  # transformers casts image features to the Q-Former's dtype too
@@ -372,6 +373,14 @@ class FusedMHub(nn.Module):
             else:
                 raise TypeError(f"forward: unexpected keyword argument {name!r} for flavor {self.flavor!r}")
         return inputs
+
+    def _check_devices(self, **tensors) -> None:
+        device = self.encoder.layer[0].attention.attention.query.weight.device
+        for name, t in tensors.items():
+            if t is not None and not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name}: expected a torch.Tensor or None, got {type(t).__name__}")
+            if t is not None and t.device != device:
+                raise ValueError(f"{name}: expected device {device} (the FusedMHub's parameters), got {t.device}")
 
     def _param_dtype(self) -> torch.dtype:
         return self.encoder.layer[0].attention.attention.query.weight.dtype
@@ -475,6 +484,10 @@ class FusedMHub(nn.Module):
                     f"query_embeds: expected last dim hidden_size = {self.hidden_size}, got shape {tuple(query_embeds.shape)}"
                 )
 
+        self._check_devices(
+            input_ids=input_ids, position_ids=position_ids, query_embeds=query_embeds, attention_mask=attention_mask,
+            encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=encoder_attention_mask,
+        )
         hidden = self._embed(input_ids, position_ids, query_embeds)
         batch, seq_len, _ = hidden.shape
         if self.flavor == "blip2":

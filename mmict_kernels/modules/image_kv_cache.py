@@ -131,6 +131,7 @@ def arrange_image_tokens(
     cu_seqlens: torch.Tensor | None = None,
     packed: bool | None = None,
     encoder_hidden_size: int,
+    device: torch.device | None = None,
 ):
     """Validate image tokens and lay them out for the kernels.
 
@@ -146,6 +147,8 @@ def arrange_image_tokens(
     - ``image_embeds`` (total, E) with ``cu_seqlens`` (B + 1,): already packed.
     """
     C.check_tensor("image_embeds", image_embeds, ndim=(2, 3), dtypes=C.FLOAT_DTYPES)
+    if device is not None and image_embeds.device != device:
+        raise ValueError(f"image_embeds: expected device {device} (the FusedMHub's parameters), got {image_embeds.device}")
     if image_embeds.shape[-1] != encoder_hidden_size:
         raise ValueError(
             f"image_embeds: expected last dim encoder_hidden_size = {encoder_hidden_size}, got shape {tuple(image_embeds.shape)}"
