@@ -29,7 +29,7 @@ MAX_STACK_BYTES = 64  # a few spilled scalars at most; spilled tiles (seen with 
 def _triton_nvidia_tools() -> str | None:
     try:
         import triton
-        from triton.backends.compiler import GPUTarget  # noqa: F401
+        import triton.backends.compiler  # GPUTarget, used by the subprocess
     except Exception:
         return None
     bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
