@@ -182,3 +182,57 @@ def test_metrics():
     assert metrics.corpus_bleu(["a red circle on dark"], [["a red circle on dark"]]) == pytest.approx(1.0)
     assert metrics.corpus_bleu(["blue"], [["red"]]) == 0.0
     assert 0 < metrics.corpus_bleu(["red circle on dark grass"], [["red circle on dark ground"]]) < 1
+
+
+# ------------------------------------------------------------------ models from local folders
+@pytest.mark.parametrize("family", ["blip2", "clip", "siglip"])
+def test_vision_families_give_token_features(family):
+    cfg = load_config(None, [f"model.vision_family={family}"]).model
+    enc = build_vision_encoder(cfg)
+    feats = data_mod.encode_pixels(enc, torch.randn(2, 3, 32, 32))
+    assert feats.shape[0] == 2 and feats.shape[2] == enc.config.hidden_size and feats.std() > 1e-3
+
+
+def test_models_load_from_local_checkpoint_folders(tmp_path):
+    """An InstructBLIP folder serves as vision and M-Hub checkpoint; a Llama folder as the LLM."""
+    from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration, LlamaConfig
+
+    from mmict_kernels.icl.build import build_run
+    from mmict_kernels.icl.tokenizer import build_word_tokenizer
+
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8,
+                  initializer_range=0.2)
+    tok = build_word_tokenizer(shapes.shapes_vocabulary())  # no separator: the driver adds it
+    qformer = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, encoder_hidden_size=32,
+                   vocab_size=len(tok) + 1, max_position_embeddings=64)
+    text = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=len(tok),
+                       pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    full = InstructBlipForConditionalGeneration(
+        InstructBlipConfig(vision_config=vision, qformer_config=qformer, text_config=text.to_dict(), num_query_tokens=4)
+    )
+    full.save_pretrained(tmp_path / "instructblip")
+    from transformers import LlamaForCausalLM
+
+    LlamaForCausalLM(text).save_pretrained(tmp_path / "llm")
+    tok.save_pretrained(tmp_path / "llm")
+    tok.save_pretrained(tmp_path / "qtok")
+    cfg = load_config(None, [
+        f"model.vision_checkpoint={tmp_path / 'instructblip'}", f"model.mhub_checkpoint={tmp_path / 'instructblip'}",
+        f"model.mhub_tokenizer={tmp_path / 'qtok'}", f"model.llm_checkpoint={tmp_path / 'llm'}", "model.num_query_tokens=4",
+        "data.shapes_train_size=8", "data.shapes_eval_size=4", "model.backend=torch",
+    ])
+    run = build_run(cfg)
+    m = run.model
+    torch.testing.assert_close(m.mhub.query_tokens, full.query_tokens)
+    torch.testing.assert_close(m.ln_vision.weight, full.vision_model.post_layernorm.weight)
+    assert run.llm_tokenizer.convert_tokens_to_ids("<|endofchunk|>") == len(tok)  # added, embedding row added
+    assert m.llm.get_input_embeddings().num_embeddings == len(tok) + 1
+
+    from mmict_kernels.icl.batch import BatchBuilder
+    from mmict_kernels.icl.sampling import Group
+
+    b = BatchBuilder(run.mhub_tokenizer, run.llm_tokenizer, 4, "<|endofchunk|>", "decoder")([Group([0], [1, 2])], run.train_set, run.train_set)
+    nll, n = m(b)
+    assert n > 0 and torch.isfinite(nll)
+    with pytest.raises(FileNotFoundError, match="llm_checkpoint"):
+        build_run(load_config(None, [f"model.llm_checkpoint={tmp_path / 'none'}", "data.shapes_train_size=8", "data.shapes_eval_size=4"]))

@@ -48,8 +48,9 @@ def _tokenizers(cfg: RunConfig, texts: list[str], saved: str | None):
             word = load_tokenizer(saved)
         else:
             word = build_word_tokenizer(texts + shapes_vocabulary(), [m.separator])
-    mtok = load_tokenizer(m.mhub_tokenizer) if m.mhub_tokenizer else word
-    ltok = load_tokenizer(llm_tok_path) if llm_tok_path else word
+    mtok = load_tokenizer(m.mhub_tokenizer, "model.mhub_tokenizer") if m.mhub_tokenizer else word
+    llm_key = "model.llm_tokenizer" if m.llm_tokenizer else "model.llm_checkpoint"
+    ltok = load_tokenizer(llm_tok_path, llm_key) if llm_tok_path else word
     return mtok, ltok, word
 
 

@@ -20,8 +20,9 @@ TINY_LLM = {
             "max_position_embeddings": 512},
     "qwen2": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "initializer_range": 0.2,
               "num_key_value_heads": 2, "max_position_embeddings": 512},
+    # Untied output head: T5's tied head rescales by d_model ** -0.5, too flat for a frozen random model.
     "t5": {"d_model": 64, "d_kv": 16, "d_ff": 128, "num_layers": 2, "num_decoder_layers": 2, "num_heads": 4,
-           "dropout_rate": 0.0},
+           "dropout_rate": 0.0, "tie_word_embeddings": False},
 }
 
 
@@ -47,6 +48,10 @@ def build_llm(family: str, llm_type: str, checkpoint: str | None, llm_config: di
             torch.manual_seed(seed)
             llm = auto.from_config(config)
     if llm.get_input_embeddings().num_embeddings < len(tokenizer):
-        llm.resize_token_embeddings(len(tokenizer))
+        # The new rows (the separator) are random: seed them, so that training and evaluation
+        # (separate processes) build the same frozen LLM.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + 7919)
+            llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     llm.eval().requires_grad_(False)
     return llm

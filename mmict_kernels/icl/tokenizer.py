@@ -38,9 +38,10 @@ def build_word_tokenizer(texts, extra_special: list[str] = ()) -> PreTrainedToke
     return tok
 
 
-def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+def load_tokenizer(path: str, what: str = "tokenizer") -> PreTrainedTokenizerBase:
+    """A local tokenizer folder; ``what`` names the config key in errors."""
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"tokenizer folder not found: {path}")
+        raise FileNotFoundError(f"{what}: tokenizer folder not found: {path}")
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token is None:  # OPT/Llama tokenizers may lack one; padding never reaches the loss
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token

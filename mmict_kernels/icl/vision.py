@@ -43,13 +43,43 @@ def build_vision_encoder(cfg: ModelConfig, seed: int = 0) -> torch.nn.Module:
     if cfg.vision_checkpoint:
         if not os.path.isdir(cfg.vision_checkpoint):
             raise FileNotFoundError(f"model.vision_checkpoint: folder not found: {cfg.vision_checkpoint}")
-        encoder = model_cls.from_pretrained(cfg.vision_checkpoint)
+        encoder = _vision_tower_of_full_model(cfg.vision_checkpoint, config_name, model_cls)
+        if encoder is None:
+            encoder = model_cls.from_pretrained(cfg.vision_checkpoint)
     else:
         values = {**TINY_VISION, **cfg.vision_config, "image_size": cfg.image_size}
         with torch.random.fork_rng(devices=[]):  # random weights, the same in every process and run
             torch.manual_seed(seed)
             encoder = model_cls(getattr(transformers, config_name)(**values))
     encoder.eval().requires_grad_(False)
+    return encoder
+
+
+def _vision_tower_of_full_model(folder: str, config_name: str, model_cls):
+    """The vision tower of a whole BLIP-2 / InstructBLIP checkpoint folder (its ``vision_model.*``), else None.
+
+    Lets one InstructBLIP folder serve as both ``vision_checkpoint`` and ``mhub_checkpoint``.
+    """
+    import glob
+
+    import transformers
+    from safetensors.torch import load_file
+
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        meta = json.load(f)
+    if meta.get("model_type") not in ("blip-2", "instructblip") or "vision_config" not in meta:
+        return None
+    vision_config = {k: v for k, v in meta["vision_config"].items() if k not in ("model_type", "architectures")}
+    encoder = model_cls(getattr(transformers, config_name)(**vision_config))
+    state = {}
+    for file in sorted(glob.glob(os.path.join(folder, "*.safetensors"))):
+        state.update({k[len("vision_model."):]: v for k, v in load_file(file).items() if k.startswith("vision_model.")})
+    missing, unexpected = encoder.load_state_dict(state, strict=False)
+    if missing or unexpected or not state:
+        raise ValueError(f"model.vision_checkpoint {folder}: vision_model.* weights do not fit: missing {missing[:8]}, unexpected {unexpected[:8]}")
     return encoder
 
 
@@ -60,7 +90,8 @@ def vision_width(encoder: torch.nn.Module) -> int:
 def final_norm(encoder: torch.nn.Module) -> torch.nn.LayerNorm | None:
     """The encoder's norm over all output tokens, if any (BLIP-2's ``post_layernorm`` is LAVIS's ``ln_vision``)."""
     norm = getattr(encoder, "post_layernorm", None)
-    return norm if isinstance(norm, torch.nn.LayerNorm) and encoder.__class__.__name__.startswith("Blip2") else None
+    blip = encoder.__class__.__name__.startswith(("Blip2", "InstructBlip"))
+    return norm if isinstance(norm, torch.nn.LayerNorm) and blip else None
 
 
 def pixels_from_uint8(images: np.ndarray, family: str) -> torch.Tensor:
@@ -83,10 +114,12 @@ def encode_pixels(encoder: torch.nn.Module, pixels: torch.Tensor, batch_size: in
 
 
 def fingerprint(encoder: torch.nn.Module) -> str:
-    """Identifies the frozen encoder's weights cheaply: config, parameter shapes and leading values."""
+    """Identifies a frozen model's weights cheaply: config, parameter shapes, leading and trailing values."""
     h = hashlib.sha256(json.dumps(encoder.config.to_dict(), sort_keys=True, default=str).encode())
     for name, p in sorted(encoder.state_dict().items()):
         h.update(name.encode())
         h.update(str(tuple(p.shape)).encode())
-        h.update(p.detach().flatten()[:64].float().cpu().numpy().tobytes())
+        flat = p.detach().flatten()
+        h.update(flat[:64].float().cpu().numpy().tobytes())
+        h.update(flat[-64:].float().cpu().numpy().tobytes())  # rows appended later (new tokens) too
     return h.hexdigest()[:16]
