@@ -66,7 +66,7 @@ def _swap(model):
     return swapped
 
 
-def test_blip2_opt_logits_and_greedy_generation_unchanged():
+def test_blip2_opt_logits_and_greedy_generation_unchanged(tmp_path):
     torch.manual_seed(0)
     model = _randomize(Blip2ForConditionalGeneration(Blip2Config(vision_config=VISION, qformer_config=QFORMER, text_config=OPT, num_query_tokens=NQ, image_token_index=IMAGE_TOKEN)))
     swapped = _swap(model)
@@ -80,6 +80,11 @@ def test_blip2_opt_logits_and_greedy_generation_unchanged():
         gen_ref = model.generate(pixel_values=px, input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
         gen = swapped.generate(pixel_values=px, input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
     assert torch.equal(gen, gen_ref)
+    # save_pretrained of the swapped model loads back into the stock class
+    swapped.save_pretrained(tmp_path)
+    reloaded = Blip2ForConditionalGeneration.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(pixel_values=px, input_ids=ids, attention_mask=mask).logits, ref.logits, rtol=0, atol=0)
 
 
 def test_blip2_model_features_and_training_gradients_unchanged():
