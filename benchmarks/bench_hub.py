@@ -26,7 +26,7 @@ DEFAULT_OUT = os.path.join(ROOT, "benchmarks", "results")
 
 
 def parse_args(argv=None):
-    from bench_cases import CPU_PRESETS, GPU_PRESETS, MODES, OPS
+    from bench_cases import CPU_PRESETS, GPU_PRESETS, OPS
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="one shape per op, fewer repetitions (CI on CPU: well under 2 minutes)")
@@ -161,7 +161,6 @@ def main(argv=None) -> int:
         )
     print(f"dtype {str(dtype).replace('torch.', '')} | modes {','.join(modes)} | shapes {','.join(names)} | quick={args.quick}"
           f" | value checks {'on' if args.value_checks else 'off (MMICT_KERNELS_SKIP_VALUE_CHECKS=1)'}")  # fmt: skip
-    print_backend_report([o for o in wanted if o in OPS], device, dtype)
 
     floors = measure_floors(device, dtype, args.quick)
     print(
@@ -171,6 +170,7 @@ def main(argv=None) -> int:
 
     results = Results(args.out, env, device.type)
     cases = build_cases([o for o in wanted if o in OPS], presets, names)
+    print_backend_report(cases, device, dtype)
     import bench_modules
 
     # The torch.compile'd peers take minutes to compile, so they run in a last pass: a run cut
@@ -209,13 +209,12 @@ def main(argv=None) -> int:
     return 0
 
 
-def print_backend_report(op_names, device, dtype) -> None:
-    """Which of our backends can run each op here, and why the others cannot."""
-    from bench_cases import PREFIX
+def print_backend_report(cases, device, dtype) -> None:
+    """Which of our backends can run each op here (at its first case's head dim), and why the others cannot."""
     from mmict_kernels import backends
 
-    for op in op_names:
-        head_dim = 128 if op == PREFIX and device.type == "cuda" else 64
+    for op in dict.fromkeys(c.op for c in cases):
+        head_dim = next(c.head_dim for c in cases if c.op == op)
         reasons = backends.explain(op, device_type=device.type, dtype=dtype, head_dim=head_dim)
         text = "; ".join(f"{b}: {'available' if why is None else 'unavailable (' + why + ')'}" for b, why in reasons.items())
         print(f"backends for {op} (head dim {head_dim}): {text}")

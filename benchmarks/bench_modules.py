@@ -304,7 +304,6 @@ def run_mmict_step(device, dtype, modes, options, floors, results) -> None:
                     row = make_row(op, name, mode, shape, dname, timing, peak, flops, nbytes, floors, ours)
                     results.add_row(row)
                     print_row(row)
-                del trainer, run
         except Exception as exc:
             reason = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
             results.add_skip(Skip(op, name, label, dname, reason))

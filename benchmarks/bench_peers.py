@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from bench_cases import CROSS, PREFIX, SELF, Case
+from bench_cases import CROSS, SELF, Case
 from mmict_kernels import backends, ops
 
 FLASH_ATTN_NOT_INSTALLABLE = (

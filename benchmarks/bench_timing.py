@@ -161,15 +161,23 @@ def measure_floors(device: torch.device, dtype: torch.dtype, quick: bool) -> Flo
     else:
         copy_elems, n = (2**22, 256) if quick else (2**24, 1024)
         warm, rep = (5.0, 50.0) if quick else (20.0, 300.0)
-    src = torch.empty(copy_elems, dtype=dtype, device=device).normal_()
+    copy_ms, copy_bytes = _time_copy(copy_elems, dtype, device, warm, rep)
+    mm_ms = _time_matmul(n, dtype, device, warm, rep)
+    return Floors(copy_bytes / (copy_ms * 1e-3), 2 * n**3 / (mm_ms * 1e-3), copy_bytes, n)
+
+
+def _time_copy(elems: int, dtype, device, warm: float, rep: float) -> tuple[float, int]:
+    """Median ms of ``dst.copy_(src)`` and the bytes it moves (read + write); buffers freed on return."""
+    src = torch.empty(elems, dtype=dtype, device=device).normal_()
     dst = torch.empty_like(src)
-    copy = bench(lambda i: dst.copy_(src), 1, device, warmup_ms=warm, rep_ms=rep, min_reps=3, max_reps=200)
-    copy_bytes = 2 * src.numel() * src.element_size()  # read + write
-    del src, dst
+    timing = bench(lambda i: dst.copy_(src), 1, device, warmup_ms=warm, rep_ms=rep, min_reps=3, max_reps=200)
+    return timing.median_ms, 2 * src.numel() * src.element_size()
+
+
+def _time_matmul(n: int, dtype, device, warm: float, rep: float) -> float:
     a = torch.randn(n, n, dtype=dtype, device=device)
     b = torch.randn(n, n, dtype=dtype, device=device)
-    mm = bench(lambda i: a @ b, 1, device, warmup_ms=warm, rep_ms=rep, min_reps=3, max_reps=200)
-    return Floors(copy_bytes / (copy.median_ms * 1e-3), 2 * n**3 / (mm.median_ms * 1e-3), copy_bytes, n)
+    return bench(lambda i: a @ b, 1, device, warmup_ms=warm, rep_ms=rep, min_reps=3, max_reps=200).median_ms
 
 
 # ---------------------------------------------------------------------------------------
