@@ -116,15 +116,23 @@ def _sdpa(sdpa_backend):
             p = case.params
             mask = ops.self_attention_mask(p["num_query"], p["num_query"] + p["text"], example["text_lengths"], case.mask, device)
             return lambda x: F.scaled_dot_product_attention(_bhld(x["q"]), _bhld(x["k"]), _bhld(x["v"]), attn_mask=mask).transpose(1, 2)
-        from torch.nn.attention.bias import causal_lower_right
+        import inspect
+
+        from torch.nn.attention.bias import CausalBias, causal_lower_right
 
         p = case.params
         bias = causal_lower_right(p["len_q"], p["len_prefix"] + p["len_q"])
-        gqa = p["heads"] != p["kv_heads"]
+        group = p["heads"] // p["kv_heads"]
+        # GQA: enable_gqa where torch's lower-right causal bias forwards it; on an older torch,
+        # repeat the K/V heads (a copy, as a user of that torch would have to).
+        native_gqa = "enable_gqa" in inspect.signature(CausalBias._dispatch).parameters
+        kwargs = {"enable_gqa": True} if group > 1 and native_gqa else {}
 
         def run(x):
             k, v = _prefixed_kv(x)
-            return F.scaled_dot_product_attention(_bhld(x["q"]), _bhld(k), _bhld(v), attn_mask=bias, enable_gqa=gqa).transpose(1, 2)
+            if group > 1 and not native_gqa:
+                k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+            return F.scaled_dot_product_attention(_bhld(x["q"]), _bhld(k), _bhld(v), attn_mask=bias, **kwargs).transpose(1, 2)
 
         return run
 
