@@ -1,4 +1,4 @@
-"""Regression benchmarks of the three ops (pytest-benchmark), plus checks of bench_hub's cost model.
+"""Regression benchmarks of the three ops (pytest-benchmark), plus checks of bench_hub's cost model and files.
 
     pytest benchmarks/ --benchmark-only                      # timings only
     pytest benchmarks/ --benchmark-only --benchmark-autosave # keep them in .benchmarks/ to compare runs
@@ -84,3 +84,24 @@ def test_visible_pairs_match_the_masks(case):
     assert case.visible_pairs() == expected
     assert case.flops("fwd+bwd") == pytest.approx(3.5 * case.flops("fwd"))
     assert case.bytes("fwd+bwd", torch.bfloat16) == case.bytes("fwd", torch.bfloat16) + case.bytes("bwd", torch.bfloat16)
+
+
+def test_results_files_round_trip(tmp_path):
+    """Rows appended by Results read back into the summary table; a CSV with other columns is refused."""
+    from bench_results import Results, Skip, make_row, summary_from_csv
+    from bench_timing import Floors, Timing
+
+    env = {"gpu": "CPU (test)", "torch": "t", "triton": "tr", "cuda": "none", "commit": "abc", "date": "2026-01-01T00:00:00Z"}
+    results = Results(str(tmp_path), env, "cpu")
+    floors = Floors(bandwidth_bytes_per_s=1e9, matmul_flops_per_s=1e12, copy_bytes=0, matmul_n=0)
+    for provider, ours, ms in (("triton", True, 2.0), ("sdpa-flash", False, 3.0)):
+        results.add_row(make_row("hub_cross_attention", provider, "fwd", "s", "float32", Timing(ms, ms, ms, 1), None, 1e9, 1e6, floors, ours))
+    results.add_skip(Skip("hub_cross_attention", "xformers", "s", "float32", "not importable"))
+    table = "\n".join(summary_from_csv(results.rows_path))
+    assert "triton 2.0000 ms" in table and "sdpa-flash 3.0000 ms" in table and "1.50x" in table
+    with open(results.skips_path) as f:
+        assert "not importable" in f.read()
+    with open(results.rows_path, "w") as f:
+        f.write("other,columns\n")
+    with pytest.raises(SystemExit):
+        Results(str(tmp_path), env, "cpu")
