@@ -63,6 +63,7 @@ def build_run(cfg: RunConfig, *, splits=("train", "eval"), device: str | torch.d
     texts = [t for ds in (train_set, eval_set) if ds is not None for t in ds.texts()]
     mtok, ltok, word = _tokenizers(cfg, texts, tokenizer_dir)
     llm = build_llm(m.llm_family, m.llm_type, m.llm_checkpoint, m.llm_config, ltok, m.separator, seed=m.init_seed + 1)
+    llm.to(getattr(torch, m.llm_dtype))  # frozen: low precision storage is enough
     width = vision_width(encoder)
     mhub = build_mhub(m.mhub_config, m.mhub_checkpoint, m.num_query_tokens, len(mtok), width, seed=m.init_seed + 2,
                       impl=m.mhub_impl, backend=m.backend)

@@ -32,6 +32,7 @@ class ModelConfig:
     llm_checkpoint: str | None = None
     llm_config: dict = dataclasses.field(default_factory=dict)
     llm_tokenizer: str | None = None  # default: llm_checkpoint, else the embedded word tokenizer
+    llm_dtype: str = "float32"  # storage of the frozen LLM: float32 | bfloat16 | float16 (halves its memory on GPU)
     separator: str = "<|endofchunk|>"
     mhub_impl: str = "fused"  # "fused" (mmict_kernels.FusedMHub) or "transformers" (InstructBlipQFormerModel, baseline)
     backend: str = "auto"  # kernels of the M-Hub and the prefix cache: auto | cuda | triton | torch
@@ -171,6 +172,8 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError(f"model.vision_family: expected 'blip2', 'clip' or 'siglip', got {m.vision_family!r}")
     if m.backend not in ("auto", "cuda", "triton", "torch"):
         raise ValueError(f"model.backend: expected auto, cuda, triton or torch, got {m.backend!r}")
+    if m.llm_dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"model.llm_dtype: expected float32, bfloat16 or float16, got {m.llm_dtype!r}")
     if m.mhub_impl not in ("fused", "transformers"):
         raise ValueError(f"model.mhub_impl: expected 'fused' or 'transformers', got {m.mhub_impl!r}")
     if m.num_query_tokens < 1:

@@ -69,7 +69,14 @@ class Trainer:
         self.device = pick_device(cfg.train.device, local_rank)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        self.run = run or build_run(cfg, device=self.device)
+        if run is None:
+            # Rank 0 builds first (and fills the image-feature cache); the others then read it.
+            if self.world > 1 and self.rank != 0:
+                dist.barrier()
+            run = build_run(cfg, device=self.device)
+            if self.world > 1 and self.rank == 0:
+                dist.barrier()
+        self.run = run
         self.model = self.run.model.to(self.device)
         t, d = cfg.train, cfg.demos
         if t.batch_size % self.world:
