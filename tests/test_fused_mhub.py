@@ -100,7 +100,11 @@ def test_own_query_tokens_used_without_query_embeds():
     explicit = dict(inputs, query_embeds=queries.expand(2, -1, -1))
     inputs.pop("query_embeds")
     with torch.no_grad():
-        torch.testing.assert_close(hub(**inputs).last_hidden_state, hf(**explicit).last_hidden_state, rtol=1e-5, atol=1e-5)
+        ours = hub(**inputs).last_hidden_state
+        torch.testing.assert_close(ours, hf(**explicit).last_hidden_state, rtol=1e-5, atol=1e-5)
+        # the text-only mask (B, T) is accepted too: the queries are always valid
+        text_mask = inputs["attention_mask"][:, 6:]
+        torch.testing.assert_close(hub(**dict(inputs, attention_mask=text_mask)).last_hidden_state, ours, rtol=0, atol=0)
 
 
 def test_build_from_config_without_transformers_module():

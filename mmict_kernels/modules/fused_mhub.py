@@ -299,7 +299,7 @@ class FusedMHub(nn.Module):
         encoder_hidden_states=None, encoder_attention_mask=None, *, mask, image_kv, return_dict)``.
 
         - query_embeds (B, Nq, hidden): defaults to the module's ``query_tokens`` when images are given.
-        - attention_mask (B, L) over [queries ; text]: right padding, queries valid.
+        - attention_mask (B, L) over [queries ; text]: right padding, queries valid; or (B, T) for the text alone.
         - encoder_hidden_states (B, Li, E) image tokens with encoder_attention_mask (B, Li) (any pattern);
           or ``image_kv=`` an :class:`ImageKVCache` from :meth:`encode_image` instead.
         - mask: "bidirectional" (default), "unimodal" or "multimodal_causal" (see ops.hub_self_attention).
@@ -404,7 +404,11 @@ class FusedMHub(nn.Module):
         return self.embeddings(input_ids, position_ids, query_embeds)
 
     def _text_lengths(self, attention_mask, batch: int, seq_len: int, nq: int):
-        """(B, L) right-padded attention mask -> int32 valid text lengths (B,), or None for no mask."""
+        """Right-padded attention mask -> int32 valid text lengths (B,), or None for no mask.
+
+        The mask is (B, queries + text) as transformers takes it, or (B, text) alone (the queries
+        are always valid, so their ones may be left out).
+        """
         if attention_mask is None:
             return None
         C.check_tensor("attention_mask", attention_mask, ndim=(2, 3, 4))
@@ -413,15 +417,18 @@ class FusedMHub(nn.Module):
                 "attention_mask: expected a 2-D (B, L) padding mask (1 = valid, 0 = padding), "
                 f"got shape {tuple(attention_mask.shape)}"
             )
-        if tuple(attention_mask.shape) != (batch, seq_len):
+        text_only = nq > 0 and tuple(attention_mask.shape) == (batch, seq_len - nq)
+        if tuple(attention_mask.shape) != (batch, seq_len) and not text_only:
             raise ValueError(
-                f"attention_mask: expected shape {(batch, seq_len)} (B, queries + text), got {tuple(attention_mask.shape)}"
+                f"attention_mask: expected shape {(batch, seq_len)} (B, queries + text) or {(batch, seq_len - nq)} "
+                f"(B, text), got {tuple(attention_mask.shape)}"
             )
         valid = attention_mask != 0
-        text_lengths = valid[:, nq:].sum(dim=1, dtype=torch.int32)
+        start = 0 if text_only else nq
+        text_lengths = valid[:, start:].sum(dim=1, dtype=torch.int32)
         if C.value_checks_enabled(attention_mask):
-            positions = torch.arange(seq_len, device=valid.device)
-            expected = positions[None, :] < (nq + text_lengths)[:, None]
+            positions = torch.arange(valid.shape[1], device=valid.device)
+            expected = positions[None, :] < (start + text_lengths)[:, None]
             if not bool((valid == expected).all()):
                 raise ValueError(
                     f"attention_mask: FusedMHub needs every query position ({nq}) valid and the text right-padded "
