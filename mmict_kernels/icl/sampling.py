@@ -80,6 +80,7 @@ class DemoSampler:
         self.all = np.arange(len(pool))
         if strategy == "similar" and num_demos:
             self.pool_emb, self.query_emb = pool.image_embeddings(), queries.image_embeddings()
+        self._similar: dict[tuple, list[int]] = {}  # nearest neighbours do not change between epochs
 
     def _candidates(self, query: int, exclude: list[int]) -> np.ndarray:
         cands = self.all
@@ -96,15 +97,17 @@ class DemoSampler:
     def group(self, queries: list[int], epoch: int) -> Group:
         if self.k == 0:
             return Group(list(queries), [])
-        cands = self._candidates(queries[0], list(queries))
         if self.strategy == "similar":
-            # Nearest neighbours of the (first) query's image; the most similar goes last,
-            # right before the query, where recency matters most to the LLM.
-            sims = self.pool_emb[torch.from_numpy(cands)] @ self.query_emb[queries[0]]
-            top = torch.topk(sims, self.k).indices.flip(0).numpy()
-            demos = cands[top]
-        else:
-            demos = _rng(self.seed, epoch, 0xD0, queries[0]).choice(cands, self.k, replace=False)
+            key = tuple(queries)
+            if key not in self._similar:
+                # Nearest neighbours of the (first) query's image; the most similar goes last,
+                # right before the query, where recency matters most to the LLM.
+                cands = self._candidates(queries[0], list(queries))
+                sims = self.pool_emb[torch.from_numpy(cands)] @ self.query_emb[queries[0]]
+                self._similar[key] = [int(d) for d in cands[torch.topk(sims, self.k).indices.flip(0).numpy()]]
+            return Group(list(queries), list(self._similar[key]))
+        cands = self._candidates(queries[0], list(queries))
+        demos = _rng(self.seed, epoch, 0xD0, queries[0]).choice(cands, self.k, replace=False)
         return Group(list(queries), [int(d) for d in demos])
 
     def groups(self, query_groups: list[list[int]], epoch: int) -> list[Group]:

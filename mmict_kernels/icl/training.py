@@ -96,6 +96,7 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, t)
         self.params = self.model.trainable_parameters()
         self.step = 0
+        self._epoch_batches = (-1, [])
         self.prefetch = self.device.type == "cuda"  # build the next batch on a CPU thread during the step
         self.ddp = None
         if self.world > 1:
@@ -106,8 +107,10 @@ class Trainer:
         """This rank's groups (with demonstrations) of global step ``step``."""
         t = self.cfg.train
         epoch, index = divmod(step, self.steps_per_epoch)
-        order = epoch_groups(self.run.train_set.tasks(), self.cfg.demos.sampling, self.group_size, t.seed, epoch)
-        groups = batches_of(order, t.batch_size, True)[index]
+        if self._epoch_batches[0] != epoch:  # the epoch's order, computed once per epoch
+            order = epoch_groups(self.run.train_set.tasks(), self.cfg.demos.sampling, self.group_size, t.seed, epoch)
+            self._epoch_batches = (epoch, batches_of(order, t.batch_size, True))
+        groups = self._epoch_batches[1][index]
         # Contiguous, equal shares per rank (groups are never split between ranks).
         per_rank = len(groups) // self.world
         mine = groups[self.rank * per_rank : (self.rank + 1) * per_rank] if self.world > 1 else groups
