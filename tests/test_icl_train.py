@@ -119,6 +119,20 @@ def test_prefetched_batches_train_identically(tmp_path):
     assert trainer.fit(resume=False) == plain
 
 
+def test_one_to_many_training_with_the_prefix_cache_equals_without(tmp_path):
+    base = SHORT + ["demos.sampling=one-to-many", "demos.group_size=4", "train.max_steps=3"]
+    with_cache = Trainer(load_config(None, base + [f"train.output_dir={tmp_path / 'a'}"]))
+    assert with_cache.builder.shared_prefix
+    without = Trainer(load_config(None, base + ["model.use_prefix_cache=false", f"train.output_dir={tmp_path / 'b'}"]))
+    assert not without.builder.shared_prefix
+    torch.testing.assert_close(torch.tensor(with_cache.fit(resume=False)), torch.tensor(without.fit(resume=False)), rtol=1e-5, atol=1e-6)
+
+
+def test_similar_sampling_trains(tmp_path):
+    losses = Trainer(load_config(None, SHORT + ["demos.sampling=similar", f"train.output_dir={tmp_path}"])).fit(resume=False)
+    assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
+
+
 # ------------------------------------------------------------------ DDP
 def _free_port():
     with socket.socket() as s:
