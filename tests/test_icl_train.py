@@ -10,6 +10,8 @@
 import contextlib
 import os
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -87,6 +89,13 @@ def test_evaluate_cli_writes_json(learned, capsys):
     assert evaluate_cli.main(["--run", str(out), "--demos", "2", "--limit", "8"]) == 0
     printed = capsys.readouterr().out
     assert "exact" in printed and os.path.isfile(os.path.join(out, "eval.json"))
+    # A fresh process, one-to-many: generation on the shared prefix is the first use of the prefix cache.
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "mmict_kernels.evaluate", "--run", str(out), "--sampling", "one-to-many", "--demos", "2",
+           "--limit", "2", "--output", str(out / "o2m.json")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "one-to-many" in done.stdout and os.path.isfile(out / "o2m.json")
     # Another seed re-creates another random frozen LLM: the checkpoint refuses to pair with it.
     assert evaluate_cli.main(["--run", str(out), "--set", "model.init_seed=7", "--limit", "1"]) == 2
     assert "another frozen LLM" in capsys.readouterr().err
