@@ -16,6 +16,7 @@ import copy
 import csv
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import platform
@@ -47,6 +48,7 @@ class CompareConfig:
     eval_limit: int | None = None  # at most this many evaluation groups (None: the whole evaluation set)
     max_new_tokens: int = 4
     device: str = "auto"
+    threads: int | None = None  # torch CPU threads (None: torch's default); tiny models gain nothing from more
     output: str = "benchmarks/results/compare_shapes"  # <output>.json and <output>.csv; "" writes nothing
 
     @classmethod
@@ -66,6 +68,8 @@ class CompareConfig:
             raise ValueError(f"eval_demos: expected non-negative integers, got {list(cfg.eval_demos)}")
         if cfg.train_demos < 0 or cfg.steps < 1 or cfg.timing_steps < 2:
             raise ValueError("train_demos >= 0, steps >= 1 and timing_steps >= 2 are required")
+        if cfg.threads is not None and cfg.threads < 1:
+            raise ValueError(f"threads: expected >= 1 or null, got {cfg.threads}")
         return cfg
 
 
@@ -336,12 +340,14 @@ def _plan(cc: CompareConfig, llm_family: str, log) -> list[tuple[str, str, int, 
     return plan
 
 
-def run_comparison(cc: CompareConfig, log=print) -> dict:
+def run_comparison(cc: CompareConfig, log=functools.partial(print, flush=True)) -> dict:
     from .icl.build import build_run
     from .icl.config import load_config
     from .icl.training import pick_device
 
     device = pick_device(cc.device, 0)
+    if cc.threads:
+        torch.set_num_threads(cc.threads)
     base_cfg = load_config(cc.run_config, list(cc.run_overrides) + ["train.progress=false", f"train.device={device}"])
     t_start = time.perf_counter()
     base_run = build_run(base_cfg, device=device)
@@ -500,6 +506,7 @@ def parse_args(argv=None):
     p.add_argument("--timing-steps", type=int, help="steps of each timing run (first one not counted)")
     p.add_argument("--eval-limit", type=int, help="evaluate at most this many query groups")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--threads", type=int, help="torch CPU threads (1 is as fast for the tiny models and immune to busy cores)")
     p.add_argument("--out", help="output prefix: writes <out>.json and <out>.csv ('' writes nothing)")
     p.add_argument("--markdown", action="store_true", help="also print the table as Markdown")
     return p.parse_args(argv)
@@ -509,7 +516,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     flags = {"run_config": args.run_config, "methods": args.methods, "samplings": args.sampling, "eval_demos": args.demos,
              "train_demos": args.train_demos, "train_per_count": args.per_count, "steps": args.steps,
-             "timing_steps": args.timing_steps, "eval_limit": args.eval_limit, "device": args.device, "output": args.out}
+             "timing_steps": args.timing_steps, "eval_limit": args.eval_limit, "device": args.device, "threads": args.threads, "output": args.out}
     try:
         cc = load_compare_config(args.config, flags)
         if args.set:

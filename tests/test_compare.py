@@ -31,6 +31,15 @@ T5 = ("model.llm_family=encoder-decoder", "model.llm_type=t5")
 _RUNS = {}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one thread is as fast, and a busy 2-core CI box makes torch's thread pool crawl."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _run(*extra):
     if extra not in _RUNS:
         _RUNS[extra] = build_run(load_config(None, SMALL + list(extra)))
@@ -188,7 +197,7 @@ TINY = ["data.shapes_train_size=40", "data.shapes_eval_size=12", "train.batch_si
 
 def _cli(tmp_path, *extra):
     out = tmp_path / "cmp"
-    argv = ["--steps", "2", "--timing-steps", "2", "--demos", "0,1", "--train-demos", "1", "--out", str(out)]
+    argv = ["--steps", "2", "--timing-steps", "2", "--threads", "1", "--demos", "0,1", "--train-demos", "1", "--out", str(out)]
     for item in TINY:
         argv += ["--set", item]
     return compare.main(argv + list(extra)), out
@@ -235,7 +244,7 @@ def test_cli_skips_aim_on_an_encoder_decoder_llm(tmp_path, capsys):
 @pytest.mark.parametrize(
     "values, match",
     [({"methods": ["mmict", "bogus"]}, "methods"), ({"samplings": ["nearest"]}, "samplings"), ({"eval_demos": [-1]}, "eval_demos"),
-     ({"stepz": 3}, "stepz"), ({"timing_steps": 1}, "timing_steps")],
+     ({"stepz": 3}, "stepz"), ({"timing_steps": 1}, "timing_steps"), ({"threads": 0}, "threads")],
 )
 def test_bad_config_names_the_key(values, match):
     with pytest.raises(ValueError, match=match):
