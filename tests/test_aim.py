@@ -138,3 +138,25 @@ def test_bad_arguments():
     m = AIMModel(LlavaBackbone(lm))
     with pytest.raises(ValueError, match="images"):
         m.aggregate(torch.randn(2, 3, 16, 16), [[1]])
+
+
+def test_mmict_model_as_the_frozen_backbone():
+    """AIM over this project's own MMICT model (M-Hub + FC + decoder-only LLM), end to end."""
+    from mmict_kernels.icl.aim_backbones import MMICTBackbone
+    from mmict_kernels.icl.build import build_run
+    from mmict_kernels.icl.config import load_config
+
+    cfg = load_config("configs/tiny.yaml", ["data.shapes_train_size=12", "data.shapes_eval_size=4"])
+    run = build_run(cfg, splits=("train",))
+    ds = run.train_set
+    feats = torch.stack([ds.features[e.images[0]] for e in ds.examples[:6]])
+    m = AIMModel(MMICTBackbone(run.model), eos_id=run.llm_tokenizer.eos_token_id, pad_id=run.llm_tokenizer.pad_token_id)
+    b = AIMBatch(demo_images=feats[:3], demo_text=[[5, 6], [7, 8, 9], [10]], group_demos=[[0, 1], [2]],
+                 query_images=feats[3:], query_group=torch.tensor([0, 1, 0]), query_prompt=[[11, 12]] * 3, query_answer=[[13], [14], [15]])
+    before = {k: v.clone() for k, v in run.model.state_dict().items()}
+    loss, n = m(b)
+    loss.backward()
+    assert torch.isfinite(loss) and n == 6
+    assert m.proj.weight.grad is not None and all(p.grad is None for p in run.model.parameters())
+    assert len(m.generate(b, max_new_tokens=2)) == 3
+    assert all(torch.equal(before[k], v) for k, v in run.model.state_dict().items())

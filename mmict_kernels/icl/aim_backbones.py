@@ -82,12 +82,7 @@ class MMICTBackbone(Backbone):
     def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
         if images.dim() != 3:
             raise ValueError(f"images: expected encoder features (N, Li, width), got shape {tuple(images.shape)}")
-        feats = self.ln_vision(images)
-        out = self.mhub(query_embeds=None, encoder_hidden_states=feats) if _takes_query_embeds(self.mhub) else self.mhub(encoder_hidden_states=feats)
-        return self.fc(out.last_hidden_state[:, : self.num_query_tokens])
-
-
-def _takes_query_embeds(module: nn.Module) -> bool:
-    import inspect
-
-    return "query_embeds" in inspect.signature(module.forward).parameters
+        feats = self.ln_vision(images.to(self.ln_vision.weight.dtype))
+        no_text = torch.zeros(images.shape[0], 0, dtype=torch.long, device=images.device)  # the learned queries alone
+        out = self.mhub(input_ids=no_text, encoder_hidden_states=feats)
+        return self.fc(out.last_hidden_state[:, : self.num_query_tokens]).to(self.embed_tokens.weight.dtype)
