@@ -19,7 +19,7 @@ def parse_args(argv=None):
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
     p.add_argument("--backend", choices=("auto", "cuda", "triton", "torch"), help="kernels for the M-Hub and the prefix cache")
     p.add_argument("--demos", type=int, nargs="+", help="numbers of demonstrations to evaluate with (eval.demo_counts)")
-    p.add_argument("--sampling", choices=("random", "similar", "one-to-many"), help="demos.sampling")
+    p.add_argument("--sampling", choices=("random", "similar", "same-class", "one-to-many"), help="demos.sampling")
     p.add_argument("--output", help="JSON results path (default <run>/eval.json)")
     p.add_argument("--limit", type=int, help="evaluate only the first N query groups")
     p.add_argument("--device", default="auto")

@@ -163,6 +163,16 @@ def test_similar_demos_are_nearest_neighbours(encoder):
         assert s.group([q], 0).demos == expected
 
 
+def test_same_class_demos_share_the_label_then_the_task(encoder):
+    ds = _dataset(encoder, num=80)
+    s = DemoSampler(ds, ds, 2, "same-class", seed=3)
+    for q in range(len(ds)):
+        g = s.group([q], 0)
+        same = [i for i in range(len(ds)) if i != q and ds[i].task == ds[q].task and ds[i].label == ds[q].label]
+        assert q not in g.demos and len(set(g.demos)) == 2 and all(ds[d].task == ds[q].task for d in g.demos)
+        assert sum(ds[d].label == ds[q].label for d in g.demos) == min(2, len(same))
+
+
 def test_one_to_many_groups_share_task_and_demos(encoder):
     ds = _dataset(encoder)
     groups = epoch_groups(ds.tasks(), "one-to-many", 4, seed=0, epoch=0)

@@ -57,7 +57,7 @@ class DataConfig:
 @dataclasses.dataclass
 class DemoConfig:
     num_demos: int = 2  # 0, 1, 2, 4, 8
-    sampling: str = "random"  # random | similar | one-to-many
+    sampling: str = "random"  # random | similar | same-class | one-to-many
     group_size: int = 4  # one-to-many: queries sharing one demonstration set
     same_task: bool = True  # draw demonstrations from the query's own task
 
@@ -180,8 +180,8 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError(f"model.num_query_tokens: expected >= 1, got {m.num_query_tokens}")
     if d.num_demos < 0:
         raise ValueError(f"demos.num_demos: expected >= 0, got {d.num_demos}")
-    if d.sampling not in ("random", "similar", "one-to-many"):
-        raise ValueError(f"demos.sampling: expected random, similar or one-to-many, got {d.sampling!r}")
+    if d.sampling not in ("random", "similar", "same-class", "one-to-many"):
+        raise ValueError(f"demos.sampling: expected random, similar, same-class or one-to-many, got {d.sampling!r}")
     if d.group_size < 1:
         raise ValueError(f"demos.group_size: expected >= 1, got {d.group_size}")
     if t.batch_size < 1:

@@ -5,7 +5,7 @@ where a run was resumed, so a resumed or DDP run sees exactly the demonstrations
 single uninterrupted run sees.
 
 A batch is a list of *groups*; a group is the queries that share one demonstration set.
-``random`` and ``similar`` use groups of one query; ``one-to-many`` uses groups of
+``random``, ``similar`` and ``same-class`` use groups of one query; ``one-to-many`` uses groups of
 ``group_size`` queries of the same task sharing one randomly drawn set (the LLM then holds
 that demonstration prefix once per group: ``modules.prefix_cache``).
 """
@@ -17,7 +17,7 @@ import dataclasses
 import numpy as np
 import torch
 
-STRATEGIES = ("random", "similar", "one-to-many")
+STRATEGIES = ("random", "similar", "same-class", "one-to-many")
 
 
 @dataclasses.dataclass
@@ -107,6 +107,15 @@ class DemoSampler:
                 self._similar[key] = [int(d) for d in cands[torch.topk(sims, self.k).indices.flip(0).numpy()]]
             return Group(list(queries), list(self._similar[key]))
         cands = self._candidates(queries[0], list(queries))
+        if self.strategy == "same-class":
+            # Random demonstrations of the query's class (``label``); too few: the rest from its task.
+            label = self.queries[queries[0]].label
+            same = np.array([c for c in cands if self.pool[int(c)].label == label], dtype=cands.dtype)
+            rng = _rng(self.seed, epoch, 0xD1, queries[0])
+            if len(same) >= self.k:
+                return Group(list(queries), [int(d) for d in rng.choice(same, self.k, replace=False)])
+            rest = rng.choice(cands[~np.isin(cands, same)], self.k - len(same), replace=False)
+            return Group(list(queries), [int(d) for d in np.concatenate([rng.permutation(same), rest])])
         demos = _rng(self.seed, epoch, 0xD0, queries[0]).choice(cands, self.k, replace=False)
         return Group(list(queries), [int(d) for d in demos])
 
