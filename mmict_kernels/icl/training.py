@@ -85,6 +85,11 @@ class Trainer:
         self.sampler = DemoSampler(ds, ds, d.num_demos, d.sampling, d.same_task, seed=t.seed)
         group = d.group_size if d.sampling == "one-to-many" else 1
         self.group_size = group
+        if (t.batch_size // group) % self.world:
+            raise ValueError(
+                f"train.batch_size ({t.batch_size}) must split into whole demonstration groups of {group} per process "
+                f"({self.world} processes)"
+            )
         self.steps_per_epoch = len(batches_of(epoch_groups(ds.tasks(), d.sampling, group, t.seed, 0), t.batch_size, True))
         if self.steps_per_epoch == 0:
             raise ValueError(f"train.batch_size ({t.batch_size}) exceeds the {len(ds)} training examples")
