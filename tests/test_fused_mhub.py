@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -284,3 +286,28 @@ def test_other_dtypes_by_the_oracle_rule(dtype):
     hub = FusedMHub.from_hf(hf, backend="torch")
     inputs = make_inputs("instructblip", batch=2, nq=5, image_tokens=8, image_lengths=[8, 3], text_lengths=[4, 1])
     assert_matches_hf(hub, hf, inputs, dtype=dtype)
+
+
+def test_gradient_checkpointing_gives_the_same_step_with_dropout():
+    hf = make_hf("instructblip", layers=3, freq=2, dropout=0.2)
+    with warnings.catch_warnings():  # transformers 5.2x renames it; 5.17 (the GPU image) has only this name
+        warnings.simplefilter("ignore", FutureWarning)
+        hf.gradient_checkpointing_enable()  # carried over by from_hf
+    hub = FusedMHub.from_hf(hf, backend="torch").train()
+    assert hub.gradient_checkpointing
+    inputs = make_inputs("instructblip", batch=2, nq=5, image_tokens=8, image_lengths=[8, 3], text_lengths=[4, 1])
+
+    def step():
+        torch.manual_seed(3)
+        hub.zero_grad(set_to_none=True)
+        x = inputs["encoder_hidden_states"].clone().requires_grad_(True)
+        out = hub(**dict(inputs, encoder_hidden_states=x)).last_hidden_state
+        out.square().sum().backward()
+        return out.detach(), x.grad, [p.grad.clone() for p in hub.parameters() if p.grad is not None]
+
+    with_ckpt = step()
+    hub.gradient_checkpointing_disable()
+    without = step()
+    assert torch.equal(with_ckpt[0], without[0]) and torch.equal(with_ckpt[1], without[1])
+    for a, b in zip(with_ckpt[2], without[2]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

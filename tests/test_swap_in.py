@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -157,3 +158,7 @@ def test_swap_in_errors_and_retarget():
     assert model.qformer is hub and hub.backend == "auto"
     with pytest.raises(ValueError, match="backend"):
         apply_mmict_kernels(model, backend="tpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        model.gradient_checkpointing_enable()  # transformers' switch reaches the swapped-in hub
+    assert hub.gradient_checkpointing

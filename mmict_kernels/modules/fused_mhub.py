@@ -30,6 +30,7 @@ import copy
 import dataclasses
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
 
@@ -123,7 +124,16 @@ class FusedMHub(nn.Module):
         init_qformer_weights(self, std)
         if self.query_tokens is not None:
             nn.init.normal_(self.query_tokens, mean=0.0, std=std)
+        # transformers' gradient_checkpointing_enable() sets this flag on every module that has one.
+        self.gradient_checkpointing = False
         self._prepare_backends()
+
+    def gradient_checkpointing_enable(self, enable: bool = True) -> None:
+        """Recompute each layer in backward instead of keeping its activations (training only)."""
+        self.gradient_checkpointing = bool(enable)
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.gradient_checkpointing = False
 
     # -----------------------------------------------------------------------------------------
     # Backend choice
@@ -206,6 +216,7 @@ class FusedMHub(nn.Module):
             with torch.no_grad():
                 hub.query_tokens.copy_(query_tokens)
         hub.train(module.training)
+        hub.gradient_checkpointing = any(getattr(layer, "gradient_checkpointing", False) for layer in module.encoder.layer)
         return hub
 
     @classmethod
@@ -520,8 +531,16 @@ class FusedMHub(nn.Module):
             output_hidden_states = bool(_config_value(self.config, "output_hidden_states", False))
         # As transformers: the embeddings' output, then every layer's output.
         all_hidden = [hidden] if output_hidden_states else None
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.encoder.layer:
-            hidden = self._layer(layer, hidden, nq, text_lengths, masks, cache)
+            if checkpointing:
+                # Keep only each layer's input; recompute the layer in backward. The RNG state is
+                # restored for the recomputation, so dropout (and the kernels' seeds) repeat exactly.
+                hidden = torch.utils.checkpoint.checkpoint(
+                    self._layer, layer, hidden, nq, text_lengths, masks, cache, use_reentrant=False
+                )
+            else:
+                hidden = self._layer(layer, hidden, nq, text_lengths, masks, cache)
             if all_hidden is not None:
                 all_hidden.append(hidden)
         outputs = []
