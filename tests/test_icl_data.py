@@ -246,3 +246,17 @@ def test_models_load_from_local_checkpoint_folders(tmp_path):
     assert n > 0 and torch.isfinite(nll)
     with pytest.raises(FileNotFoundError, match="llm_checkpoint"):
         build_run(load_config(None, [f"model.llm_checkpoint={tmp_path / 'none'}", "data.shapes_train_size=8", "data.shapes_eval_size=4"]))
+
+
+def test_jpeg_and_png_images_through_pillow(tmp_path, encoder):
+    Image = pytest.importorskip("PIL.Image")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 60, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"image": "a.png", "prompt": "p", "answer": "a"}))
+    ds = data_mod.jsonl_dataset(str(good), None, encoder, "blip2", 32, data_mod.FeatureStore(None, "x"))
+    assert ds.image_tokens(0).shape[1] == encoder.config.hidden_size
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"image": "bad.jpg", "prompt": "p", "answer": "a"}))
+    with pytest.raises(ValueError, match=r"bad\.jpg.*bad\.jsonl, line 1.*cannot be read"):
+        data_mod.jsonl_dataset(str(bad), None, encoder, "blip2", 32, data_mod.FeatureStore(None, "x"))
