@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import importlib
 import os
+import sys
 from typing import Callable, Iterable
 
 import torch
@@ -41,14 +42,13 @@ class Capabilities:
 @dataclasses.dataclass
 class _Entry:
     loader: Callable[[], Callable]  # imports lazily and returns the implementation
+    module: str
+    attr: str
     caps: Capabilities
     environment: Callable[[str], str | None]  # device type -> reason it cannot run, or None
 
 
 _REGISTRY: dict[str, dict[str, _Entry]] = {}
-# (op, backend) -> the imported implementation. Filled by _choose, read by resolve: a plain dict
-# lookup, which torch.compile can trace (importlib cannot be traced).
-_LOADED: dict[tuple[str, str], Callable] = {}
 
 
 # ---------------------------------------------------------------------------------------
@@ -121,8 +121,7 @@ def register(op: str, backend: str, module: str, attr: str, caps: Capabilities) 
     def loader():
         return getattr(importlib.import_module(module), attr)
 
-    _REGISTRY.setdefault(op, {})[backend] = _Entry(loader, caps, _ENVIRONMENT[backend])
-    _LOADED.pop((op, backend), None)
+    _REGISTRY.setdefault(op, {})[backend] = _Entry(loader, module, attr, caps, _ENVIRONMENT[backend])
 
 
 def _refusal(op: str, backend: str, device_type: str, dtype: torch.dtype, head_dim: int, dropout: bool) -> str | None:
@@ -152,7 +151,7 @@ def explain(op: str, *, device_type: str, dtype: torch.dtype, head_dim: int, dro
 
 @torch.compiler.assume_constant_result
 def _choose(op: str, backend: str, device_type: str, dtype: torch.dtype, head_dim: int, dropout: bool) -> str:
-    """The backend name for these static facts; imports its implementation into ``_LOADED``.
+    """The backend name for these static facts; imports its implementation's module.
 
     Under torch.compile this runs once, eagerly, at trace time, and its result is a constant of
     the graph (the decision depends only on static facts, so it never syncs or re-traces).
@@ -174,8 +173,7 @@ def _choose(op: str, backend: str, device_type: str, dtype: torch.dtype, head_di
         if why is not None:
             raise BackendUnavailableError(f"backend={backend!r} cannot run {op}: {why}")
         chosen = backend
-    if (op, chosen) not in _LOADED:
-        _LOADED[(op, chosen)] = _REGISTRY[op][chosen].loader()
+    _REGISTRY[op][chosen].loader()  # import now (eagerly, also under torch.compile)
     return chosen
 
 
@@ -190,7 +188,10 @@ def resolve(
 ) -> tuple[str, Callable]:
     """Choose the implementation of ``op`` for ``backend`` ("auto", "cuda", "triton" or "torch")."""
     name = _choose(op, backend, device_type, dtype, head_dim, bool(dropout))
-    return name, _LOADED[(op, name)]
+    # The module was imported by _choose; sys.modules lookup + getattr is traceable by torch.compile
+    # (importlib is not, and a dict filled during the trace would be stale in dynamo's copy).
+    entry = _REGISTRY[op][name]
+    return name, getattr(sys.modules[entry.module], entry.attr)
 
 
 def available_backends(op: str, *, device_type: str, dtype: torch.dtype, head_dim: int, dropout: bool = False) -> list[str]:

@@ -53,3 +53,20 @@ def test_front_end_compiles_fullgraph():
     lengths = torch.tensor([6, 2], dtype=torch.int32)
     fn = torch.compile(lambda q, k: ops.hub_cross_attention(q, k, k, seqlens_k=lengths, backend="torch"), fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(fn(q, k), ops.hub_cross_attention(q, k, k, seqlens_k=lengths, backend="torch"))
+
+
+def test_two_ops_first_resolved_inside_one_compiled_graph():
+    """Both backends are first imported during the same trace (a stale-cache bug once)."""
+    import importlib
+    import sys
+
+    q = torch.randn(1, 3, 2, 8)
+    for mod in ("mmict_kernels.ops.hub_self_attention.reference", "mmict_kernels.ops.prefix_attention.reference"):
+        assert mod in sys.modules or importlib.import_module(mod)
+
+    def f(q):
+        a = ops.hub_self_attention(q, q, q, 1, backend="torch")
+        return ops.prefix_attention(a, q, q, q, q, backend="torch")
+
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="aot_eager")(q), f(q))
