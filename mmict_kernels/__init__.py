@@ -3,7 +3,9 @@
 Public API:
 - ``mmict_kernels.ops``: ``hub_cross_attention``, ``hub_self_attention``, ``prefix_attention``
   (backends: CUDA C++, Triton, PyTorch reference; ``backend="auto"`` picks).
-- ``FusedMHub``: drop-in for transformers' ``Blip2QFormerModel`` / ``InstructBlipQFormerModel``.
+- ``FusedMHub``: drop-in for transformers' ``Blip2QFormerModel`` / ``InstructBlipQFormerModel``;
+  ``apply_mmict_kernels(model)`` swaps it into BLIP-2 / InstructBLIP models in place.
+- ``mmict_kernels.modules``: ``DemoPrefixCache`` and friends (demonstrations shared as an LLM prefix).
 - ``mmict_kernels.backends``: which backend runs an op, and why another was refused.
 """
 
@@ -19,7 +21,11 @@ def __getattr__(name):
         from .modules import fused_mhub
 
         return getattr(fused_mhub, name)
+    if name == "apply_mmict_kernels":
+        from .modules.swap_in import apply_mmict_kernels
+
+        return apply_mmict_kernels
     raise AttributeError(f"module 'mmict_kernels' has no attribute {name!r}")
 
 
-__all__ = ["ops", "backends", "BackendUnavailableError", "FusedMHub", "MHubOutput", "__version__"]
+__all__ = ["ops", "backends", "BackendUnavailableError", "FusedMHub", "MHubOutput", "apply_mmict_kernels", "__version__"]

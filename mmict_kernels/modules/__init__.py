@@ -4,6 +4,9 @@
   BLIP-2 / InstructBLIP Q-Former (M-Hub) on fused attention, with an image K/V cache
   (:class:`ImageKVCache`, ``image_kv_cache.py``), multi-objective passes, and LAVIS loading (``lavis.py``).
 - :func:`apply_mmict_kernels` (``swap_in.py``): patch transformers' BLIP-2 / InstructBLIP models in place.
+- :class:`DemoPrefixCache`, :func:`forward_with_prefix`, :func:`generate_with_prefix` (``prefix_cache*.py``):
+  a frozen decoder LM's K/V over shared demonstrations, computed once per group and attended by
+  every row through ``ops.prefix_attention`` (training and generation).
 
 Typical use::
 
@@ -20,6 +23,8 @@ Importing this package pulls in transformers; ``import mmict_kernels.ops`` does 
 
 from .fused_mhub import FusedMHub, MHubOutput
 from .image_kv_cache import ImageKVCache
+from .prefix_cache import DemoPrefixCache, forward_with_prefix, generate_with_prefix
+from .prefix_cache_attention import RowKVCache
 from .swap_in import apply_mmict_kernels, apply_mmict_kernels_to_blip2, apply_mmict_kernels_to_instructblip
 
 __all__ = [
@@ -29,4 +34,8 @@ __all__ = [
     "apply_mmict_kernels",
     "apply_mmict_kernels_to_blip2",
     "apply_mmict_kernels_to_instructblip",
+    "DemoPrefixCache",
+    "RowKVCache",
+    "forward_with_prefix",
+    "generate_with_prefix",
 ]

@@ -272,7 +272,14 @@ def forward_with_prefix(
         return call_rows(model, state, embeds, position_ids, **model_kwargs)
 
 
-# Generation lives in its own file; re-exported so that one import gives the whole API.
-from .prefix_cache_generate import generate_with_prefix  # noqa: E402
+def generate_with_prefix(model, cache, input_ids=None, **kwargs):
+    """Generation on shared prefixes: see :func:`mmict_kernels.modules.prefix_cache_generate.generate_with_prefix`.
+
+    Re-exported here so that one import gives the whole API; imported on call because that
+    module builds on this one (a top-level import would be circular).
+    """
+    from .prefix_cache_generate import generate_with_prefix as generate
+
+    return generate(model, cache, input_ids, **kwargs)
 
 __all__ = ["ATTENTION_NAME", "DemoPrefixCache", "RowKVCache", "forward_with_prefix", "generate_with_prefix", "rows_layout"]
