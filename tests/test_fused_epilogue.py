@@ -328,3 +328,25 @@ def test_fused_qkv_bad_input():
         fused_qkv_linear(x, w, bias, w, bias, w, bias[:3])
     with pytest.raises(TypeError, match="wv: expected dtype float32"):
         fused_kv_linear(x, w, bias, w.double(), bias)
+
+
+def test_fused_qkv_linear_backward_under_autocast():
+    """Autocast runs the forward GEMM in bf16; the backward returns grads in each input's dtype."""
+    from mmict_kernels.ops import fused_qkv_linear
+
+    x = torch.randn(5, 16, requires_grad=True)
+    ws = [torch.randn(8, 16, requires_grad=True) for _ in range(3)]
+    bs = [torch.randn(8, requires_grad=True) for _ in range(3)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outs = fused_qkv_linear(x, ws[0], bs[0], ws[1], bs[1], ws[2], bs[2])
+    assert all(o.dtype == torch.bfloat16 for o in outs)
+    sum(o.float().sum() for o in outs).backward()
+    ours = [t.grad.clone() for t in [x, *ws, *bs]]
+    for t in [x, *ws, *bs]:
+        t.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outs = [torch.nn.functional.linear(x, w, b) for w, b in zip(ws, bs)]
+    sum(o.float().sum() for o in outs).backward()
+    for a, t in zip(ours, [x, *ws, *bs]):
+        assert a.dtype == t.dtype == torch.float32
+        torch.testing.assert_close(a, t.grad, rtol=2e-2, atol=0.5)

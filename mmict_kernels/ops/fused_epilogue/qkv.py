@@ -72,15 +72,19 @@ class _ConcatLinear(torch.autograd.Function):
     def backward(ctx, dout):
         x, weight = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        dx = dout @ weight if needs[0] else None
+        # Under autocast the forward ran F.linear in the low-precision dtype; the backward is
+        # outside autocast, so compute in dout's dtype and return each gradient in its input's dtype.
+        low = dout.dtype
+        dx = (dout @ weight.to(low)).to(x.dtype) if needs[0] else None
         dout2d = dout.reshape(-1, dout.shape[-1])
         n_weights = len(ctx.split_sizes)
         dweights = [None] * n_weights
         if any(needs[5 : 5 + n_weights]):
-            dweights = list((dout2d.t() @ x.reshape(-1, x.shape[-1])).split(ctx.split_sizes, dim=0))
+            dw = (dout2d.t() @ x.reshape(-1, x.shape[-1]).to(low)).to(weight.dtype)
+            dweights = list(dw.split(ctx.split_sizes, dim=0))
         dbiases = [None] * ctx.n_biases
         if ctx.n_biases and any(needs[5 + n_weights :]):
-            dbiases = list(dout2d.sum(dim=0).split(ctx.split_sizes))
+            dbiases = list(dout2d.sum(dim=0).to(weight.dtype).split(ctx.split_sizes))
         return (dx, None, None, None, None, *dweights, *dbiases)
 
 
