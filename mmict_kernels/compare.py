@@ -47,6 +47,7 @@ class CompareConfig:
     timing_steps: int = 4  # steps of the separate timing run (the first is a warm-up and not counted)
     eval_limit: int | None = None  # at most this many evaluation groups (None: the whole evaluation set)
     max_new_tokens: int = 4
+    caption_bleu_n: int = 4  # BLEU-n of the caption task (the embedded captions are 2 words: BLEU-4 is 0 by definition there)
     device: str = "auto"
     threads: int | None = None  # torch CPU threads (None: torch's default); tiny models gain nothing from more
     output: str = "benchmarks/results/compare_shapes"  # <output>.json and <output>.csv; "" writes nothing
@@ -68,6 +69,8 @@ class CompareConfig:
             raise ValueError(f"eval_demos: expected non-negative integers, got {list(cfg.eval_demos)}")
         if cfg.train_demos < 0 or cfg.steps < 1 or cfg.timing_steps < 2:
             raise ValueError("train_demos >= 0, steps >= 1 and timing_steps >= 2 are required")
+        if not 1 <= cfg.caption_bleu_n <= 4:
+            raise ValueError(f"caption_bleu_n: expected 1 to 4, got {cfg.caption_bleu_n}")
         if cfg.threads is not None and cfg.threads < 1:
             raise ValueError(f"threads: expected >= 1 or null, got {cfg.threads}")
         return cfg
@@ -304,16 +307,19 @@ def predict(base_run, method: str, model, num_demos: int, sampling: str, device,
     return records, {"ctx_tokens": sum(ctx) / len(ctx), "llm_tokens_computed": computed / len(ctx)}
 
 
-def summarize(records: list[dict]) -> dict:
-    """EM over all queries, EM on the demonstration-dependent tasks, BLEU-4 on captions (in %)."""
+def summarize(records: list[dict], bleu_n: int = 4) -> dict:
+    """EM over all queries, EM on the demonstration-dependent tasks, corpus BLEU-n on captions (in %)."""
     from .icl.evaluation import score
+    from .icl.metrics import corpus_bleu
 
     s = score(records)
     ambiguous = [r for r in records if r["task"] in ("what_color", "what_shape")]
+    captions = [r for r in records if r["task"] == "caption"]
+    bleu = corpus_bleu([r["prediction"] for r in captions], [r["answers"] for r in captions], max_n=bleu_n) if captions else None
     return {
         "exact_match": s["all"]["exact_match"],
         "em_what": score(ambiguous)["all"]["exact_match"] if ambiguous else None,
-        "caption_bleu4": s["caption"]["bleu4"] if "caption" in s else None,
+        "caption_bleu": None if bleu is None else 100 * bleu,
         "n": s["all"]["n"],
     }
 
@@ -379,12 +385,12 @@ def run_comparison(cc: CompareConfig, log=functools.partial(print, flush=True)) 
                     timing_cache[key] = measure_step(stepper, cc.timing_steps)
                 records, ctx = predict(base_run, method, model, k, sampling_run, device, cc.max_new_tokens, cc.eval_limit)
                 row = {"method": LABELS[method], "sampling": sampling, "train_demos": train_k, "eval_demos": k,
-                       **summarize(records), **ctx, **timing_cache[key], "trainable_params": trainable,
+                       **summarize(records, cc.caption_bleu_n), **ctx, **timing_cache[key], "trainable_params": trainable,
                        "final_loss": sum(losses[-10:]) / len(losses[-10:]), "train_s": train_s}
                 rows.append(row)
                 log(format_row(row))
     return {"machine": machine(device), "config": dataclasses.asdict(cc), "run_config": base_cfg.to_dict(), "rows": rows,
-            "wall_s": time.perf_counter() - t_start}
+            "wall_s": time.perf_counter() - t_start, "caption_metric": f"BLEU-{cc.caption_bleu_n}"}
 
 
 def _stepper(base_run, method, sampling, k, steps, src_model, bank_dir):
@@ -425,9 +431,9 @@ def machine(device) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Output
 # ---------------------------------------------------------------------------------------------
-COLUMNS = ["method", "sampling", "train_demos", "eval_demos", "exact_match", "em_what", "caption_bleu4", "ctx_tokens",
+COLUMNS = ["method", "sampling", "train_demos", "eval_demos", "exact_match", "em_what", "caption_bleu", "ctx_tokens",
            "llm_tokens_computed", "step_ms", "step_cpu_ms", "mem_mb", "trainable_params", "final_loss", "n", "mem_kind", "train_s"]
-_HEADER = (f"{'method':<16} {'sampling':<11} {'train k':>7} {'eval k':>6} {'EM %':>6} {'EM what_* %':>11} {'BLEU-4':>6} "
+_HEADER = (f"{'method':<16} {'sampling':<11} {'train k':>7} {'eval k':>6} {'EM %':>6} {'EM what_* %':>11} {'BLEU':>6} "
            f"{'ctx tok/q':>9} {'LLM tok/q':>9} {'step ms':>8} {'cpu ms':>8} {'mem MB':>8}")
 
 
@@ -437,7 +443,7 @@ def _fmt(v, spec):
 
 def format_row(r: dict) -> str:
     return (f"{r['method']:<16} {r['sampling']:<11} {r['train_demos']:>7} {r['eval_demos']:>6} {_fmt(r['exact_match'], '6.1f')} "
-            f"{_fmt(r['em_what'], '11.1f')} {_fmt(r['caption_bleu4'], '6.1f')} {r['ctx_tokens']:9.1f} "
+            f"{_fmt(r['em_what'], '11.1f')} {_fmt(r['caption_bleu'], '6.1f')} {r['ctx_tokens']:9.1f} "
             f"{r['llm_tokens_computed']:9.1f} {r['step_ms']:8.1f} {r['step_cpu_ms']:8.1f} {r['mem_mb']:8.2f}")
 
 
@@ -446,17 +452,18 @@ def format_table(result: dict) -> str:
     kinds = sorted({r["mem_kind"] for r in result["rows"]})
     lines = [f"{m['date_utc']} UTC, {m['device']}, {m['cpu_threads']} threads, torch {m['torch']}, commit {m['git_commit']}",
              _HEADER] + [format_row(r) for r in result["rows"]]
-    lines.append(f"mem MB: {', '.join(kinds)}. LLM tok/q: LLM positions computed per query (a shared one-to-many prefix counted once).")
+    lines.append(f"BLEU: caption {result['caption_metric']}. mem MB: {', '.join(kinds)}. "
+                 "LLM tok/q: LLM positions computed per query (a shared one-to-many prefix counted once).")
     return "\n".join(lines)
 
 
 def format_markdown(result: dict) -> str:
     """The table as Markdown (for the README)."""
-    head = "| method | sampling | train k | eval k | EM % | EM what_* % | BLEU-4 | ctx tok/query | LLM tok/query | step ms | step CPU ms | mem MB |"
+    head = f"| method | sampling | train k | eval k | EM % | EM what_* % | caption {result['caption_metric']} | ctx tok/query | LLM tok/query | step ms | step CPU ms | mem MB |"
     lines = [head, "|" + "---|" * 12]
     for r in result["rows"]:
         lines.append("| " + " | ".join([r["method"], r["sampling"], str(r["train_demos"]), str(r["eval_demos"]),
-                                         _fmt(r["exact_match"], ".1f"), _fmt(r["em_what"], ".1f"), _fmt(r["caption_bleu4"], ".1f"),
+                                         _fmt(r["exact_match"], ".1f"), _fmt(r["em_what"], ".1f"), _fmt(r["caption_bleu"], ".1f"),
                                          f"{r['ctx_tokens']:.1f}", f"{r['llm_tokens_computed']:.1f}", f"{r['step_ms']:.1f}", f"{r['step_cpu_ms']:.1f}",
                                          f"{r['mem_mb']:.2f}"]) + " |")
     return "\n".join(lines)

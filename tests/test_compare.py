@@ -228,7 +228,7 @@ def test_cli_end_to_end_tiny(tmp_path, capsys):
     # One-to-many computes each shared prefix once: fewer LLM positions than the context it serves.
     assert by[("MMICT", "one-to-many", 1)]["llm_tokens_computed"] < by[("MMICT", "one-to-many", 1)]["ctx_tokens"]
     assert by[("MMICT", "random", 1)]["llm_tokens_computed"] == pytest.approx(by[("MMICT", "random", 1)]["ctx_tokens"])
-    assert all(r["step_ms"] > 0 and r["mem_mb"] >= 0 and 0 <= r["exact_match"] <= 100 and r["caption_bleu4"] is not None for r in rows)
+    assert all(r["step_ms"] > 0 and r["mem_mb"] >= 0 and 0 <= r["exact_match"] <= 100 and r["caption_bleu"] is not None for r in rows)
     assert by[("AIM", "random", 1)]["trainable_params"] < by[("MMICT", "random", 1)]["trainable_params"]
 
 
@@ -244,7 +244,7 @@ def test_cli_skips_aim_on_an_encoder_decoder_llm(tmp_path, capsys):
 @pytest.mark.parametrize(
     "values, match",
     [({"methods": ["mmict", "bogus"]}, "methods"), ({"samplings": ["nearest"]}, "samplings"), ({"eval_demos": [-1]}, "eval_demos"),
-     ({"stepz": 3}, "stepz"), ({"timing_steps": 1}, "timing_steps"), ({"threads": 0}, "threads")],
+     ({"stepz": 3}, "stepz"), ({"timing_steps": 1}, "timing_steps"), ({"threads": 0}, "threads"), ({"caption_bleu_n": 5}, "caption_bleu_n")],
 )
 def test_bad_config_names_the_key(values, match):
     with pytest.raises(ValueError, match=match):
