@@ -254,3 +254,10 @@ def test_bad_config_names_the_key(values, match):
 def test_cli_reports_a_missing_config_file(tmp_path, capsys):
     assert compare.main(["--config", str(tmp_path / "nope.yaml")]) == 2
     assert "nope.yaml" in capsys.readouterr().err
+
+
+def test_cli_per_count_trains_one_model_per_count(tmp_path):
+    rc, _ = _cli(tmp_path, "--methods", "mmict", "--sampling", "random", "--per-count")
+    assert rc == 0
+    rows = json.loads((tmp_path / "cmp.json").read_text())["rows"]
+    assert [(r["train_demos"], r["eval_demos"]) for r in rows] == [(0, 0), (1, 1)]
