@@ -160,3 +160,11 @@ def test_mmict_model_as_the_frozen_backbone():
     assert m.proj.weight.grad is not None and all(p.grad is None for p in run.model.parameters())
     assert len(m.generate(b, max_new_tokens=2)) == 3
     assert all(torch.equal(before[k], v) for k, v in run.model.state_dict().items())
+
+
+def test_zero_shot_batch_still_backpropagates():
+    m, b = model(), batch()
+    b.group_demos = [[], [], []]
+    loss, _ = m(b)
+    loss.backward()
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in m.proj.parameters())

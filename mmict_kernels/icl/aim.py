@@ -182,6 +182,10 @@ class AIMModel(nn.Module):
         # logits at t predict token t + 1 of the row's own sequence
         target = labels[:, 1:]
         loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE, reduction="sum")
+        if not any(batch.group_demos) and torch.is_grad_enabled():
+            # Zero-shot rows do not depend on the projection; keep the loss differentiable (zero
+            # gradient) so a training loop can call backward on any batch.
+            loss = loss + 0.0 * sum(p.sum() for p in self.proj.parameters())
         return loss, int((target != IGNORE).sum())
 
     @torch.no_grad()

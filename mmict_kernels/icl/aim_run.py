@@ -56,7 +56,7 @@ class AIMConfig:
     train_examples: int = 800
     eval_examples: int = 200
     tasks: tuple = ("what_color", "what_shape")
-    backbone_tasks: tuple = ("color", "shape", "what_color", "what_shape")
+    backbone_tasks: tuple = ("color", "shape")  # the warm-up's zero-shot questions
     # AIM
     shots: int = 2
     sampling: str = "one_to_many"  # or "random" (one demonstration set per query)
@@ -170,19 +170,28 @@ def build_llava(cfg: AIMConfig, vocab_size: int) -> nn.Module:
     return LlavaForConditionalGeneration(config)
 
 
-def warm_up_backbone(llava: nn.Module, data: AIMData, cfg: AIMConfig, eos_id: int, log=print) -> list[float]:
-    """Fine-tune the WHOLE tiny backbone on zero-shot explicit questions (stands in for pretraining)."""
+def warm_up_backbone(llava: nn.Module, explicit: AIMData, in_context: AIMData, cfg: AIMConfig, eos_id: int, log=print) -> list[float]:
+    """Fine-tune the WHOLE tiny backbone; it stands in for the pretrained MLLM AIM assumes.
+
+    Each step mixes zero-shot explicit questions (``explicit``: it learns to read images) and
+    ``cfg.shots``-shot rows of the in-context tasks (``in_context``), whose demonstrations reach it
+    as its own identity-projected states (it learns to use in-context examples, as pretrained
+    MLLMs do). The warm-up's demonstrations never enter the AIM run's bank or projection.
+    """
     backbone = LlavaBackbone(llava)
+    model = AIMModel(backbone, layer=cfg.layer, eos_id=eos_id, backend=cfg.backend)  # identity projection, kept fixed here
+    model.proj.requires_grad_(False)
     backbone.requires_grad_(True).train()
     opt = torch.optim.AdamW(backbone.parameters(), lr=cfg.warmup_backbone_lr)
     rng = np.random.default_rng(cfg.seed + 1)
     losses = []
-    model = AIMModel(backbone, eos_id=eos_id, backend=cfg.backend)  # zero-shot rows: its loss path, empty prefixes
-    backbone.requires_grad_(True)
     for step in range(cfg.warmup_backbone_steps):
-        idx = rng.choice(len(data), size=min(32, len(data)), replace=False)
-        batch = _batch(data, data, [[int(i)] for i in idx], [[] for _ in idx])
-        loss, n = model(batch)
+        idx = rng.choice(len(explicit), size=min(16, len(explicit)), replace=False)
+        loss, n = model(_batch(explicit, explicit, [[int(i)] for i in idx], [[] for _ in idx]))
+        if cfg.shots and len(in_context):
+            q = rng.choice(len(in_context), size=min(16, len(in_context)), replace=False).tolist()
+            loss_icl, n_icl = model(make_batch(in_context, in_context, q, cfg.shots, cfg.group_size, rng, "one_to_many", same_pool=True))
+            loss, n = loss + loss_icl, n + n_icl
         loss = loss / max(n, 1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -315,7 +324,9 @@ def run(cfg: AIMConfig, log=print) -> dict:
         return d
 
     if not cfg.checkpoint and cfg.warmup_backbone_steps:
-        warm_up_backbone(llava, data("shapes", cfg.train_examples, cfg.backbone_tasks, cfg.seed + 10), cfg, eos, log)
+        # its own images (another seed): the warm-up never sees the AIM run's training or eval data
+        warm_up_backbone(llava, data("shapes", cfg.train_examples, cfg.backbone_tasks, cfg.seed + 10),
+                         data("shapes", cfg.train_examples, cfg.tasks, cfg.seed + 20), cfg, eos, log)
     train = data(cfg.train_data, cfg.train_examples, cfg.tasks, cfg.seed)
     evals = data(cfg.eval_data, cfg.eval_examples, cfg.tasks, cfg.seed + 100)
     bank = DemonstrationBank(cfg.bank_dir or os.path.join(cfg.out, "bank"), max_bytes=cfg.bank_max_bytes)
