@@ -168,3 +168,32 @@ def test_zero_shot_batch_still_backpropagates():
     loss, _ = m(b)
     loss.backward()
     assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in m.proj.parameters())
+
+
+def test_cli_run_end_to_end(tmp_path):
+    """python -m mmict_kernels.aim at a tiny budget: trains, evaluates, fills the bank, keeps the backbone."""
+    import json
+
+    from mmict_kernels.aim import main
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is much faster on a shared CPU
+    try:
+        main(["--set", f"out={tmp_path}", "warmup_backbone_steps=20", "steps=12", "train_examples=64", "eval_examples=16",
+              "batch_queries=8", "eval_shots=[0, 2]"])
+    finally:
+        torch.set_num_threads(threads)
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert [e["shots"] for e in res["eval"]] == [0, 2] and all(0 <= e["accuracy"] <= 1 for e in res["eval"])
+    assert res["backbone_unchanged"] and res["bank"]["entries"] > 0 and res["bank"]["hit_rate"] > 0
+    assert len(res["train_losses"]) == 12 and all(l == l for l in res["train_losses"])  # finite, no NaN
+    assert (tmp_path / "aim_projection.safetensors").exists()
+
+
+def test_cli_rejects_bad_config(tmp_path):
+    from mmict_kernels.aim import main
+
+    with pytest.raises(SystemExit):
+        main(["--set", "sampling=sideways"])
+    with pytest.raises(SystemExit):
+        main(["--config", str(tmp_path / "missing.yaml")])
