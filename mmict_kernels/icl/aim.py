@@ -55,6 +55,9 @@ class AIMBatch:
     query_prompt: list[list[int]]
     query_answer: list[list[int]]
     query_ids: list[int] | None = None  # the caller's ids of the queries, in row order (bookkeeping only)
+    # The query prompt in the backbone's image-side tokenizer, for backbones whose query image tokens
+    # read the prompt (MMICT's M-Hub: "textual-guided visual features"). None: prompt-free image tokens.
+    query_image_text: list[list[int]] | None = None
 
 
 class AIMModel(nn.Module):
@@ -155,7 +158,7 @@ class AIMModel(nn.Module):
 
     def _query_rows(self, batch: AIMBatch, with_answer: bool, left_pad: bool):
         """Own tokens of each row: [query image tokens][prompt]([answer][eos]); embeddings, mask, labels (padded)."""
-        img = self.backbone.image_tokens(batch.query_images)  # (B, n, d), frozen
+        img = self.backbone.image_tokens(batch.query_images, batch.query_image_text)  # (B, n, d), frozen
         n, device = img.shape[1], img.device
         rows, labels = [], []
         for b, (prompt, answer) in enumerate(zip(batch.query_prompt, batch.query_answer)):

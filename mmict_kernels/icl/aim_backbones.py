@@ -34,7 +34,8 @@ class Backbone(nn.Module):
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(ids)
 
-    def image_tokens(self, images: torch.Tensor) -> torch.Tensor:  # (N, ...) -> (N, n, hidden)
+    def image_tokens(self, images: torch.Tensor, text_ids: list[list[int]] | None = None) -> torch.Tensor:
+        """(N, ...) images -> (N, n, hidden) LLM input embeddings; ``text_ids`` only for backbones that read a prompt."""
         raise NotImplementedError
 
     def hidden_states(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -53,7 +54,8 @@ class LlavaBackbone(Backbone):
         self.lm = model
         self.requires_grad_(False).eval()
 
-    def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
+    def image_tokens(self, images: torch.Tensor, text_ids: list[list[int]] | None = None) -> torch.Tensor:
+        # LLaVA's image tokens do not depend on the prompt: text_ids is not used.
         if images.dim() != 4:
             raise ValueError(f"images: expected pixel values (N, 3, H, W), got shape {tuple(images.shape)}")
         feats = self.lm.get_image_features(pixel_values=images.to(self.embed_tokens.weight.dtype))
@@ -79,10 +81,20 @@ class MMICTBackbone(Backbone):
         self.num_query_tokens = mmict_model.num_query_tokens
         self.requires_grad_(False).eval()
 
-    def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
+    def image_tokens(self, images: torch.Tensor, text_ids: list[list[int]] | None = None) -> torch.Tensor:
+        """FC of M-Hub's query outputs; with ``text_ids`` (M-Hub token ids) the queries also read that
+        text, as MMICT's query path does (textual-guided visual features); without, the queries alone."""
         if images.dim() != 3:
             raise ValueError(f"images: expected encoder features (N, Li, width), got shape {tuple(images.shape)}")
+        if text_ids is not None and len(text_ids) != images.shape[0]:
+            raise ValueError(f"text_ids: expected one id list per image ({images.shape[0]}), got {len(text_ids)}")
         feats = self.ln_vision(images.to(self.ln_vision.weight.dtype))
-        no_text = torch.zeros(images.shape[0], 0, dtype=torch.long, device=images.device)  # the learned queries alone
-        out = self.mhub(input_ids=no_text, encoder_hidden_states=feats)
+        n, device = images.shape[0], images.device
+        width = max((len(t) for t in text_ids), default=0) if text_ids is not None else 0
+        ids = torch.zeros(n, width, dtype=torch.long, device=device)
+        mask = torch.ones(n, self.num_query_tokens + width, dtype=torch.long, device=device)
+        for i, t in enumerate(text_ids or []):  # right padding, as M-Hub requires
+            ids[i, : len(t)] = torch.tensor(list(t), dtype=torch.long)
+            mask[i, self.num_query_tokens + len(t) :] = 0
+        out = self.mhub(input_ids=ids, attention_mask=mask, encoder_hidden_states=feats)
         return self.fc(out.last_hidden_state[:, : self.num_query_tokens]).to(self.embed_tokens.weight.dtype)
