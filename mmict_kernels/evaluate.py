@@ -59,7 +59,8 @@ def main(argv=None) -> int:
         evaluate(
             run, demo_counts=tuple(args.demos if args.demos is not None else e.demo_counts), sampling=cfg.demos.sampling,
             output=output, group_size=cfg.demos.group_size, batch_size=e.batch_size, num_beams=e.num_beams,
-            max_new_tokens=e.max_new_tokens, min_new_tokens=e.min_new_tokens, seed=cfg.data.seed, device=device,
+            max_new_tokens=e.max_new_tokens, min_new_tokens=e.min_new_tokens, generation_lengths=e.generation_lengths,
+            seed=cfg.data.seed, device=device,
             use_prefix_cache=cfg.model.use_prefix_cache, limit=args.limit,
         )
     except (FileNotFoundError, ValueError) as exc:

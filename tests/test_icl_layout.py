@@ -56,13 +56,18 @@ def _direct_turn(model, run, ds, idx, text):
     return out.last_hidden_state[0], nq
 
 
+def _demo_text(ex):
+    """The official code's demonstration text: a caption alone, or a question and its answer."""
+    return ex.answer if ex.task == "caption" else f"{ex.prompt} {ex.answer}"
+
+
 def _direct_context(model, run, ds, group, q):
     """[demo text feats][SEP]... [query feats][prompt embeds] for one row, built piece by piece."""
     tok, emb = run.llm_tokenizer, model.llm.get_input_embeddings()
     sep = emb(torch.tensor([tok.convert_tokens_to_ids(run.cfg.model.separator)]))
     parts = []
     for d in group.demos:
-        out, nq = _direct_turn(model, run, ds, d, f"{ds[d].prompt} {ds[d].answer}")
+        out, nq = _direct_turn(model, run, ds, d, _demo_text(ds[d]))
         parts += [model.proj(out[nq:]), sep]  # the text positions: visual-guided textual features
     out, nq = _direct_turn(model, run, ds, q, ds[q].prompt)
     parts.append(model.proj(out[:nq]))  # the query positions: textual-guided visual features
@@ -190,3 +195,122 @@ def test_shared_prefix_needs_a_decoder_only_llm():
     run = _run("model.llm_family=encoder-decoder", "model.llm_type=t5")
     with pytest.raises(ValueError, match="decoder-only"):
         _builder(run, shared_prefix=True)
+
+
+CAPTION = ("data.shapes_tasks=[what_color,caption]",)  # even indices: what_color (VQA), odd: caption
+
+
+def test_caption_demonstrations_show_their_caption_alone():
+    """A caption demonstration's M-Hub text is its caption (no prompt); a VQA one keeps question + answer.
+
+    The query keeps its prompt either way; the loss equals the direct one-turn-at-a-time build.
+    """
+    run = _run(*CAPTION)
+    model, ds = run.model.train(), run.train_set
+    assert [ds[i].task for i in range(4)] == ["what_color", "caption", "what_color", "caption"]
+    groups = [Group([1], [3, 5]), Group([0], [2, 4]), Group([7], [])]
+    builder = _builder(run)
+    batch = builder(groups, ds, ds)
+    mtok = run.mhub_tokenizer
+    turns = {tuple(ids[m.bool()].tolist()) for ids, m in zip(batch.turn_ids, batch.turn_mask)}
+    for d in (3, 5):
+        assert builder.demo_text(ds[d]) == ds[d].answer
+        assert tuple(mtok(ds[d].answer)["input_ids"]) in turns
+        assert tuple(mtok(f"{ds[d].prompt} {ds[d].answer}")["input_ids"]) not in turns
+    for d in (2, 4):
+        assert tuple(mtok(f"{ds[d].prompt} {ds[d].answer}")["input_ids"]) in turns
+    for q in (1, 0, 7):  # queries: the prompt only
+        assert tuple(mtok(ds[q].prompt)["input_ids"]) in turns
+    # Row 0 (caption query): each demonstration contributes its caption's M-Hub text positions.
+    n_caption = [len(mtok(ds[d].answer)["input_ids"]) for d in (3, 5)]
+    nq = model.num_query_tokens
+    assert (batch.llm.feat_index[0] >= 0).sum() == sum(n_caption) + nq
+
+    nll, count = model(batch)
+    total, total_count = 0.0, 0
+    for g in groups:
+        for q in g.queries:
+            ctx = _direct_context(model, run, ds, g, q)
+            tgt = _target_ids(run, ds[q].answer)
+            logits = model.llm(inputs_embeds=torch.cat([ctx, model.llm.get_input_embeddings()(tgt)])[None]).logits[0]
+            total = total + F.cross_entropy(logits[-tgt.numel() - 1 : -1], tgt, reduction="sum")
+            total_count += tgt.numel()
+    assert count == total_count
+    _assert_close(nll, total, "caption-layout loss")
+
+
+def test_kind_overrides_the_task_name():
+    from mmict_kernels.icl.data import Example, task_kind
+
+    assert task_kind("msvd_caption") == "caption" and task_kind("vqav2") == "vqa"
+    assert BatchBuilder.demo_text(Example(("i",), "Question: what? Short answer:", "a cup", task="coco_caption", kind="vqa")) == (
+        "Question: what? Short answer: a cup")
+    assert BatchBuilder.demo_text(Example(("i",), "A short caption:", "a dog runs", task="x", kind="caption")) == "a dog runs"
+    with pytest.raises(ValueError, match="kind"):
+        task_kind("x", "captioning")
+
+
+def test_hooks_builder_cls_context_lengths_and_llm_ids():
+    """The hooks a comparison uses: a builder class for Trainer and predict, context lengths, llm_ids."""
+    from mmict_kernels.icl.evaluation import predict
+    from mmict_kernels.icl.training import Trainer
+
+    run = _run()
+    ds = run.train_set
+    b = _builder(run)
+    assert b.llm_ids is b._ltok and b.llm_ids("what is this ?") == tuple(run.llm_tokenizer("what is this ?", add_special_tokens=False)["input_ids"])
+
+    made = []
+
+    class Recording(BatchBuilder):
+        def __call__(self, *args):
+            made.append(self.mode)
+            return super().__call__(*args)
+
+    trainer = Trainer(run.cfg, run=run, builder_cls=Recording)
+    assert isinstance(trainer.builder, Recording)
+    trainer.make_batch(0)
+    assert made == ["train"]
+
+    # Context lengths: every non-target LLM position of the row, the shared prefix counted per row.
+    groups = [Group([0, 1, 2], [5, 6]), Group([3], [7])]
+    plain, shared = _builder(run)(groups, ds, ds), _builder(run, shared_prefix=True)(groups, ds, ds)
+    rows, computed = plain.context_lengths()
+    expect = (plain.llm.attention_mask.sum(1) - (plain.llm.labels != IGNORE).sum(1)).tolist()
+    assert rows == expect and computed == sum(expect)
+    rows_s, computed_s = shared.context_lengths()
+    assert rows_s == rows  # each row reads the same tokens ...
+    assert computed - computed_s == 2 * int(shared.prefix.attention_mask[0].sum())  # ... group 0's prefix computed once, not 3 times
+
+    made.clear()
+    records, ctx, n = predict(run, 1, batch_size=4, max_new_tokens=2, limit=5, builder_cls=Recording, return_context_lengths=True)
+    assert made and set(made) == {"generate"} and len(ctx) == len(records) == 5 and n == sum(ctx)
+    assert predict(run, 1, batch_size=4, max_new_tokens=2, limit=5) == records
+
+
+def test_generation_lengths_by_task_then_kind():
+    """eval.generation_lengths: a task's entry wins over its kind's; others use the defaults; order kept."""
+    from mmict_kernels.icl import evaluation
+
+    run = _run(*CAPTION)
+    model = run.model
+    calls = []
+    original = model.generate
+
+    def recording(batch, max_new_tokens, min_new_tokens, **kw):
+        calls.append((tuple(sorted(set(batch.tasks))), min_new_tokens, max_new_tokens))
+        return original(batch, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, **kw)
+
+    model.generate = recording
+    try:
+        records = evaluation.predict(run, 0, batch_size=8, max_new_tokens=2, min_new_tokens=1,
+                                     generation_lengths={"caption": [2, 3]})
+        assert sorted(set(calls)) == [(("caption",), 2, 3), (("what_color",), 1, 2)]
+        assert [r["query"] for r in records] == list(range(len(run.eval_set)))
+        calls.clear()
+        evaluation.predict(run, 0, batch_size=8, max_new_tokens=2, generation_lengths={"vqa": [1, 1], "what_color": [1, 4]})
+        assert sorted(set(calls)) == [(("caption",), 1, 2), (("what_color",), 1, 4)]
+    finally:
+        del model.generate
+    with pytest.raises(ValueError, match="generation_lengths"):
+        load_config(None, ["eval.generation_lengths={vqa: [3, 1]}"])

@@ -8,6 +8,7 @@
 """
 
 import contextlib
+import math
 import os
 import socket
 import subprocess
@@ -22,7 +23,7 @@ from mmict_kernels import train as train_cli
 from mmict_kernels.icl import checkpoint as ckpt
 from mmict_kernels.icl.config import load_config
 from mmict_kernels.icl.evaluation import evaluate
-from mmict_kernels.icl.training import Trainer
+from mmict_kernels.icl.training import Trainer, lr_at
 
 LEARN = [
     "data.shapes_tasks=[color,what_color,what_shape]",
@@ -192,3 +193,37 @@ def test_bad_data_file_is_named_and_nothing_written_is_lost(tmp_path, capsys):
     assert code == 2 and "corrupt.jsonl" in capsys.readouterr().err
     assert ckpt.latest_checkpoint(str(out)) == saved
     assert {f: open(os.path.join(saved, f), "rb").read() for f in os.listdir(saved)} == before
+
+
+def test_lr_schedule_per_step_and_per_epoch_as_lavis():
+    """``epoch``: LAVIS's LinearWarmupCosineLRScheduler (warm-up by step in epoch 0, one cosine value per epoch)."""
+    cfg = load_config(None, ["train.lr=1e-3", "train.warmup_start_lr=1e-6", "train.warmup_steps=4", "train.min_lr=1e-5",
+                             "train.lr_schedule_unit=epoch"]).train
+    per_epoch, total = 10, 50  # 5 epochs
+    lavis = []  # LAVIS's formulas, written out
+    for step in range(total):
+        epoch = step // per_epoch
+        if epoch == 0:
+            lavis.append(min(1e-3, 1e-6 + (1e-3 - 1e-6) * step / 4))
+        else:
+            lavis.append((1e-3 - 1e-5) * 0.5 * (1 + math.cos(math.pi * epoch / 5)) + 1e-5)
+    ours = [lr_at(s, total, cfg, per_epoch) for s in range(total)]
+    assert ours == pytest.approx(lavis, rel=1e-12)
+    assert len(set(ours[10:20])) == 1 and ours[9] == 1e-3  # constant within an epoch; epoch 0 ends at the peak
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        lr_at(12, total, cfg)
+    cfg.lr_schedule_unit = "step"
+    step_lrs = [lr_at(s, total, cfg) for s in range(total)]
+    assert step_lrs[4] == pytest.approx(1e-3) and len(set(step_lrs[10:20])) == 10  # decays every step
+    with pytest.raises(ValueError, match="lr_schedule_unit"):
+        load_config(None, ["train.lr_schedule_unit=iteration"])
+
+
+def test_trainer_applies_the_epoch_schedule(tmp_path):
+    trainer = Trainer(load_config(None, SHORT + ["train.lr_schedule_unit=epoch", "train.max_steps=null", "train.epochs=2",
+                                                 f"train.output_dir={tmp_path}"]))
+    spe = trainer.steps_per_epoch
+    assert trainer.total_steps == 2 * spe
+    assert trainer.lr(spe) == pytest.approx(trainer.cfg.train.min_lr + 0.5 * (trainer.cfg.train.lr - trainer.cfg.train.min_lr) * (1 + math.cos(math.pi / 2)))
+    trainer.train_step(spe - 1)
+    assert trainer.last_lr == trainer.lr(spe - 1)

@@ -2,7 +2,8 @@
 
 Every demonstration and query of a batch is one *turn* of a single batched M-Hub call:
 ``[query tokens ; text]`` cross-attending to the turn's image (frames packed). A demonstration
-turn's text is its prompt and answer, and its features are the M-Hub outputs at the TEXT
+turn's text is its caption alone (captioning) or its question and answer (VQA), as in the
+official code (:meth:`BatchBuilder.demo_text`), and its features are the M-Hub outputs at the TEXT
 positions (visual-guided textual features); a query turn's text is its prompt only, and its
 features are the outputs at the QUERY positions (textual-guided visual features). A turn that
 several groups share and an image that several turns share are computed once.
@@ -26,6 +27,7 @@ import functools
 import numpy as np
 import torch
 
+from .data import task_kind
 from .sampling import Group
 
 IGNORE = -100
@@ -51,7 +53,7 @@ class MMICTBatch:
     images: torch.Tensor  # (I, Lv, width) frozen features of the batch's distinct images (frames packed, padded)
     image_mask: torch.Tensor  # (I, Lv) int64
     turn_image: torch.Tensor  # (U,) int64: image of each turn
-    turn_ids: torch.Tensor  # (U, T) M-Hub token ids (queries' prompts, demonstrations' prompt + answer)
+    turn_ids: torch.Tensor  # (U, T) M-Hub token ids (queries' prompts, demonstrations' ``demo_text``)
     turn_mask: torch.Tensor  # (U, T) int64
     llm: Packed  # decoder-only: whole sequences (+ labels); encoder-decoder: the encoder context
     decoder: Packed | None  # encoder-decoder: the target (labels) for the decoder
@@ -68,6 +70,20 @@ class MMICTBatch:
             v = getattr(self, f.name)
             moved[f.name] = v.to(device, non_blocking=True) if isinstance(v, (torch.Tensor, Packed)) else v
         return MMICTBatch(**moved)
+
+    def context_lengths(self) -> tuple[list[int], int]:
+        """(LLM context tokens each row attends to, LLM context positions computed for the whole batch).
+
+        Targets excluded in a decoder-only training batch; a shared demonstration prefix counts for
+        every row that reads it but is computed once per group.
+        """
+        own = self.llm.attention_mask.sum(1)
+        if self.llm.labels is not None:
+            own = own - (self.llm.labels != IGNORE).sum(1)
+        if self.prefix is None:
+            return own.tolist(), int(own.sum())
+        prefix = self.prefix.attention_mask.sum(1)
+        return (own + prefix[self.prefix_ids]).tolist(), int(own.sum() + prefix.sum())
 
 
 def pack(seqs: list[tuple[list, list, list]], pad_id: int, pad_left: bool, with_labels: bool) -> Packed:
@@ -110,7 +126,10 @@ class BatchBuilder:
         self.pad_id = llm_tokenizer.pad_token_id
         self.eos_id = llm_tokenizer.eos_token_id
         self._mtok = functools.lru_cache(maxsize=1 << 16)(self._mhub_ids)
-        self._ltok = functools.lru_cache(maxsize=1 << 16)(self._llm_ids)
+        # ``llm_ids(text)``: the LLM tokenizer's ids of ``text`` (no special tokens, capped, cached);
+        # public for subclasses and baselines; ``_ltok`` is the older name, kept as an alias.
+        self.llm_ids = functools.lru_cache(maxsize=1 << 16)(self._llm_ids)
+        self._ltok = self.llm_ids
 
     def _mhub_ids(self, text: str) -> tuple:
         return tuple(self.mtok(text, truncation=True, max_length=self.max_text)["input_ids"])
@@ -118,8 +137,16 @@ class BatchBuilder:
     def _llm_ids(self, text: str) -> tuple:
         return tuple(self.ltok(text, add_special_tokens=False, truncation=True, max_length=self.max_text)["input_ids"])
 
+    @staticmethod
+    def demo_text(example) -> str:
+        """A demonstration's text: its caption alone (captioning; the caption prompt goes only to
+        queries, as in the official code) or its question and answer (VQA)."""
+        if task_kind(example.task, example.kind) == "caption":
+            return example.answer
+        return f"{example.prompt} {example.answer}"
+
     def target_ids(self, answer: str) -> list[int]:
-        return list(self._ltok(" " + answer)) + ([self.eos_id] if self.eos_id is not None else [])
+        return list(self.llm_ids(" " + answer)) + ([self.eos_id] if self.eos_id is not None else [])
 
     def __call__(self, groups: list[Group], query_ds, pool_ds) -> MMICTBatch:
         # --- turns (demonstrations deduplicated across groups) and their images ---
@@ -140,7 +167,7 @@ class BatchBuilder:
 
         group_demo_turns, row_query_turn, rows = [], [], []
         for gi, g in enumerate(groups):
-            demos = [add_turn(("demo", d), pool_ds, d, f"{pool_ds[d].prompt} {pool_ds[d].answer}") for d in g.demos]
+            demos = [add_turn(("demo", d), pool_ds, d, self.demo_text(pool_ds[d])) for d in g.demos]
             group_demo_turns.append(demos)
             for q in g.queries:
                 row_query_turn.append(add_turn(("query", q), query_ds, q, query_ds[q].prompt))
@@ -176,7 +203,7 @@ class BatchBuilder:
             f, t = ([], []) if self.shared_prefix else demo_part(group_demo_turns[gi])
             f += [uq * span + j for j in range(self.nq)]
             t += [self.pad_id] * self.nq
-            prompt = list(self._ltok(query_ds[q].prompt))
+            prompt = list(self.llm_ids(query_ds[q].prompt))
             f += [-1] * len(prompt)
             t += prompt
             lab = [False] * len(f)

@@ -71,8 +71,13 @@ class TrainConfig:
     lr: float = 5e-3
     warmup_start_lr: float = 0.0
     warmup_steps: int = 20
+    # "step": the cosine decays every optimizer step; "epoch": LAVIS's LinearWarmupCosineLRScheduler
+    # (warm-up per step in the first epoch, then one cosine value per epoch).
+    lr_schedule_unit: str = "step"
     min_lr: float = 0.0
-    weight_decay: float = 0.05  # on matrices only (not biases, norms, query tokens)
+    # On every trainable tensor of >= 2 dims (weights and the query tokens, as LAVIS's rule
+    # `p.ndim < 2 -> no decay` gives), none on biases and norm weights.
+    weight_decay: float = 0.05
     betas: tuple = (0.9, 0.999)
     grad_clip: float = 1.0
     bf16: bool = True  # autocast on CUDA only
@@ -89,6 +94,9 @@ class EvalConfig:
     num_beams: int = 1
     max_new_tokens: int = 4
     min_new_tokens: int = 1
+    # Per-task generation lengths: {task name or task kind ("caption" | "vqa"): [min_new_tokens,
+    # max_new_tokens]}; a task name wins over its kind; unlisted tasks use the two values above.
+    generation_lengths: dict = dataclasses.field(default_factory=dict)
     demo_counts: tuple = (0, 2)  # evaluate with each number of demonstrations
     output: str | None = None  # JSON path; default <output_dir>/eval.json
 
@@ -188,5 +196,21 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError(f"train.batch_size: expected >= 1, got {t.batch_size}")
     if d.sampling == "one-to-many" and t.batch_size % d.group_size:
         raise ValueError(f"train.batch_size ({t.batch_size}) must be a multiple of demos.group_size ({d.group_size}) for one-to-many")
+    if t.lr_schedule_unit not in ("step", "epoch"):
+        raise ValueError(f"train.lr_schedule_unit: expected 'step' or 'epoch', got {t.lr_schedule_unit!r}")
+    check_generation_lengths(cfg.eval.generation_lengths, "eval.generation_lengths")
     if t.grad_clip is not None and t.grad_clip < 0:
         raise ValueError(f"train.grad_clip: expected >= 0 or null, got {t.grad_clip}")
+
+
+def check_generation_lengths(lengths, where: str = "generation_lengths") -> dict:
+    """``{task or kind: (min_new_tokens, max_new_tokens)}`` from a mapping of 2-item lists, checked."""
+    if not isinstance(lengths, dict):
+        raise ValueError(f"{where}: expected a mapping {{task or kind: [min, max]}}, got {type(lengths).__name__}")
+    out = {}
+    for key, value in lengths.items():
+        ok = isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        if not ok or not 0 <= value[0] <= value[1] or value[1] < 1:
+            raise ValueError(f"{where}.{key}: expected [min_new_tokens, max_new_tokens] with 0 <= min <= max and max >= 1, got {value!r}")
+        out[str(key)] = (int(value[0]), int(value[1]))
+    return out

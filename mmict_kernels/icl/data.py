@@ -10,7 +10,8 @@ A data set is a list of :class:`Example` plus the frozen encoder's features of e
     {"frames": ["v/1/000.jpg", "v/1/008.jpg"], "prompt": "A short video caption:", "answer": "a man is cooking"}
 
   optional keys: ``answers`` (all reference answers, for VQA accuracy), ``task`` (demonstrations
-  are drawn from the query's own task), ``label`` (a class name for same-class sampling).
+  are drawn from the query's own task), ``label`` (a class name for same-class sampling),
+  ``kind`` ("caption" or "vqa"; default from the task name, see :func:`task_kind`).
 
 A missing or unreadable file (data, image, cache) raises an error naming that file.
 """
@@ -41,6 +42,26 @@ class Example:
     answers: tuple = ()  # every reference answer (VQA accuracy); defaults to (answer,)
     task: str = "default"
     label: str | None = None  # class, for same-class demonstration sampling
+    # "caption": a demonstration shows its caption alone; "vqa": its question and answer;
+    # None: from the task name (``task_kind``).
+    kind: str | None = None
+
+
+KINDS = ("caption", "vqa")
+
+
+def task_kind(task: str, kind: str | None = None, where: str = "kind") -> str:
+    """``kind`` if given (checked), else "caption" for a task whose name contains "caption", else "vqa".
+
+    The kind decides a demonstration's M-Hub text (the official code gives a caption
+    demonstration its caption alone, a VQA one its question and answer) and may pick the
+    generation lengths (``eval.generation_lengths``).
+    """
+    if kind is None:
+        return "caption" if "caption" in task.lower() else "vqa"
+    if kind not in KINDS:
+        raise ValueError(f"{where}: expected one of {list(KINDS)}, got {kind!r}")
+    return kind
 
 
 class ICLDataset:
@@ -87,7 +108,8 @@ def shapes_dataset(num: int, tasks, seed: int, encoder, family: str, image_size:
     feats = encode_pixels(encoder, pixels_from_uint8(images, family))
     features = {f"{name}/{i}": feats[i] for i in range(num)}
     examples = [
-        Example((f"{name}/{r['image']}",), r["prompt"], r["answer"], (r["answer"],), r["task"], r["label"]) for r in records
+        Example((f"{name}/{r['image']}",), r["prompt"], r["answer"], (r["answer"],), r["task"], r["label"], task_kind(r["task"]))
+        for r in records
     ]
     return ICLDataset(examples, features, name)
 
@@ -220,7 +242,9 @@ def jsonl_dataset(path: str, image_root: str | None, encoder, family: str, image
         answers = rec.get("answers") or [rec["answer"]]
         if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
             raise ValueError(f"data file {path}, line {lineno}: 'answers' must be a list of strings")
-        examples.append(Example(tuple(keys), rec["prompt"], rec["answer"], tuple(answers), str(rec.get("task", "default")), rec.get("label")))
+        task = str(rec.get("task", "default"))
+        kind = task_kind(task, rec.get("kind"), where=f"data file {path}, line {lineno}: 'kind'")
+        examples.append(Example(tuple(keys), rec["prompt"], rec["answer"], tuple(answers), task, rec.get("label"), kind))
     if todo:  # encode the images the cache does not hold yet, in chunks to bound memory
         items = list(todo.items())
         for start in range(0, len(items), 256):

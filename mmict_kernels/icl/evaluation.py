@@ -15,21 +15,41 @@ import torch
 from . import metrics
 from .batch import BatchBuilder
 from .build import Run
+from .config import check_generation_lengths
+from .data import task_kind
 from .sampling import DemoSampler, batches_of, epoch_groups
+
+
+def generation_lengths_of(example, lengths: dict, default: tuple[int, int]) -> tuple[int, int]:
+    """(min_new_tokens, max_new_tokens) of a query: its task's entry, else its kind's, else ``default``."""
+    if example.task in lengths:
+        return lengths[example.task]
+    return lengths.get(task_kind(example.task, example.kind), default)
 
 
 @torch.no_grad()
 def predict(run: Run, num_demos: int, sampling: str = "random", group_size: int = 4, batch_size: int = 32,
             num_beams: int = 1, max_new_tokens: int = 10, min_new_tokens: int = 1, seed: int = 0,
-            device: str | torch.device = "cpu", use_prefix_cache: bool = True, limit: int | None = None) -> list[dict]:
-    """One record per evaluation query: prediction, answers, task."""
+            device: str | torch.device = "cpu", use_prefix_cache: bool = True, limit: int | None = None,
+            generation_lengths: dict | None = None, builder_cls=None, return_context_lengths: bool = False):
+    """One record per evaluation query: prediction, answers, task.
+
+    ``generation_lengths``: ``{task or kind: [min_new_tokens, max_new_tokens]}`` (``eval.generation_lengths``);
+    queries of other tasks use ``min_new_tokens``/``max_new_tokens``. Queries with different lengths
+    are generated in separate batches; the records keep the query order either way.
+    ``builder_cls``: the batch layout (default the MMICT ``BatchBuilder``; e.g. a baseline's subclass).
+    ``return_context_lengths``: also return, per record, the LLM context tokens that query attends
+    to (demonstrations, separators, query features, prompt; a shared prefix counted for every row),
+    and the LLM context positions computed (a shared prefix once): ``(records, lengths, computed)``.
+    """
     cfg, model = run.cfg, run.model
     m = cfg.model
     queries, pool = run.eval_set, run.train_set
+    lengths = check_generation_lengths(generation_lengths or {})
     group = group_size if sampling == "one-to-many" else 1
     sampler = DemoSampler(pool, queries, num_demos, sampling, cfg.demos.same_task, seed=seed)
     shared = sampling == "one-to-many" and num_demos > 0 and m.llm_family == "decoder" and use_prefix_cache and num_beams == 1
-    builder = BatchBuilder(run.mhub_tokenizer, run.llm_tokenizer, m.num_query_tokens, m.separator, m.llm_family,
+    builder = (builder_cls or BatchBuilder)(run.mhub_tokenizer, run.llm_tokenizer, m.num_query_tokens, m.separator, m.llm_family,
                            cfg.data.max_text_tokens, mode="generate", shared_prefix=shared)
     order = epoch_groups(queries.tasks(), sampling, group, seed, 0, shuffle=False)
     if sampling == "one-to-many":  # evaluate every query: leftovers form smaller groups
@@ -37,21 +57,33 @@ def predict(run: Run, num_demos: int, sampling: str = "random", group_size: int 
         order += [[q] for q in range(len(queries)) if q not in covered]
     if limit is not None:
         order = order[:limit]
+    # One generation setting per group (a one-to-many group holds one task); settings in order of first use.
+    by_setting: dict[tuple[int, int], list] = {}
+    for g in order:
+        by_setting.setdefault(generation_lengths_of(queries[g[0]], lengths, (min_new_tokens, max_new_tokens)), []).append(g)
     model.eval()
     tok = run.llm_tokenizer
-    records = []
-    for groups in batches_of(order, batch_size, drop_last=False):
-        batch = builder(sampler.groups(groups, 0), queries, pool).to(device)
-        amp = torch.autocast("cuda", dtype=torch.bfloat16) if torch.device(device).type == "cuda" and cfg.train.bf16 else contextlib.nullcontext()
-        with amp:
-            out = model.generate(batch, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_beams=num_beams,
-                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        for q, answers, task, ids in zip(batch.queries, batch.answers, batch.tasks, out.tolist()):
-            if tok.eos_token_id in ids:
-                ids = ids[: ids.index(tok.eos_token_id)]
-            text = tok.decode(ids, skip_special_tokens=True).strip()
-            records.append({"query": q, "task": task, "prediction": text, "answers": list(answers)})
-    return records
+    records, ctx, computed = [], [], 0
+    for (lo, hi), setting_order in by_setting.items():
+        for groups in batches_of(setting_order, batch_size, drop_last=False):
+            batch = builder(sampler.groups(groups, 0), queries, pool).to(device)
+            amp = torch.autocast("cuda", dtype=torch.bfloat16) if torch.device(device).type == "cuda" and cfg.train.bf16 else contextlib.nullcontext()
+            with amp:
+                out = model.generate(batch, max_new_tokens=hi, min_new_tokens=lo, num_beams=num_beams,
+                                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+            rows, n = batch.context_lengths()
+            ctx += rows
+            computed += n
+            for q, answers, task, ids in zip(batch.queries, batch.answers, batch.tasks, out.tolist()):
+                if tok.eos_token_id in ids:
+                    ids = ids[: ids.index(tok.eos_token_id)]
+                text = tok.decode(ids, skip_special_tokens=True).strip()
+                records.append({"query": q, "task": task, "prediction": text, "answers": list(answers)})
+    if len(by_setting) > 1:  # back to the query order of a single-setting run
+        rank = {q: i for i, q in enumerate(q for g in order for q in g)}
+        perm = sorted(range(len(records)), key=lambda i: rank[records[i]["query"]])
+        records, ctx = [records[i] for i in perm], [ctx[i] for i in perm]
+    return (records, ctx, computed) if return_context_lengths else records
 
 
 def score(records: list[dict]) -> dict:

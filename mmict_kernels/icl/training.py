@@ -27,8 +27,25 @@ from .sampling import DemoSampler, batches_of, epoch_groups
 from .vision import fingerprint
 
 
-def lr_at(step: int, total: int, cfg) -> float:
-    """Linear warm-up from ``warmup_start_lr`` to ``lr`` over ``warmup_steps``, then cosine to ``min_lr`` at ``total``."""
+def lr_at(step: int, total: int, cfg, steps_per_epoch: int | None = None) -> float:
+    """Learning rate of optimizer step ``step`` (0-based) of ``total``.
+
+    ``cfg.lr_schedule_unit == "step"``: linear warm-up from ``warmup_start_lr`` to ``lr`` over
+    ``warmup_steps``, then cosine to ``min_lr`` at ``total``, updated every step.
+    ``"epoch"`` (LAVIS's ``LinearWarmupCosineLRScheduler``, which the official config uses): in the
+    first epoch the same per-step warm-up, capped at ``lr``; from epoch e >= 1 on, the constant
+    ``min_lr + (lr - min_lr) * (1 + cos(pi * e / epochs)) / 2``, with ``epochs`` the run's epochs
+    rounded up. Needs ``steps_per_epoch``.
+    """
+    if getattr(cfg, "lr_schedule_unit", "step") == "epoch":
+        if not steps_per_epoch or steps_per_epoch < 1:
+            raise ValueError(f"steps_per_epoch: lr_schedule_unit 'epoch' needs a positive steps_per_epoch, got {steps_per_epoch!r}")
+        epoch = step // steps_per_epoch
+        if epoch == 0:
+            warm = cfg.warmup_start_lr + (cfg.lr - cfg.warmup_start_lr) * step / max(cfg.warmup_steps, 1)
+            return min(cfg.lr, warm)
+        epochs = max(math.ceil(total / steps_per_epoch), 1)
+        return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(epoch / epochs, 1.0)))
     if step < cfg.warmup_steps:
         return cfg.warmup_start_lr + (cfg.lr - cfg.warmup_start_lr) * step / cfg.warmup_steps
     span = max(total - cfg.warmup_steps, 1)
@@ -37,7 +54,11 @@ def lr_at(step: int, total: int, cfg) -> float:
 
 
 def make_optimizer(model, cfg) -> torch.optim.AdamW:
-    """Weight decay on matrices only (LAVIS's rule: not on biases and norm weights)."""
+    """Weight decay on every trainable tensor of >= 2 dims, none on biases and norm weights.
+
+    LAVIS's rule (``p.ndim < 2`` -> no decay), so the query tokens (1, Nq, hidden) and the FC,
+    M-Hub and embedding matrices are decayed, like the official MMICT run.
+    """
     named = [(n, p) for n, p in model.named_parameters() if not n.startswith("llm.") and p.requires_grad]
     decay = [p for n, p in named if p.ndim >= 2]
     no_decay = [p for n, p in named if p.ndim < 2]
@@ -63,7 +84,13 @@ def pick_device(name: str, local_rank: int) -> torch.device:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, run: Run | None = None):
+    """The training loop of one run.
+
+    ``builder_cls``: the batch layout; a :class:`BatchBuilder` subclass (or any callable taking
+    its arguments), e.g. a baseline's layout; default the MMICT ``BatchBuilder``.
+    """
+
+    def __init__(self, cfg: RunConfig, run: Run | None = None, builder_cls=None):
         self.cfg = cfg
         self.rank, self.world, local_rank = distributed()
         self.device = pick_device(cfg.train.device, local_rank)
@@ -96,7 +123,7 @@ class Trainer:
         self.total_steps = t.max_steps if t.max_steps is not None else max(1, int(t.epochs * self.steps_per_epoch))
         m = cfg.model
         shared = d.sampling == "one-to-many" and d.num_demos > 0 and m.llm_family == "decoder" and m.use_prefix_cache
-        self.builder = BatchBuilder(self.run.mhub_tokenizer, self.run.llm_tokenizer, m.num_query_tokens, m.separator,
+        self.builder = (builder_cls or BatchBuilder)(self.run.mhub_tokenizer, self.run.llm_tokenizer, m.num_query_tokens, m.separator,
                                     m.llm_family, cfg.data.max_text_tokens, mode="train", shared_prefix=shared)
         self.optimizer = make_optimizer(self.model, t)
         self.params = self.model.trainable_parameters()
@@ -134,10 +161,14 @@ class Trainer:
             batch.images = batch.images.pin_memory()
         return batch
 
+    def lr(self, step: int) -> float:
+        """The learning rate of global step ``step`` (the configured schedule and unit)."""
+        return lr_at(step, self.total_steps, self.cfg.train, self.steps_per_epoch)
+
     def train_step(self, step: int, batch=None) -> float:
         """One optimizer step; ``batch``: ``make_batch(step)`` if already built (prefetched)."""
         batch = (batch if batch is not None else self.make_batch(step)).to(self.device)
-        lr = lr_at(step, self.total_steps, self.cfg.train)
+        lr = self.lr(step)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         self.model.train()
