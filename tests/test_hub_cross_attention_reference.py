@@ -53,11 +53,10 @@ def test_low_precision_against_float64_oracle(dtype):
 
 
 def test_gradcheck_float64_packed():
-    lengths = [3, 0, 2]
     q = torch.randn(3, 2, 1, 4, dtype=torch.float64, requires_grad=True)
     k = torch.randn(5, 1, 4, dtype=torch.float64, requires_grad=True)
     v = torch.randn(5, 1, 4, dtype=torch.float64, requires_grad=True)
-    cu = torch.tensor([0, 3, 3, 5], dtype=torch.int32)
+    cu = torch.tensor([0, 3, 3, 5], dtype=torch.int32)  # lengths 3, 0, 2
     assert torch.autograd.gradcheck(lambda q, k, v: ops.hub_cross_attention(q, k, v, cu, backend="torch"), (q, k, v))
 
 
