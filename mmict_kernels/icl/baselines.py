@@ -78,7 +78,7 @@ class VanillaICTBuilder(BatchBuilder):
         def demo_part(demos):
             f, t = [], []
             for u, d in demos:
-                text = list(self._ltok(f"{pool_ds[d].prompt} {pool_ds[d].answer}"))
+                text = list(self.llm_ids(self.demo_text(pool_ds[d])))  # MMICT's demonstration text
                 f += [u * span + j for j in range(self.nq)] + [-1] * len(text) + [-1]
                 t += [self.pad_id] * self.nq + text + [self.sep_id]
             return f, t
@@ -124,7 +124,8 @@ def builder_class(method: str) -> type[BatchBuilder]:
 def aim_batch(groups: list[Group], query_ds, pool_ds, builder: BatchBuilder, with_answer: bool = True):
     """An ``AIMBatch`` for the same groups: images as frozen encoder features, text as LLM token ids.
 
-    A demonstration's text is ``prompt + answer`` (as in MMICT's demonstration turn); the answer
+    A demonstration's text is MMICT's (``BatchBuilder.demo_text``: the caption alone for captioning,
+    question + answer for VQA); the answer
     ids are the driver's target ids without the end token (``AIMModel`` appends its ``eos_id``).
     Images must all have the same number of tokens (AIM stacks them): one frame each.
     """
@@ -148,7 +149,7 @@ def aim_batch(groups: list[Group], query_ds, pool_ds, builder: BatchBuilder, wit
 
     return AIMBatch(
         demo_images=stack(pool_ds, distinct) if distinct else None,
-        demo_text=[list(builder._ltok(f"{pool_ds[d].prompt} {pool_ds[d].answer}")) for d in distinct],
+        demo_text=[list(builder.llm_ids(builder.demo_text(pool_ds[d]))) for d in distinct],
         group_demos=[[where[d] for d in g.demos] for g in groups],
         query_images=stack(query_ds, queries),
         query_group=torch.tensor([gi for gi, g in enumerate(groups) for _ in g.queries], dtype=torch.long),
