@@ -154,19 +154,17 @@ class Stepper:
     def __call__(self, step: int) -> float:
         if self.aim is None:
             return self.trainer.train_step(step)
-        from .icl.training import lr_at
-
-        t, tcfg = self.trainer, self.trainer.cfg.train
+        t = self.trainer
         batch = _aim_to(aim_batch(t.batch_groups(step), t.run.train_set, t.run.train_set, t.builder), t.device)
         for g in self.optimizer.param_groups:
-            g["lr"] = lr_at(step, t.total_steps, tcfg)
+            g["lr"] = t.lr(step)  # the run's schedule and unit (per step, or per epoch as LAVIS)
         self.aim.train()
         nll, count = self.aim(batch)
         if not nll.requires_grad:  # zero demonstrations: the projection is not used, nothing to train
             return float(nll) / max(count, 1)
         (nll / max(count, 1)).backward()
-        if tcfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.params, tcfg.grad_clip)
+        if t.cfg.train.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.params, t.cfg.train.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(nll.detach()) / max(count, 1)

@@ -17,7 +17,8 @@ without any concatenated copy. Zero-shot rows get an empty prefix (a fully maske
 
 Design choices of ours (the paper's details are not known here; see README "AIM"): the top
 layer by default, a linear projection initialised to the identity (an MLP as option), no
-separator between demonstrations, and the text of a demonstration is ``prompt + answer``.
+separator between demonstrations, and the text of a demonstration is the caller's (the driver's
+``demo_text``: the caption alone for captioning, question + answer for VQA).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class AIMBatch:
     """A step's inputs. Demonstrations are listed once (``demo_*``); groups index into them.
 
     demo_images: (M, ...) images of the M distinct demonstrations, in the backbone's format.
-    demo_text: M token-id lists (prompt + answer of each demonstration).
+    demo_text: M token-id lists (each demonstration's text: question + answer, or a caption).
     group_demos: per group, the demonstration indices in context order (may be empty: zero-shot).
     query_images: (B, ...) query images; query_group: (B,) the group of each query.
     query_prompt: B token-id lists; query_answer: B token-id lists (training targets, may be empty at evaluation).
