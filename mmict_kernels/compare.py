@@ -108,15 +108,11 @@ def run_config_for(base_cfg, sampling: str, num_demos: int, steps: int):
 
 
 def make_trainer(base_run, method: str, sampling: str, num_demos: int, steps: int, model):
-    """The driver's Trainer for ``method`` (its batch layout swapped in for Vanilla ICT)."""
+    """The driver's Trainer for ``method``, with the method's batch layout (Vanilla ICT's or MMICT's)."""
     from .icl.training import Trainer
 
     cfg = run_config_for(base_run.cfg, sampling, num_demos, steps)
-    trainer = Trainer(cfg, run=dataclasses.replace(base_run, cfg=cfg, model=model))
-    b = trainer.builder
-    trainer.builder = builder_class(method)(base_run.mhub_tokenizer, base_run.llm_tokenizer, b.nq, cfg.model.separator, b.family,
-                                            b.max_text, mode="train", shared_prefix=b.shared_prefix)
-    return trainer
+    return Trainer(cfg, run=dataclasses.replace(base_run, cfg=cfg, model=model), builder_cls=builder_class(method))
 
 
 def build_aim(backbone_model, base_run, bank_dir: str | None):
@@ -240,15 +236,6 @@ def measure_step(stepper: Stepper, steps: int) -> dict:
             "mem_mb": mem / 2**20, "mem_kind": kind}
 
 
-def _context_lengths(batch) -> tuple[list[int], int]:
-    """(context tokens each query attends to, LLM positions computed for the whole batch)."""
-    own = batch.llm.attention_mask.sum(1)
-    if batch.prefix is None:
-        return own.tolist(), int(own.sum())
-    prefix = batch.prefix.attention_mask.sum(1)
-    return (own + prefix[batch.prefix_ids]).tolist(), int(own.sum() + prefix.sum())
-
-
 def _aim_context_lengths(batch, num_query_tokens: int) -> tuple[list[int], int]:
     demo = [sum(len(batch.demo_text[d]) for d in g) for g in batch.group_demos]
     own = [num_query_tokens + len(p) for p in batch.query_prompt]
@@ -262,21 +249,31 @@ def predict(base_run, method: str, model, num_demos: int, sampling: str, device,
     """Records (as ``evaluation.predict`` gives them) and context sizes for every evaluation query.
 
     The query order, groups and demonstrations are ``evaluation.predict``'s (same seed), so every
-    method answers the same queries with the same demonstrations.
+    method answers the same queries with the same demonstrations. The driver-trained methods go
+    through ``evaluation.predict`` itself (with their batch layout); AIM has its own batch and
+    generation, so it repeats only the query order and sampling here.
     """
+    from .icl.evaluation import predict as driver_predict
+
+    cfg, m = base_run.cfg, base_run.cfg.model
+    if method != "aim":
+        records, ctx, computed = driver_predict(
+            dataclasses.replace(base_run, model=model), num_demos, sampling=sampling, group_size=cfg.demos.group_size,
+            batch_size=batch_size, max_new_tokens=max_new_tokens, seed=seed, device=device, use_prefix_cache=m.use_prefix_cache,
+            limit=limit, builder_cls=builder_class(method), return_context_lengths=True)
+        return records, _mean_context(ctx, computed)
+
     from .icl.batch import BatchBuilder
     from .icl.sampling import DemoSampler, batches_of, epoch_groups
 
-    cfg, m = base_run.cfg, base_run.cfg.model
     queries, pool, tok = base_run.eval_set, base_run.train_set, base_run.llm_tokenizer
     group = cfg.demos.group_size if sampling == "one-to-many" else 1
     sampler = DemoSampler(pool, queries, num_demos, sampling, cfg.demos.same_task, seed=seed)
-    shared = sampling == "one-to-many" and num_demos > 0 and m.llm_family == "decoder" and m.use_prefix_cache
-    cls = BatchBuilder if method == "aim" else builder_class(method)
-    builder = cls(base_run.mhub_tokenizer, tok, m.num_query_tokens, m.separator, m.llm_family, cfg.data.max_text_tokens,
-                  mode="generate", shared_prefix=shared)
+    # Only its tokenisation is used (aim_batch): the layout options do not matter.
+    builder = BatchBuilder(base_run.mhub_tokenizer, tok, m.num_query_tokens, m.separator, m.llm_family, cfg.data.max_text_tokens,
+                           mode="generate")
     order = epoch_groups(queries.tasks(), sampling, group, seed, 0, shuffle=False)
-    if sampling == "one-to-many":  # every query is evaluated: leftovers form smaller groups
+    if sampling == "one-to-many":  # every query is evaluated: leftovers form smaller groups (as evaluation.predict)
         covered = {q for g in order for q in g}
         order += [[q] for q in range(len(queries)) if q not in covered]
     if limit is not None:
@@ -284,25 +281,20 @@ def predict(base_run, method: str, model, num_demos: int, sampling: str, device,
     model.eval()
     records, ctx, computed = [], [], 0
     for groups in batches_of(order, batch_size, drop_last=False):
-        groups = sampler.groups(groups, 0)
-        if method == "aim":
-            batch = _aim_to(aim_batch(groups, queries, pool, builder, with_answer=False), device)
-            outs = model.generate(batch, max_new_tokens=max_new_tokens)
-            rows, n = _aim_context_lengths(batch, m.num_query_tokens)
-            qs = batch.query_ids
-        else:
-            batch = builder(groups, queries, pool).to(device)
-            outs = model.generate(batch, max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-            outs = [ids[: ids.index(tok.eos_token_id)] if tok.eos_token_id in ids else ids for ids in outs.tolist()]
-            rows, n = _context_lengths(batch)
-            qs = batch.queries
+        batch = _aim_to(aim_batch(sampler.groups(groups, 0), queries, pool, builder, with_answer=False), device)
+        outs = model.generate(batch, max_new_tokens=max_new_tokens)  # token ids, cut at the first eos
+        rows, n = _aim_context_lengths(batch, m.num_query_tokens)
         ctx += rows
         computed += n
-        for q, ids in zip(qs, outs):
+        for q, ids in zip(batch.query_ids, outs):
             ex = queries[q]
             records.append({"query": q, "task": ex.task, "prediction": tok.decode(ids, skip_special_tokens=True).strip(),
                             "answers": list(ex.answers or (ex.answer,))})
-    return records, {"ctx_tokens": sum(ctx) / len(ctx), "llm_tokens_computed": computed / len(ctx)}
+    return records, _mean_context(ctx, computed)
+
+
+def _mean_context(ctx: list[int], computed: int) -> dict:
+    return {"ctx_tokens": sum(ctx) / len(ctx), "llm_tokens_computed": computed / len(ctx)}
 
 
 def summarize(records: list[dict], bleu_n: int = 4) -> dict:

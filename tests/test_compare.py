@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from mmict_kernels import compare
-from mmict_kernels.icl.baselines import VanillaICTBuilder, aim_batch
+from mmict_kernels.icl.baselines import VanillaICTBuilder, aim_batch, builder_class
 from mmict_kernels.icl.batch import IGNORE, BatchBuilder
 from mmict_kernels.icl.build import build_run
 from mmict_kernels.icl.config import load_config
@@ -172,13 +172,24 @@ def test_aim_batch_carries_the_groups_demonstrations():
     assert computed == sum(own) + sum(len(b.demo_text[i]) for g in b.group_demos for i in g)
 
 
-@pytest.mark.parametrize("sampling", ["similar", "one-to-many"])
-def test_comparison_evaluates_what_the_driver_evaluates(sampling):
+@pytest.mark.parametrize("method, sampling", [("mmict", "similar"), ("mmict", "one-to-many"), ("vanilla_ict", "one-to-many")])
+def test_comparison_evaluates_what_the_driver_evaluates(method, sampling):
     run = _run()
-    mine, ctx = compare.predict(run, "mmict", run.model, 2, sampling, torch.device("cpu"), max_new_tokens=3, limit=None, batch_size=5)
-    theirs = driver_predict(run, 2, sampling=sampling, batch_size=5, max_new_tokens=3, min_new_tokens=1)
+    mine, ctx = compare.predict(run, method, run.model, 2, sampling, torch.device("cpu"), max_new_tokens=3, limit=None, batch_size=5)
+    theirs, rows, computed = driver_predict(run, 2, sampling=sampling, batch_size=5, max_new_tokens=3, min_new_tokens=1,
+                                            builder_cls=builder_class(method), return_context_lengths=True)
     assert mine == theirs
+    assert ctx == {"ctx_tokens": sum(rows) / len(rows), "llm_tokens_computed": computed / len(rows)}
     assert ctx["ctx_tokens"] >= ctx["llm_tokens_computed"] > 0
+
+
+def test_aim_evaluation_answers_the_driver_queries_in_its_order():
+    """AIM keeps its own evaluation loop (its batch and generation differ): same queries, same order."""
+    run = _run("data.shapes_eval_size=24")  # full one-to-many groups and leftovers
+    aim = compare.build_aim(run.model, run, None)
+    mine, _ = compare.predict(run, "aim", aim, 1, "one-to-many", torch.device("cpu"), max_new_tokens=2, limit=None, batch_size=5)
+    theirs = driver_predict(run, 1, sampling="one-to-many", batch_size=5, max_new_tokens=1)
+    assert [(r["query"], r["task"], r["answers"]) for r in mine] == [(r["query"], r["task"], r["answers"]) for r in theirs]
 
 
 def test_saved_tensor_bytes_counts_activations_not_parameters():

@@ -87,7 +87,7 @@ class VanillaICTBuilder(BatchBuilder):
         seqs, tgt_seqs, num_labels = [], [], 0
         for gi, q, uq in rows:
             f, t = ([], []) if self.shared_prefix else demo_part(group_demos[gi])
-            prompt = list(self._ltok(query_ds[q].prompt))
+            prompt = list(self.llm_ids(query_ds[q].prompt))
             f += [uq * span + j for j in range(self.nq)] + [-1] * len(prompt)
             t += [self.pad_id] * self.nq + prompt
             lab = [False] * len(f)
@@ -153,7 +153,7 @@ def aim_batch(groups: list[Group], query_ds, pool_ds, builder: BatchBuilder, wit
         group_demos=[[where[d] for d in g.demos] for g in groups],
         query_images=stack(query_ds, queries),
         query_group=torch.tensor([gi for gi, g in enumerate(groups) for _ in g.queries], dtype=torch.long),
-        query_prompt=[list(builder._ltok(query_ds[q].prompt)) for q in queries],
+        query_prompt=[list(builder.llm_ids(query_ds[q].prompt)) for q in queries],
         query_answer=[answer_ids(query_ds[q]) if with_answer else [] for q in queries],
         query_ids=queries,
         query_image_text=[list(builder._mhub_ids(query_ds[q].prompt)) for q in queries],  # MMICT's prompt-aware query features
