@@ -65,12 +65,15 @@ Tensor aligned(const Tensor& t) {
   return ok ? t : t.clone(at::MemoryFormat::Contiguous);
 }
 
-// Strides of a (B, L, H, D) or packed (total, H, D) tensor as (batch, row, head).
+// Strides of a (B, L, H, D) or packed (total, H, D) tensor as (batch, row, head). A dim of size
+// 1 is only ever indexed with 0, so its stride is passed as 0: torch may give such a dim any
+// stride (aligned() accepts it), and the API's multiple-of-8 check must not refuse it.
 void strides_of(const Tensor& t, int64_t& batch, int64_t& row, int64_t& head) {
+  auto stride = [&](int64_t d) { return t.size(d) == 1 ? int64_t{0} : t.stride(d); };
   if (t.dim() == 4) {
-    batch = t.stride(0), row = t.stride(1), head = t.stride(2);
+    batch = stride(0), row = stride(1), head = stride(2);
   } else {
-    batch = 0, row = t.stride(0), head = t.stride(1);
+    batch = 0, row = stride(0), head = stride(1);
   }
 }
 
