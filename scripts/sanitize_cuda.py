@@ -5,8 +5,8 @@
     compute-sanitizer --tool synccheck --error-exitcode 1 python3 scripts/sanitize_cuda.py
     compute-sanitizer --tool initcheck --error-exitcode 1 python3 scripts/sanitize_cuda.py
 
-Covers every kernel the extension launches (forward with 32- and 64-row query tiles, dsum,
-dq, dkdv on dense / packed / prefix-atomic / prefix-deterministic segments) for float16 and
+Covers every kernel the extension launches (forward with 32- and 64-row query tiles, split-KV
+combine, dsum, dq, dkdv on dense / packed / prefix-atomic / prefix-deterministic segments) for float16 and
 bfloat16, head dims 64 and 128, with partial tiles, zero-length rows and GQA. It also checks
 that every result is finite, so a run without the sanitizer is a quick smoke test. Exits 0 and
 prints one line per case on success.
@@ -53,6 +53,13 @@ def main(dev: str = "cuda") -> int:
             out = ops.hub_cross_attention(q, k, v, cu, backend="cuda")
             out.backward(torch.randn_like(out))
             _check(f"hub packed {dtype} D={head_dim}", out, q.grad, k.grad, v.grad)
+            cases += 1
+
+            # split-KV forward + its combine kernel (forced: the auto heuristic would not split
+            # these small cases); with at most 2 key blocks per sample some splits see none
+            with torch.no_grad():
+                out, lse = torch.ops.mmict_cuda.hub_cross_attention_fwd(q, k, v, cu, None, head_dim**-0.5, 3)
+            _check(f"hub packed split-KV {dtype} D={head_dim}", out, lse.clamp_min(-1e30))  # empty sample: lse = -inf
             cases += 1
 
             # prefix attention, GQA, two groups, left padding, both prefix-gradient modes
