@@ -103,6 +103,21 @@ def test_hub_cross_attention_strided_inputs():
     )
 
 
+def test_size_one_dims_with_odd_strides():
+    # torch may give a size-1 dim any stride (here 3, not a multiple of 8 elements): the binding
+    # passes stride 0 for it, so the op runs and matches the contiguous input bit for bit.
+    dtype, heads, head_dim = torch.float16, 2, 64
+    q = _randn(1, 1, heads, head_dim, dtype=dtype)
+    q_odd = torch.empty_strided(q.shape, (3, 3, head_dim, 1), device=DEV, dtype=dtype)
+    q_odd.copy_(q)
+    k, v = _randn(1, 70, heads, head_dim, dtype=dtype), _randn(1, 70, heads, head_dim, dtype=dtype)
+    ref = ops.hub_cross_attention(q, k, v, backend="cuda")
+    assert torch.equal(ops.hub_cross_attention(q_odd, k, v, backend="cuda"), ref)
+    pk, pv = _randn(1, 40, heads, head_dim, dtype=dtype), _randn(1, 40, heads, head_dim, dtype=dtype)
+    ref = ops.prefix_attention(q, k, v, pk, pv, backend="cuda")
+    assert torch.equal(ops.prefix_attention(q_odd, k, v, pk, pv, backend="cuda"), ref)
+
+
 def test_hub_cross_attention_expanded_upstream_gradient():
     # out.sum().backward() hands the op an expanded dout (all strides 0): it must be re-laid out.
     q, k, v, lengths = _hub_inputs(HUB_CASES["dense_ragged_zero"], torch.bfloat16, 64)
