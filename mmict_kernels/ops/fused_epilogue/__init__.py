@@ -38,28 +38,8 @@ _SEED_HIGH = 2**62  # seeds drawn when none is given lie in [0, 2**62)
 
 
 def _implementation(op: str, backend: str, *, device_type: str, dtype: torch.dtype, hidden: int, dropout: bool = False):
-    """backends.resolve, also while torch.compile traces.
-
-    resolve() imports the implementation with importlib, which dynamo refuses to trace; under
-    compile the same choice is made from backends.explain (static facts, no import) and the
-    implementation is imported with a plain import statement, which dynamo handles.
-    """
-    facts = dict(device_type=device_type, dtype=dtype, head_dim=hidden, dropout=dropout)
-    if not torch.compiler.is_compiling():
-        return backends.resolve(op, backend, **facts)[1]
-    usable = backends.available_backends(op, **facts)
-    if backend == "auto":  # resolve()'s rule: first usable, and auto on CPU never picks the interpreter
-        usable = [b for b in usable if not (b == "triton" and device_type == "cpu")]
-        backend = usable[0] if usable else "torch"
-    if backend not in usable:
-        return backends.resolve(op, backend, **facts)[1]  # raises with the reasons
-    if backend == "torch":
-        from . import reference as module
-    elif op == LAYERNORM_OP:
-        from . import triton_layernorm as module
-    else:
-        from . import triton_gelu as module
-    return getattr(module, f"{op}_{'reference' if backend == 'torch' else 'triton'}")
+    """The registered implementation (``backends.resolve``, which torch.compile traces); the hidden size plays the head dim."""
+    return backends.resolve(op, backend, device_type=device_type, dtype=dtype, head_dim=hidden, dropout=dropout)[1]
 
 
 def _check_rows_and_vector(x_name: str, x, vectors: dict) -> int:
