@@ -218,3 +218,69 @@ def test_bidirectional_cache_path_still_matches_transformers_grads():
     hub = FusedMHub.from_hf(hf, backend="torch")
     inputs = make_inputs("blip2", batch=3, nq=6, image_tokens=10, image_lengths=[1, 10, 6])
     assert_matches_hf(hub, hf, inputs)
+
+
+def _count_query_ffn_rows(hub):
+    """Forward hooks that add up the rows each layer's query FFN sees (one query stream = B rows)."""
+    counts = []
+    for layer in hub.encoder.layer:
+        layer.intermediate_query.register_forward_hook(lambda mod, args, out: counts.append(args[0].shape[0]))
+    return counts
+
+
+def test_itc_and_itg_share_one_query_stream():
+    """ITC + ITM + ITG run two query streams, not three; ITC's query rows are ITG's, hidden states included."""
+    hub = _hub(layers=3, freq=2)
+    inputs = make_inputs("instructblip", batch=3, nq=5, image_tokens=9, image_lengths=[9, 2, 6], text_lengths=[3, 5, 0])
+    counts = _count_query_ffn_rows(hub)
+    with torch.no_grad():
+        itc, itm, itg = hub.forward_objectives(**inputs, masks=("itc", "bidirectional", "itg"), output_hidden_states=True)
+        assert counts == [2 * 3] * 3  # ITM's and the shared stream, B = 3 rows each, per layer
+        torch.testing.assert_close(itc.last_hidden_state[:, :5], itg.last_hidden_state[:, :5], rtol=0, atol=0)
+        counts.clear()
+        separate = [hub(**inputs, mask=m, output_hidden_states=True) for m in MASKS]
+        assert counts == [3] * 9
+        # without an ITG to share with, ITC keeps rows of its own
+        counts.clear()
+        hub.forward_objectives(**inputs, masks=("unimodal", "bidirectional"))
+        assert counts == [2 * 3] * 3
+    for ours, ref in zip((itc, itm, itg), separate):
+        torch.testing.assert_close(ours.last_hidden_state, ref.last_hidden_state, **TOL)
+        torch.testing.assert_close(ours.pooler_output, ref.pooler_output, **TOL)
+        assert len(ours.hidden_states) == len(ref.hidden_states) == 4
+        for a, b in zip(ours.hidden_states, ref.hidden_states):
+            torch.testing.assert_close(a, b, **TOL)
+
+
+@pytest.mark.parametrize("masks", [("unimodal", "multimodal_causal"), ("multimodal_causal", "bidirectional", "unimodal")])
+def test_shared_query_stream_in_training_with_dropout(masks):
+    """Training mode, fixed seed: one dropout draw for the shared query stream, reproducible, same with checkpointing."""
+    hub = FusedMHub.from_hf(make_hf("instructblip", layers=2, freq=1, dropout=0.2), backend="torch").train()
+    inputs = make_inputs("instructblip", batch=2, nq=4, image_tokens=7, image_lengths=[7, 3], text_lengths=[3, 1])
+    image = inputs.pop("encoder_hidden_states")
+    itc, itg = masks.index("unimodal"), masks.index("multimodal_causal")
+
+    def step(checkpointing):
+        hub.gradient_checkpointing = checkpointing
+        torch.manual_seed(11)
+        x = _leaf(image)
+        outs = [o.last_hidden_state for o in hub.forward_objectives(**inputs, encoder_hidden_states=x, masks=masks)]
+        loss = sum((o * (i + 1)).square().mean() for i, o in enumerate(outs))
+        return outs, _grads(hub, loss, x)
+
+    outs, grads = step(False)
+    assert all(torch.isfinite(o).all() for o in outs)
+    torch.testing.assert_close(outs[itc][:, :4], outs[itg][:, :4], rtol=0, atol=0)  # the same draws
+    again, again_grads = step(False)
+    recomputed, recomputed_grads = step(True)
+    for other, other_grads in ((again, again_grads), (recomputed, recomputed_grads)):
+        for a, b in zip(outs, other):
+            torch.testing.assert_close(b, a, rtol=0, atol=0)
+        for a, b in zip(grads, other_grads):
+            if a is None:
+                assert b is None
+            else:
+                torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        evals = hub.eval().forward_objectives(**inputs, encoder_hidden_states=image, masks=masks)
+    assert not torch.allclose(outs[itc], evals[itc].last_hidden_state)  # dropout was active

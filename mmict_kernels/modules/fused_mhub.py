@@ -36,6 +36,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAtte
 
 from .. import backends, ops
 from ..ops import _checks as C
+from ..ops.hub_self_attention.reference import MASK_ALIASES
 from .image_kv_cache import ImageKVCache, arrange_image_tokens
 from . import epilogue
 from .mhub_layers import QFormerEncoder, QFormerTextEmbeddings, init_qformer_weights
@@ -60,6 +61,31 @@ class MHubOutput(BaseModelOutputWithPoolingAndCrossAttentions):
 
 def _config_value(config, name, default=None):
     return getattr(config, name, default)
+
+
+def _share_query_stream(masks):
+    """How forward_objectives lays out its objectives: (row_masks, itc, itg_row).
+
+    Under both the "unimodal" (ITC) and the "multimodal_causal" (ITG) mask a query row attends to
+    query keys only, then cross-attends the image, in every layer. Both start from the same
+    embeddings, so by induction over the layers their query rows are equal: one query stream serves
+    both. ITC's text rows attend to valid text keys only, which is exactly a text-only pass (no
+    queries, the padding mask); ITG's text rows attend to the shared queries and earlier text.
+    So when the masks hold one ITC and one ITG, ITC gets no rows of its own: its output is
+    [ITG's query rows ; a text-only stream], and ``row_masks`` lists the other objectives.
+    Exact up to rounding: the text-only attention drops the masked query keys, which add exact zeros.
+    This is also how LAVIS's BLIP-2 stage 1 runs them (ITG reads the query K/V of ITC's pass; ITC's
+    text is its own BERT pass), so in training ITC and ITG share one dropout draw for the queries.
+
+    Returns ``(masks, None, None)`` when there is nothing to share (duplicates are left as they are).
+    """
+    names = [MASK_ALIASES.get(m, m) if isinstance(m, str) else m for m in masks]
+    if names.count("unimodal") != 1 or names.count("multimodal_causal") != 1:
+        return tuple(masks), None, None
+    itc = names.index("unimodal")
+    row_masks = tuple(masks[:itc]) + tuple(masks[itc + 1 :])
+    itg_row = (names[:itc] + names[itc + 1 :]).index("multimodal_causal")
+    return row_masks, itc, itg_row
 
 
 def _copy_config(config):
@@ -332,6 +358,13 @@ class FusedMHub(nn.Module):
         Equals ``[self(*args, mask=m, **kwargs) for m in masks]`` (BLIP-2 stage 1: ITC, ITM, ITG),
         but the image K/V are projected once and the cross-attention of all objectives runs as one
         kernel call per layer (the objectives' query rows of a sample share its image keys).
+        With one "unimodal" (ITC) and one "multimodal_causal" (ITG) mask, their query rows, equal
+        under both masks, are computed once and ITC's text rows run as a text-only stream (see
+        ``_share_query_stream``): the default three objectives cost two query streams, not three.
+
+        Dropout (training): the embeddings' dropout is drawn once for all objectives, ITC and ITG
+        share their query stream's draws (as in LAVIS), and every other row draws its own; so in
+        training the outputs follow the separate calls in distribution, not draw for draw.
         """
         if isinstance(masks, str) or not isinstance(masks, (tuple, list)) or len(masks) == 0:
             raise TypeError(f"masks: expected a non-empty tuple or list of mask names, got {masks!r}")
@@ -524,35 +557,55 @@ class FusedMHub(nn.Module):
         if nq > 0 and self.cross_attention_layers and cache is None:
             raise ValueError("encoder_hidden_states: required (or image_kv=) for the query tokens' cross-attention layers")
 
-        num_objectives = len(masks)
-        if num_objectives > 1:
-            hidden = hidden.repeat(num_objectives, 1, 1)  # objective-major: rows [o * B + b]
+        # Rows of `hidden`, objective-major ([r * B + b]), one block per mask of row_masks; a shared
+        # ITC (itc is not None) reads ITG's query rows and its own text-only stream, itc_text.
+        row_masks, itc, itg_row = _share_query_stream(masks)
+        itc_text = hidden[:, nq:] if itc is not None and seq_len > nq else None
+        num_rows = len(row_masks)
+        if num_rows > 1:
+            hidden = hidden.repeat(num_rows, 1, 1)
         if output_hidden_states is None:
             output_hidden_states = bool(_config_value(self.config, "output_hidden_states", False))
         # As transformers: the embeddings' output, then every layer's output.
-        all_hidden = [hidden] if output_hidden_states else None
+        all_hidden = [(hidden, itc_text)] if output_hidden_states else None
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.encoder.layer:
             if checkpointing:
                 # Keep only each layer's input; recompute the layer in backward. The RNG state is
                 # restored for the recomputation, so dropout (and the kernels' seeds) repeat exactly.
-                hidden = torch.utils.checkpoint.checkpoint(
-                    self._layer, layer, hidden, nq, text_lengths, masks, cache, use_reentrant=False
+                hidden, itc_text = torch.utils.checkpoint.checkpoint(
+                    self._layer_streams, layer, hidden, itc_text, nq, text_lengths, row_masks, cache, use_reentrant=False
                 )
             else:
-                hidden = self._layer(layer, hidden, nq, text_lengths, masks, cache)
+                hidden, itc_text = self._layer_streams(layer, hidden, itc_text, nq, text_lengths, row_masks, cache)
             if all_hidden is not None:
-                all_hidden.append(hidden)
+                all_hidden.append((hidden, itc_text))
+
+        def objective_state(o, rows_state, text_state):
+            """Objective o's hidden states (B, L, hidden) at one depth."""
+            if o == itc:
+                queries = rows_state[itg_row * batch : (itg_row + 1) * batch, :nq]
+                return queries if text_state is None else torch.cat([queries, text_state], dim=1)
+            r = o if itc is None or o < itc else o - 1
+            return rows_state[r * batch : (r + 1) * batch] if num_rows > 1 else rows_state
+
         outputs = []
-        for o in range(num_objectives):
-            rows = slice(o * batch, (o + 1) * batch)
-            h = hidden[rows] if num_objectives > 1 else hidden
-            states = None if all_hidden is None else tuple(x[rows] if num_objectives > 1 else x for x in all_hidden)
+        for o in range(len(masks)):
+            h = objective_state(o, hidden, itc_text)
+            states = None if all_hidden is None else tuple(objective_state(o, *x) for x in all_hidden)
             outputs.append(MHubOutput(last_hidden_state=h, pooler_output=h[:, 0, :], hidden_states=states))
         return outputs
 
     def _dropout_p(self) -> float:
         return self.attention_dropout if self.training else 0.0
+
+    def _layer_streams(self, layer, hidden, itc_text, nq, text_lengths, masks, cache):
+        """One layer over the objective rows and, if any, ITC's text-only stream."""
+        hidden = self._layer(layer, hidden, nq, text_lengths, masks, cache)
+        if itc_text is not None:
+            # ITC's text rows see only valid text keys: a sequence with no queries, under the padding mask.
+            itc_text = self._layer(layer, itc_text, 0, text_lengths, ("bidirectional",), cache)
+        return hidden, itc_text
 
     def _layer(self, layer, hidden, nq, text_lengths, masks, cache):
         rows, seq_len, width = hidden.shape
