@@ -84,6 +84,26 @@ def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
 # Forward
 # ---------------------------------------------------------------------------------------
 @triton.jit
+def _prefix_len(PREFIX_LENS, g, len_p, HAS_PLEN: tl.constexpr):
+    """Valid prefix tokens of group g (right padding); all Lp without prefix_lengths."""
+    if HAS_PLEN:
+        plen = tl.load(PREFIX_LENS + g)
+    else:
+        plen = len_p
+    return plen
+
+
+@triton.jit
+def _own_start(SEQLENS, b, len_k, HAS_SEQLENS: tl.constexpr):
+    """First valid own key of row b: left padding, so the first len_k - seqlens_k[b] keys are invalid."""
+    if HAS_SEQLENS:
+        own_lo = len_k - tl.load(SEQLENS + b)
+    else:
+        own_lo = 0
+    return own_lo
+
+
+@triton.jit
 def _fwd_key_range(
     acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn,
     n_begin, n_end, lo, hi, diag, i_pos, offs_n, offs_d, qk_scale,
@@ -127,14 +147,8 @@ def _prefix_attn_fwd_kernel(
     b = (pid_bh // kv_heads).to(tl.int64)
     hkv = pid_bh % kv_heads
     g = tl.load(PREFIX_IDS + b)
-    if HAS_PLEN:
-        plen = tl.load(PREFIX_LENS + g)
-    else:
-        plen = len_p
-    if HAS_SEQLENS:
-        own_lo = len_k - tl.load(SEQLENS + b)  # left padding: the first own_lo own keys are invalid
-    else:
-        own_lo = 0
+    plen = _prefix_len(PREFIX_LENS, g, len_p, HAS_PLEN)
+    own_lo = _own_start(SEQLENS, b, len_k, HAS_SEQLENS)
 
     # Packed GQA rows: row r is query r // GQ of head hkv * GQ + r % GQ.
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -244,14 +258,8 @@ def _prefix_attn_bwd_dq_kernel(
     b = (pid_bh // kv_heads).to(tl.int64)
     hkv = pid_bh % kv_heads
     g = tl.load(PREFIX_IDS + b)
-    if HAS_PLEN:
-        plen = tl.load(PREFIX_LENS + g)
-    else:
-        plen = len_p
-    if HAS_SEQLENS:
-        own_lo = len_k - tl.load(SEQLENS + b)
-    else:
-        own_lo = 0
+    plen = _prefix_len(PREFIX_LENS, g, len_p, HAS_PLEN)
+    own_lo = _own_start(SEQLENS, b, len_k, HAS_SEQLENS)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_valid = rows < len_q * GQ
@@ -345,10 +353,7 @@ def _prefix_attn_bwd_dkdv_kernel(
 
     if pid_n < n_prefix_blocks:
         g = tl.load(PREFIX_IDS + b)
-        if HAS_PLEN:
-            plen = tl.load(PREFIX_LENS + g)
-        else:
-            plen = len_p
+        plen = _prefix_len(PREFIX_LENS, g, len_p, HAS_PLEN)
         n0 = pid_n * BLOCK_N
         cols = n0 + offs_n
         in_range = cols < plen
@@ -371,10 +376,7 @@ def _prefix_attn_bwd_dkdv_kernel(
             tl.atomic_add(DPK + off, dk, mask=in_range[:, None])
             tl.atomic_add(DPV + off, dv, mask=in_range[:, None])
     else:
-        if HAS_SEQLENS:
-            own_lo = len_k - tl.load(SEQLENS + b)
-        else:
-            own_lo = 0
+        own_lo = _own_start(SEQLENS, b, len_k, HAS_SEQLENS)
         n0 = (pid_n - n_prefix_blocks) * BLOCK_N
         cols = n0 + offs_n
         in_range = (cols >= own_lo) & (cols < len_k)
