@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from .batch import BatchBuilder, MMICTBatch, pack
+from .batch import BatchBuilder
 from .sampling import Group
 
 METHODS = ("finetune", "vanilla_ict", "mmict", "aim")
@@ -36,80 +36,14 @@ LABELS = {"finetune": "VanillaFine-Tune", "vanilla_ict": "Vanilla ICT", "mmict":
 class VanillaICTBuilder(BatchBuilder):
     """``BatchBuilder`` with the Vanilla ICT demonstration layout (same arguments, same batch type)."""
 
-    def __call__(self, groups: list[Group], query_ds, pool_ds) -> MMICTBatch:
-        # --- M-Hub turns: a demonstration's image with no text, a query's image with its prompt ---
-        turn_of: dict = {}
-        turn_text, turn_img, image_of, image_src = [], [], {}, []
+    def demo_mhub_ids(self, example) -> tuple:
+        return ()  # the demonstration's image alone: read at the turn's query positions
 
-        def add_turn(key, ds, idx, text_ids):
-            if key not in turn_of:
-                img_key = ds[idx].images
-                if img_key not in image_of:
-                    image_of[img_key] = len(image_src)
-                    image_src.append((ds, idx))
-                turn_of[key] = len(turn_text)
-                turn_text.append(text_ids)
-                turn_img.append(image_of[img_key])
-            return turn_of[key]
-
-        group_demos, rows = [], []
-        for gi, g in enumerate(groups):
-            group_demos.append([(add_turn(("demo", d), pool_ds, d, ()), d) for d in g.demos])
-            for q in g.queries:
-                rows.append((gi, q, add_turn(("query", q), query_ds, q, self._mtok(query_ds[q].prompt))))
-
-        span = self.nq + max(len(t) for t in turn_text)  # query turns always carry a prompt
-        mpad = self.mtok.pad_token_id if self.mtok.pad_token_id is not None else 0
-        turn_ids = torch.full((len(turn_text), span - self.nq), mpad, dtype=torch.long)
-        turn_mask = torch.zeros_like(turn_ids)
-        for u, ids in enumerate(turn_text):
-            if ids:
-                turn_ids[u, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-                turn_mask[u, : len(ids)] = 1
-
-        feats = [ds.image_tokens(i) for ds, i in image_src]
-        lv = max(f.shape[0] for f in feats)
-        images = feats[0].new_zeros(len(feats), lv, feats[0].shape[1])
-        image_mask = torch.zeros(len(feats), lv, dtype=torch.long)
-        for i, f in enumerate(feats):
-            images[i, : f.shape[0]], image_mask[i, : f.shape[0]] = f, 1
-
-        # --- LLM sequences ---
-        def demo_part(demos):
-            f, t = [], []
-            for u, d in demos:
-                text = list(self.llm_ids(self.demo_text(pool_ds[d])))  # MMICT's demonstration text
-                f += [u * span + j for j in range(self.nq)] + [-1] * len(text) + [-1]
-                t += [self.pad_id] * self.nq + text + [self.sep_id]
-            return f, t
-
-        train = self.mode == "train"
-        seqs, tgt_seqs, num_labels = [], [], 0
-        for gi, q, uq in rows:
-            f, t = ([], []) if self.shared_prefix else demo_part(group_demos[gi])
-            prompt = list(self.llm_ids(query_ds[q].prompt))
-            f += [uq * span + j for j in range(self.nq)] + [-1] * len(prompt)
-            t += [self.pad_id] * self.nq + prompt
-            lab = [False] * len(f)
-            if train:
-                target = self.target_ids(query_ds[q].answer)
-                num_labels += len(target)
-                if self.family == "decoder":
-                    f, t, lab = f + [-1] * len(target), t + target, lab + [True] * len(target)
-                else:
-                    tgt_seqs.append(([-1] * len(target), target, [True] * len(target)))
-            seqs.append((f, t, lab))
-        llm = pack(seqs, self.pad_id, pad_left=not train, with_labels=train and self.family == "decoder")
-        decoder = pack(tgt_seqs, self.pad_id, False, with_labels=True) if tgt_seqs else None
-        prefix = prefix_ids = None
-        if self.shared_prefix:
-            prefix = pack([(*demo_part(d), []) for d in group_demos], self.pad_id, False, with_labels=False)
-            prefix_ids = torch.tensor([gi for gi, _, _ in rows], dtype=torch.long)
-        return MMICTBatch(
-            images, image_mask, torch.tensor(turn_img, dtype=torch.long), turn_ids, turn_mask, llm, decoder, prefix, prefix_ids,
-            [q for _, q, _ in rows], [query_ds[q].answers or (query_ds[q].answer,) for _, q, _ in rows],
-            [query_ds[q].task for _, q, _ in rows], num_labels,
-        )
+    def demo_llm_part(self, turn: int, span: int, n_mhub_text: int, example) -> tuple[list[int], list[int]]:
+        """Its visual features (the turn's query outputs), its text as LLM tokens, the separator."""
+        text = list(self.llm_ids(self.demo_text(example)))  # MMICT's demonstration text
+        feats = [turn * span + j for j in range(self.nq)] + [-1] * len(text) + [-1]
+        return feats, [self.pad_id] * self.nq + text + [self.sep_id]
 
 
 def builder_class(method: str) -> type[BatchBuilder]:

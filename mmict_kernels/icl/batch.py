@@ -148,12 +148,24 @@ class BatchBuilder:
     def target_ids(self, answer: str) -> list[int]:
         return list(self.llm_ids(" " + answer)) + ([self.eos_id] if self.eos_id is not None else [])
 
+    # --- how a demonstration enters the batch: the two hooks a baseline layout overrides ---
+    def demo_mhub_ids(self, example) -> tuple:
+        """M-Hub text of a demonstration's turn (MMICT: its demonstration text)."""
+        return self._mtok(self.demo_text(example))
+
+    def demo_llm_part(self, turn: int, span: int, n_mhub_text: int, example) -> tuple[list[int], list[int]]:
+        """(feature positions, token ids) of one demonstration in the LLM sequence; -1 marks a token.
+
+        MMICT: the M-Hub outputs at the turn's text positions, then the separator.
+        """
+        return [turn * span + self.nq + j for j in range(n_mhub_text)] + [-1], [self.pad_id] * n_mhub_text + [self.sep_id]
+
     def __call__(self, groups: list[Group], query_ds, pool_ds) -> MMICTBatch:
         # --- turns (demonstrations deduplicated across groups) and their images ---
         turn_of: dict = {}
         turn_text, turn_img_key, image_of, image_src = [], [], {}, []
 
-        def add_turn(key, ds, idx, text):
+        def add_turn(key, ds, idx, text_ids):
             if key not in turn_of:
                 ex = ds[idx]
                 img_key = ex.images
@@ -161,16 +173,16 @@ class BatchBuilder:
                     image_of[img_key] = len(image_src)
                     image_src.append((ds, idx))
                 turn_of[key] = len(turn_text)
-                turn_text.append(self._mtok(text))
+                turn_text.append(text_ids)
                 turn_img_key.append(image_of[img_key])
             return turn_of[key]
 
         group_demo_turns, row_query_turn, rows = [], [], []
         for gi, g in enumerate(groups):
-            demos = [add_turn(("demo", d), pool_ds, d, self.demo_text(pool_ds[d])) for d in g.demos]
+            demos = [(add_turn(("demo", d), pool_ds, d, self.demo_mhub_ids(pool_ds[d])), d) for d in g.demos]
             group_demo_turns.append(demos)
             for q in g.queries:
-                row_query_turn.append(add_turn(("query", q), query_ds, q, query_ds[q].prompt))
+                row_query_turn.append(add_turn(("query", q), query_ds, q, self._mtok(query_ds[q].prompt)))
                 rows.append((gi, q))
 
         span = self.nq + max(len(t) for t in turn_text)  # M-Hub positions per turn: queries + text
@@ -191,10 +203,10 @@ class BatchBuilder:
         # --- LLM sequences ---
         def demo_part(demo_turns):
             f, t = [], []
-            for u in demo_turns:
-                n = len(turn_text[u])
-                f += [u * span + self.nq + j for j in range(n)] + [-1]
-                t += [self.pad_id] * n + [self.sep_id]
+            for u, d in demo_turns:
+                df, dt = self.demo_llm_part(u, span, len(turn_text[u]), pool_ds[d])
+                f += df
+                t += dt
             return f, t
 
         train = self.mode == "train"
