@@ -22,11 +22,22 @@ from typing import Callable, Iterable
 import torch
 
 BACKENDS = ("cuda", "triton", "torch")
+BACKEND_CHOICES = ("auto",) + BACKENDS  # what a ``backend=`` argument or config key accepts
 _AUTO_ORDER = BACKENDS
 
 
 class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend cannot run these inputs (the message says why)."""
+
+
+def check_backend_name(backend, name: str = "backend") -> str:
+    """``backend`` if it is one of :data:`BACKEND_CHOICES`; else a TypeError/ValueError naming ``name``."""
+    choices = ", ".join(repr(b) for b in BACKEND_CHOICES)
+    if not isinstance(backend, str):
+        raise TypeError(f"{name}: expected a str ({choices}), got {type(backend).__name__}")
+    if backend not in BACKEND_CHOICES:
+        raise ValueError(f"{name}: expected one of {choices}, got {backend!r}")
+    return backend
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,8 +178,7 @@ def _choose(op: str, backend: str, device_type: str, dtype: torch.dtype, head_di
             reasons = explain(op, device_type=device_type, dtype=dtype, head_dim=head_dim, dropout=dropout)
             raise BackendUnavailableError(f"no backend can run {op}: {reasons}")
     else:
-        if backend not in BACKENDS:
-            raise ValueError(f"backend: expected 'auto' or one of {BACKENDS}, got {backend!r}")
+        check_backend_name(backend)
         why = _refusal(op, backend, device_type, dtype, head_dim, dropout)
         if why is not None:
             raise BackendUnavailableError(f"backend={backend!r} cannot run {op}: {why}")

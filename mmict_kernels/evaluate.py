@@ -10,6 +10,8 @@ import argparse
 import os
 import sys
 
+from . import backends
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m mmict_kernels.evaluate", description=__doc__.splitlines()[0])
@@ -17,7 +19,7 @@ def parse_args(argv=None):
     p.add_argument("--config", help="config YAML (default: <run>/config.yaml)")
     p.add_argument("--checkpoint", help="trainable.safetensors or a checkpoint folder (default: newest in <run>); 'none': untrained")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
-    p.add_argument("--backend", choices=("auto", "cuda", "triton", "torch"), help="kernels for the M-Hub and the prefix cache")
+    p.add_argument("--backend", choices=backends.BACKEND_CHOICES, help="kernels for the M-Hub and the prefix cache")
     p.add_argument("--demos", type=int, nargs="+", help="numbers of demonstrations to evaluate with (eval.demo_counts)")
     p.add_argument("--sampling", choices=("random", "similar", "same-class", "one-to-many"), help="demos.sampling")
     p.add_argument("--output", help="JSON results path (default <run>/eval.json)")

@@ -9,12 +9,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import backends
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m mmict_kernels.train", description=__doc__.splitlines()[0])
     p.add_argument("--config", help="run config YAML (default: the built-in tiny embedded run, configs/tiny.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
-    p.add_argument("--backend", choices=("auto", "cuda", "triton", "torch"), help="kernels for the M-Hub and the prefix cache")
+    p.add_argument("--backend", choices=backends.BACKEND_CHOICES, help="kernels for the M-Hub and the prefix cache")
     p.add_argument("--output-dir", help="where checkpoints and logs go (train.output_dir)")
     p.add_argument("--max-steps", type=int, help="train.max_steps")
     p.add_argument("--no-resume", action="store_true", help="start fresh even if the output folder has checkpoints")

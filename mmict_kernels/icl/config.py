@@ -12,6 +12,8 @@ from typing import Any
 
 import yaml
 
+from .. import backends
+
 
 @dataclasses.dataclass
 class ModelConfig:
@@ -178,8 +180,7 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError(f"model.llm_family: expected 'decoder' or 'encoder-decoder', got {m.llm_family!r}")
     if m.vision_family not in ("blip2", "clip", "siglip"):
         raise ValueError(f"model.vision_family: expected 'blip2', 'clip' or 'siglip', got {m.vision_family!r}")
-    if m.backend not in ("auto", "cuda", "triton", "torch"):
-        raise ValueError(f"model.backend: expected auto, cuda, triton or torch, got {m.backend!r}")
+    backends.check_backend_name(m.backend, "model.backend")
     if m.llm_dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"model.llm_dtype: expected float32, bfloat16 or float16, got {m.llm_dtype!r}")
     if m.mhub_impl not in ("fused", "transformers"):

@@ -35,8 +35,7 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
 
 from .. import backends, ops
-from ..ops import _checks as C
-from ..ops.hub_self_attention.reference import MASK_ALIASES
+from ..ops import checks as C
 from .image_kv_cache import ImageKVCache, arrange_image_tokens
 from . import epilogue
 from .mhub_layers import QFormerEncoder, QFormerTextEmbeddings, init_qformer_weights
@@ -79,7 +78,7 @@ def _share_query_stream(masks):
 
     Returns ``(masks, None, None)`` when there is nothing to share (duplicates are left as they are).
     """
-    names = [MASK_ALIASES.get(m, m) if isinstance(m, str) else m for m in masks]
+    names = [ops.canonical_mask(m) for m in masks]
     if names.count("unimodal") != 1 or names.count("multimodal_causal") != 1:
         return tuple(masks), None, None
     itc = names.index("unimodal")

@@ -28,7 +28,7 @@ from typing import Sequence
 
 import torch
 
-from ..ops import _checks as C
+from ..ops import checks as C
 from .prefix_cache_attention import ATTENTION_NAME, PrefixCallState, PrefixCapture, RowKVCache, prefix_attention_active
 
 # Arguments the prefix path sets itself; passing them through would contradict it.

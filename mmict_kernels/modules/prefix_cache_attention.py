@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from ..ops._checks import skip_value_checks
+from ..ops.checks import skip_value_checks
 from ..ops.prefix_attention import prefix_attention
 
 ATTENTION_NAME = "mmict_prefix"

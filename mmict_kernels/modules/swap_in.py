@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..ops._checks import check_backend_name
+from ..ops.checks import check_backend_name
 from .fused_mhub import FusedMHub
 
 # Models whose ``qformer`` attribute is a Q-Former FusedMHub can replace.

@@ -20,7 +20,7 @@ import math
 import torch
 
 from ... import backends
-from .. import _checks as C
+from .. import checks as C
 from .philox import dropout_keep_mask
 from .qkv import fused_kv_linear, fused_qkv_linear
 from .reference import bias_dropout_add_layernorm_reference, bias_gelu_reference

@@ -21,7 +21,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from .. import _checks as C
+from .. import checks as C
 
 _MAX_CACHED = 256  # sets of weights (a 12-layer M-Hub uses 12 QKV + 6 cross K/V)
 _CACHE: dict[tuple[int, ...], tuple[tuple, tuple, torch.Tensor, torch.Tensor | None]] = {}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ... import backends
-from .. import _checks as C
+from .. import checks as C
 from .reference import hub_cross_attention_reference
 
 OP = "hub_cross_attention"

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 
 from ... import backends
-from .. import _checks as C
-from .reference import MASK_ALIASES, MASK_MODES, hub_self_attention_reference, self_attention_mask
+from .. import checks as C
+from .reference import MASK_ALIASES, MASK_MODES, canonical_mask, hub_self_attention_reference, self_attention_mask
 
 OP = "hub_self_attention"
 
@@ -70,11 +70,7 @@ def hub_self_attention(
         raise TypeError(f"num_query_tokens: expected an int, got {type(num_query_tokens).__name__}")
     if not 0 <= num_query_tokens <= seq_len:
         raise ValueError(f"num_query_tokens: expected 0 <= num_query_tokens <= L = {seq_len}, got {num_query_tokens}")
-    if not isinstance(mask, str):
-        raise TypeError(f"mask: expected a str, one of {MASK_MODES}, got {type(mask).__name__}")
-    mask = MASK_ALIASES.get(mask, mask)
-    if mask not in MASK_MODES:
-        raise ValueError(f"mask: expected one of {MASK_MODES} (or aliases {tuple(MASK_ALIASES)}), got {mask!r}")
+    mask = canonical_mask(mask)
     scale = C.check_softmax_scale(softmax_scale, head_dim)
     dropout_p = C.check_dropout(dropout_p)
     C.check_backend_name(backend)
@@ -89,4 +85,6 @@ def hub_self_attention(
     return (out, lse) if return_lse else out
 
 
-__all__ = ["hub_self_attention", "hub_self_attention_reference", "self_attention_mask", "MASK_MODES"]
+__all__ = [
+    "hub_self_attention", "hub_self_attention_reference", "self_attention_mask", "canonical_mask", "MASK_MODES", "MASK_ALIASES",
+]

@@ -11,6 +11,16 @@ MASK_MODES = ("bidirectional", "unimodal", "multimodal_causal")
 MASK_ALIASES = {"itm": "bidirectional", "itc": "unimodal", "itg": "multimodal_causal"}
 
 
+def canonical_mask(mask, name: str = "mask") -> str:
+    """The mask's canonical name (aliases "itm", "itc", "itg" resolved); a clear error otherwise."""
+    if not isinstance(mask, str):
+        raise TypeError(f"{name}: expected a str, one of {MASK_MODES}, got {type(mask).__name__}")
+    canonical = MASK_ALIASES.get(mask, mask)
+    if canonical not in MASK_MODES:
+        raise ValueError(f"{name}: expected one of {MASK_MODES} (or aliases {tuple(MASK_ALIASES)}), got {mask!r}")
+    return canonical
+
+
 def self_attention_mask(
     num_query_tokens: int,
     seq_len: int,

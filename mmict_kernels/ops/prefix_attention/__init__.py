@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ... import backends
-from .. import _checks as C
+from .. import checks as C
 from .reference import prefix_attention_mask, prefix_attention_reference
 
 OP = "prefix_attention"

@@ -118,9 +118,5 @@ def check_dropout(dropout_p) -> float:
     return float(dropout_p)
 
 
-def check_backend_name(backend) -> str:
-    if not isinstance(backend, str):
-        raise TypeError(f"backend: expected a str ('auto', 'cuda', 'triton' or 'torch'), got {type(backend).__name__}")
-    if backend not in ("auto", "cuda", "triton", "torch"):
-        raise ValueError(f"backend: expected 'auto', 'cuda', 'triton' or 'torch', got {backend!r}")
-    return backend
+# The backend argument's check lives with the backends' names (one source): re-exported here for the ops.
+from ..backends import check_backend_name  # noqa: E402,F401
