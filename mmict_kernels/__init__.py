@@ -18,11 +18,11 @@ from .backends import BackendUnavailableError  # noqa: E402
 def __getattr__(name):
     # Modules pull in transformers; import them lazily so `import mmict_kernels.ops` stays light.
     if name in ("FusedMHub", "MHubOutput"):
-        from .modules import fused_mhub
+        from .modules import mhub
 
-        return getattr(fused_mhub, name)
+        return getattr(mhub, name)
     if name == "apply_mmict_kernels":
-        from .modules.swap_in import apply_mmict_kernels
+        from .modules.mhub import apply_mmict_kernels
 
         return apply_mmict_kernels
     raise AttributeError(f"module 'mmict_kernels' has no attribute {name!r}")

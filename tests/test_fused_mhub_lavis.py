@@ -7,7 +7,7 @@ import torch
 
 from fused_mhub_testing import HIDDEN, make_hf, make_inputs
 from mmict_kernels import FusedMHub
-from mmict_kernels.modules.lavis import LavisCheckpointError, to_lavis_state_dict
+from mmict_kernels.modules.mhub.lavis import LavisCheckpointError, to_lavis_state_dict
 
 
 def lavis_state_dict(hf, query_tokens, flavor):

@@ -17,7 +17,7 @@ from transformers import (
 )
 
 from mmict_kernels import FusedMHub
-from mmict_kernels.modules.swap_in import apply_mmict_kernels, apply_mmict_kernels_to_blip2, apply_mmict_kernels_to_instructblip
+from mmict_kernels.modules import apply_mmict_kernels, apply_mmict_kernels_to_blip2, apply_mmict_kernels_to_instructblip
 
 NQ, IMAGE_TOKEN = 4, 110
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14)

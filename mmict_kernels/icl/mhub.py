@@ -101,7 +101,7 @@ def build_mhub(mhub_config: dict, checkpoint: str | None, num_query_tokens: int,
         return TransformersMHub(qformer, query_tokens)
     if impl != "fused":
         raise ValueError(f"model.mhub_impl: expected 'fused' or 'transformers', got {impl!r}")
-    from ..modules.fused_mhub import FusedMHub
+    from ..modules.mhub import FusedMHub
 
     return FusedMHub.from_hf(qformer, backend, query_tokens=query_tokens)
 

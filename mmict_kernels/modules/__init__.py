@@ -1,10 +1,9 @@
 """nn.Modules built on mmict_kernels' ops.
 
-- :class:`FusedMHub` (``fused_mhub.py``, blocks in ``mhub_layers.py``, epilogues in ``epilogue.py``): the
-  BLIP-2 / InstructBLIP Q-Former (M-Hub) on fused attention, with an image K/V cache
-  (:class:`ImageKVCache`, ``image_kv_cache.py``), multi-objective passes, and LAVIS loading (``lavis.py``).
-- :func:`apply_mmict_kernels` (``swap_in.py``): patch transformers' BLIP-2 / InstructBLIP models in place.
-- :class:`DemoPrefixCache`, :func:`forward_with_prefix`, :func:`generate_with_prefix` (``prefix_cache*.py``):
+- ``mhub/``: :class:`FusedMHub`, the BLIP-2 / InstructBLIP Q-Former (M-Hub) on fused attention, with an
+  image K/V cache (:class:`ImageKVCache`), multi-objective passes, LAVIS loading, and
+  :func:`apply_mmict_kernels` to patch transformers' BLIP-2 / InstructBLIP models in place.
+- ``prefix_cache/``: :class:`DemoPrefixCache`, :func:`forward_with_prefix`, :func:`generate_with_prefix`:
   a frozen decoder LM's K/V over shared demonstrations, computed once per group and attended by
   every row through ``ops.prefix_attention`` (training and generation).
 
@@ -21,11 +20,15 @@ Typical use::
 Importing this package pulls in transformers; ``import mmict_kernels.ops`` does not.
 """
 
-from .fused_mhub import FusedMHub, MHubOutput
-from .image_kv_cache import ImageKVCache
-from .prefix_cache import DemoPrefixCache, forward_with_prefix, generate_with_prefix
-from .prefix_cache_attention import RowKVCache
-from .swap_in import apply_mmict_kernels, apply_mmict_kernels_to_blip2, apply_mmict_kernels_to_instructblip
+from .mhub import (
+    FusedMHub,
+    ImageKVCache,
+    MHubOutput,
+    apply_mmict_kernels,
+    apply_mmict_kernels_to_blip2,
+    apply_mmict_kernels_to_instructblip,
+)
+from .prefix_cache import DemoPrefixCache, RowKVCache, forward_with_prefix, generate_with_prefix
 
 __all__ = [
     "FusedMHub",

@@ -22,6 +22,12 @@ Differences from transformers, by design:
 - A sample whose image tokens are all masked gets a zero cross-attention output; transformers
   gives a uniform average over the masked tokens.
 - ``output_attentions=True`` is refused: the kernels never materialize attention probabilities.
+
+This file holds the module itself: construction (config, ``from_hf``, ``from_lavis``), the image K/V
+cache, ``forward`` / ``forward_objectives`` and the layer loop. Around it, in this package:
+``arguments.py`` (transformers' call signature -> named, checked inputs), ``objectives.py`` (how
+several masks share one pass), ``layers.py`` (the parameter tree, named as transformers names it),
+``epilogue.py`` (what surrounds each matmul), ``image_kv_cache.py``, ``lavis.py``, ``swap_in.py``.
 """
 
 from __future__ import annotations
@@ -34,23 +40,23 @@ import torch.utils.checkpoint
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
 
-from .. import backends, ops
-from ..ops import checks as C
-from .image_kv_cache import ImageKVCache, arrange_image_tokens
+from ... import backends, ops
+from ...ops import checks as C
 from . import epilogue
-from .mhub_layers import QFormerEncoder, QFormerTextEmbeddings, init_qformer_weights
-
-FLAVORS = ("blip2", "instructblip")
-
-# forward's positional parameters, per flavor, in transformers' order.
-_POSITIONAL = {
-    "blip2": ("query_embeds", "query_length", "attention_mask", "encoder_hidden_states", "encoder_attention_mask"),
-    "instructblip": (
-        "input_ids", "attention_mask", "position_ids", "query_embeds", "encoder_hidden_states", "encoder_attention_mask",
-    ),
-}
-# transformers' generic keyword arguments that we accept (and what they must be).
-_IGNORED_FALSE = ("output_attentions", "use_cache")
+from .arguments import (
+    FLAVORS,
+    bind_forward_arguments,
+    check_devices,
+    check_flavor_arguments,
+    check_input_ids,
+    check_query_embeds,
+    default_query_batch,
+    query_positions,
+    text_lengths,
+)
+from .image_kv_cache import ImageKVCache, arrange_image_tokens
+from .layers import QFormerEncoder, QFormerTextEmbeddings, init_qformer_weights
+from .objectives import objective_state, share_query_stream
 
 
 @dataclasses.dataclass
@@ -60,31 +66,6 @@ class MHubOutput(BaseModelOutputWithPoolingAndCrossAttentions):
 
 def _config_value(config, name, default=None):
     return getattr(config, name, default)
-
-
-def _share_query_stream(masks):
-    """How forward_objectives lays out its objectives: (row_masks, itc, itg_row).
-
-    Under both the "unimodal" (ITC) and the "multimodal_causal" (ITG) mask a query row attends to
-    query keys only, then cross-attends the image, in every layer. Both start from the same
-    embeddings, so by induction over the layers their query rows are equal: one query stream serves
-    both. ITC's text rows attend to valid text keys only, which is exactly a text-only pass (no
-    queries, the padding mask); ITG's text rows attend to the shared queries and earlier text.
-    So when the masks hold one ITC and one ITG, ITC gets no rows of its own: its output is
-    [ITG's query rows ; a text-only stream], and ``row_masks`` lists the other objectives.
-    Exact up to rounding: the text-only attention drops the masked query keys, which add exact zeros.
-    This is also how LAVIS's BLIP-2 stage 1 runs them (ITG reads the query K/V of ITC's pass; ITC's
-    text is its own BERT pass), so in training ITC and ITG share one dropout draw for the queries.
-
-    Returns ``(masks, None, None)`` when there is nothing to share (duplicates are left as they are).
-    """
-    names = [ops.canonical_mask(m) for m in masks]
-    if names.count("unimodal") != 1 or names.count("multimodal_causal") != 1:
-        return tuple(masks), None, None
-    itc = names.index("unimodal")
-    row_masks = tuple(masks[:itc]) + tuple(masks[itc + 1 :])
-    itg_row = (names[:itc] + names[itc + 1 :]).index("multimodal_causal")
-    return row_masks, itc, itg_row
 
 
 def _copy_config(config):
@@ -117,7 +98,7 @@ class FusedMHub(nn.Module):
             raise ValueError(f"flavor: expected one of {FLAVORS}, got {flavor!r}")
         if not isinstance(num_query_tokens, int) or isinstance(num_query_tokens, bool) or num_query_tokens < 0:
             raise ValueError(f"num_query_tokens: expected an int >= 0, got {num_query_tokens!r}")
-        self._backend = C.check_backend_name(backend)
+        self._backend = backends.check_backend_name(backend)
         self.flavor = flavor
         self.config = _copy_config(config)
         hidden, heads = config.hidden_size, config.num_attention_heads
@@ -170,7 +151,7 @@ class FusedMHub(nn.Module):
 
     @backend.setter
     def backend(self, value: str) -> None:
-        self._backend = C.check_backend_name(value)
+        self._backend = backends.check_backend_name(value)
         self._prepare_backends()
 
     def _prepare_backends(self) -> None:
@@ -258,8 +239,8 @@ class FusedMHub(nn.Module):
 
         Sizes, layer count, cross-attention layers, encoder width and vocabulary come from the tensors;
         word embeddings in the checkpoint mean InstructBLIP / MMICT (text-aware), none mean BLIP-2.
-        Missing or unexpected Q-Former keys raise :class:`~mmict_kernels.modules.lavis.LavisCheckpointError`
-        listing them. See :mod:`mmict_kernels.modules.lavis` for the key mapping.
+        Missing or unexpected Q-Former keys raise :class:`~mmict_kernels.modules.mhub.lavis.LavisCheckpointError`
+        listing them. See :mod:`mmict_kernels.modules.mhub.lavis` for the key mapping.
         """
         from .lavis import fused_mhub_from_lavis
 
@@ -312,7 +293,7 @@ class FusedMHub(nn.Module):
             cu_seqlens=cu_seqlens,
             packed=packed,
             encoder_hidden_size=self.encoder_hidden_size,
-            device=self.encoder.layer[0].attention.attention.query.weight.device,
+            device=self._param_device(),
         )
         dtype = self._param_dtype()
         tokens = tokens.to(dtype)  # transformers casts image features to the Q-Former's dtype too
@@ -345,7 +326,7 @@ class FusedMHub(nn.Module):
         Returns :class:`MHubOutput` (``last_hidden_state`` (B, L, hidden), ``pooler_output`` (B, hidden)),
         or a tuple when ``return_dict=False``.
         """
-        inputs = self._bind(args, kwargs)
+        inputs = bind_forward_arguments(self.flavor, args, kwargs)
         masks = inputs.pop("mask")
         return_dict = inputs.pop("return_dict")
         outputs = self._run(masks=(masks,), **inputs)
@@ -359,7 +340,7 @@ class FusedMHub(nn.Module):
         kernel call per layer (the objectives' query rows of a sample share its image keys).
         With one "unimodal" (ITC) and one "multimodal_causal" (ITG) mask, their query rows, equal
         under both masks, are computed once and ITC's text rows run as a text-only stream (see
-        ``_share_query_stream``): the default three objectives cost two query streams, not three.
+        ``objectives.share_query_stream``): the default three objectives cost two query streams, not three.
 
         Dropout (training): the embeddings' dropout is drawn once for all objectives, ITC and ITG
         share their query stream's draws (as in LAVIS), and every other row draws its own; so in
@@ -369,115 +350,26 @@ class FusedMHub(nn.Module):
             raise TypeError(f"masks: expected a non-empty tuple or list of mask names, got {masks!r}")
         if "mask" in kwargs:
             raise TypeError("forward_objectives: pass masks=(...), not mask=")
-        inputs = self._bind(args, kwargs)
+        inputs = bind_forward_arguments(self.flavor, args, kwargs)
         inputs.pop("mask")
         return_dict = inputs.pop("return_dict")
         outputs = self._run(masks=tuple(masks), **inputs)
         return tuple(o if return_dict in (None, True) else o.to_tuple() for o in outputs)
 
-    def _bind(self, args, kwargs) -> dict:
-        """Map positional/keyword arguments of this flavor's signature to names; reject the rest."""
-        names = _POSITIONAL[self.flavor]
-        if len(args) > len(names):
-            raise TypeError(f"forward: takes at most {len(names)} positional arguments ({', '.join(names)}), got {len(args)}")
-        kwargs = dict(kwargs)
-        for name, value in zip(names, args):
-            if name in kwargs:
-                raise TypeError(f"forward: got multiple values for argument {name!r}")
-            kwargs[name] = value
-        inputs = {
-            "input_ids": None,
-            "position_ids": None,
-            "query_embeds": None,
-            "query_length": None,
-            "attention_mask": None,
-            "encoder_hidden_states": None,
-            "encoder_attention_mask": None,
-            "image_kv": None,
-            "mask": "bidirectional",
-            "return_dict": None,
-            "output_hidden_states": None,
-        }
-        allowed = set(names) | {"image_kv", "mask", "return_dict", "output_hidden_states"}
-        for name, value in kwargs.items():
-            if name in allowed:
-                inputs[name] = value
-            elif name in _IGNORED_FALSE:
-                if value:
-                    if name == "output_attentions":
-                        raise ValueError(
-                            "output_attentions=True: FusedMHub's fused kernels never materialize attention probabilities; "
-                            "use transformers' eager Q-Former to inspect them"
-                        )
-                    raise ValueError(f"{name}=True is not supported by FusedMHub")
-            elif name == "head_mask":
-                if value is not None:
-                    raise ValueError("head_mask: not supported by FusedMHub (pass None)")
-            else:
-                raise TypeError(f"forward: unexpected keyword argument {name!r} for flavor {self.flavor!r}")
-        return inputs
-
-    def _check_devices(self, **tensors) -> None:
-        device = self.encoder.layer[0].attention.attention.query.weight.device
-        for name, t in tensors.items():
-            if t is not None and not isinstance(t, torch.Tensor):
-                raise TypeError(f"{name}: expected a torch.Tensor or None, got {type(t).__name__}")
-            if t is not None and t.device != device:
-                raise ValueError(f"{name}: expected device {device} (the FusedMHub's parameters), got {t.device}")
-
     def _param_dtype(self) -> torch.dtype:
         return self.encoder.layer[0].attention.attention.query.weight.dtype
 
+    def _param_device(self) -> torch.device:
+        return self.encoder.layer[0].attention.attention.query.weight.device
+
     def _embed(self, input_ids, position_ids, query_embeds):
-        """[queries ; text] hidden states after LayerNorm + dropout, and the number of query positions."""
+        """[queries ; text] hidden states after LayerNorm + dropout."""
         dtype = self._param_dtype()
         if self.flavor == "blip2":
             return self.dropout(self.layernorm(query_embeds.to(dtype)))
         if input_ids is not None:
-            C.check_tensor("input_ids", input_ids, ndim=2, dtypes=(torch.int32, torch.int64))
-            if input_ids.shape[1] > self.config.max_position_embeddings and position_ids is None:
-                raise ValueError(
-                    f"input_ids: {input_ids.shape[1]} text tokens exceed "
-                    f"max_position_embeddings = {self.config.max_position_embeddings}"
-                )
-            if query_embeds is not None and input_ids.shape[0] != query_embeds.shape[0]:
-                raise ValueError(
-                    f"input_ids: batch {input_ids.shape[0]} differs from query_embeds' batch {query_embeds.shape[0]}"
-                )
+            check_input_ids(input_ids, position_ids, query_embeds, self.config.max_position_embeddings)
         return self.embeddings(input_ids, position_ids, query_embeds)
-
-    def _text_lengths(self, attention_mask, batch: int, seq_len: int, nq: int):
-        """Right-padded attention mask -> int32 valid text lengths (B,), or None for no mask.
-
-        The mask is (B, queries + text) as transformers takes it, or (B, text) alone (the queries
-        are always valid, so their ones may be left out).
-        """
-        if attention_mask is None:
-            return None
-        C.check_tensor("attention_mask", attention_mask, ndim=(2, 3, 4))
-        if attention_mask.dim() != 2:
-            raise ValueError(
-                "attention_mask: expected a 2-D (B, L) padding mask (1 = valid, 0 = padding), "
-                f"got shape {tuple(attention_mask.shape)}"
-            )
-        text_only = nq > 0 and tuple(attention_mask.shape) == (batch, seq_len - nq)
-        if tuple(attention_mask.shape) != (batch, seq_len) and not text_only:
-            raise ValueError(
-                f"attention_mask: expected shape {(batch, seq_len)} (B, queries + text) or {(batch, seq_len - nq)} "
-                f"(B, text), got {tuple(attention_mask.shape)}"
-            )
-        valid = attention_mask != 0
-        start = 0 if text_only else nq
-        text_lengths = valid[:, start:].sum(dim=1, dtype=torch.int32)
-        if C.value_checks_enabled(attention_mask):
-            positions = torch.arange(valid.shape[1], device=valid.device)
-            expected = positions[None, :] < (start + text_lengths)[:, None]
-            if not bool((valid == expected).all()):
-                raise ValueError(
-                    f"attention_mask: FusedMHub needs every query position ({nq}) valid and the text right-padded "
-                    "(1s then 0s per row); got another pattern"
-                )
-        return text_lengths
 
     def _image_cache(self, encoder_hidden_states, encoder_attention_mask, image_kv, batch: int):
         if image_kv is not None:
@@ -507,58 +399,37 @@ class FusedMHub(nn.Module):
         encoder_attention_mask, image_kv, output_hidden_states,
     ):
         has_image = encoder_hidden_states is not None or image_kv is not None
-        if self.flavor == "blip2":
-            if input_ids is not None or position_ids is not None:
-                raise TypeError("input_ids/position_ids: the BLIP-2 Q-Former takes embeddings (query_embeds), not token ids")
-        elif query_length is not None:
-            raise TypeError("query_length: only for flavor 'blip2' (InstructBLIP counts query_embeds)")
-
+        check_flavor_arguments(self.flavor, input_ids, position_ids, query_length)
         if query_embeds is None and (self.flavor == "blip2" or has_image):
             if self.query_tokens is None:
                 raise ValueError("query_embeds: required (this FusedMHub has no query_tokens of its own)")
-            if input_ids is not None:
-                batch = input_ids.shape[0]
-            elif encoder_hidden_states is not None:
-                batch = encoder_hidden_states.shape[0]
-            elif image_kv is not None:
-                batch = image_kv.batch_size
-            else:
-                raise ValueError("query_embeds: required when no images (encoder_hidden_states / image_kv) give the batch size")
-            query_embeds = self.query_tokens.expand(batch, -1, -1)
+            query_embeds = self.query_tokens.expand(default_query_batch(input_ids, encoder_hidden_states, image_kv), -1, -1)
         if query_embeds is None and input_ids is None:
             raise ValueError("input_ids / query_embeds: give at least one of them")
         if query_embeds is not None:
-            C.check_tensor("query_embeds", query_embeds, ndim=3, dtypes=C.FLOAT_DTYPES)
-            if query_embeds.shape[-1] != self.hidden_size:
-                raise ValueError(
-                    f"query_embeds: expected last dim hidden_size = {self.hidden_size}, got shape {tuple(query_embeds.shape)}"
-                )
+            check_query_embeds(query_embeds, self.hidden_size)
 
-        self._check_devices(
-            input_ids=input_ids, position_ids=position_ids, query_embeds=query_embeds, attention_mask=attention_mask,
-            encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=encoder_attention_mask,
+        check_devices(
+            self._param_device(), input_ids=input_ids, position_ids=position_ids, query_embeds=query_embeds,
+            attention_mask=attention_mask, encoder_hidden_states=encoder_hidden_states,
+            encoder_attention_mask=encoder_attention_mask,
         )
         hidden = self._embed(input_ids, position_ids, query_embeds)
         batch, seq_len, _ = hidden.shape
-        if self.flavor == "blip2":
-            nq = seq_len if query_length is None else query_length
-            if not isinstance(nq, int) or isinstance(nq, bool) or not 0 <= nq <= seq_len:
-                raise ValueError(f"query_length: expected an int in [0, {seq_len}] (query_embeds' length), got {query_length!r}")
-        else:
-            nq = 0 if query_embeds is None else query_embeds.shape[1]
+        nq = query_positions(self.flavor, query_embeds, query_length, seq_len)
         if seq_len > nq and not self.has_text_ffn:
             raise ValueError(
                 f"query_embeds: {seq_len - nq} positions beyond query_length = {nq} need the text FFN, which this BLIP-2 "
                 "Q-Former lacks (config.use_qformer_text_input=False)"
             )
-        text_lengths = self._text_lengths(attention_mask, batch, seq_len, nq)
+        lengths = text_lengths(attention_mask, batch, seq_len, nq)
         cache = self._image_cache(encoder_hidden_states, encoder_attention_mask, image_kv, batch)
         if nq > 0 and self.cross_attention_layers and cache is None:
             raise ValueError("encoder_hidden_states: required (or image_kv=) for the query tokens' cross-attention layers")
 
         # Rows of `hidden`, objective-major ([r * B + b]), one block per mask of row_masks; a shared
         # ITC (itc is not None) reads ITG's query rows and its own text-only stream, itc_text.
-        row_masks, itc, itg_row = _share_query_stream(masks)
+        row_masks, itc, itg_row = share_query_stream(masks)
         itc_text = hidden[:, nq:] if itc is not None and seq_len > nq else None
         num_rows = len(row_masks)
         if num_rows > 1:
@@ -573,25 +444,18 @@ class FusedMHub(nn.Module):
                 # Keep only each layer's input; recompute the layer in backward. The RNG state is
                 # restored for the recomputation, so dropout (and the kernels' seeds) repeat exactly.
                 hidden, itc_text = torch.utils.checkpoint.checkpoint(
-                    self._layer_streams, layer, hidden, itc_text, nq, text_lengths, row_masks, cache, use_reentrant=False
+                    self._layer_streams, layer, hidden, itc_text, nq, lengths, row_masks, cache, use_reentrant=False
                 )
             else:
-                hidden, itc_text = self._layer_streams(layer, hidden, itc_text, nq, text_lengths, row_masks, cache)
+                hidden, itc_text = self._layer_streams(layer, hidden, itc_text, nq, lengths, row_masks, cache)
             if all_hidden is not None:
                 all_hidden.append((hidden, itc_text))
 
-        def objective_state(o, rows_state, text_state):
-            """Objective o's hidden states (B, L, hidden) at one depth."""
-            if o == itc:
-                queries = rows_state[itg_row * batch : (itg_row + 1) * batch, :nq]
-                return queries if text_state is None else torch.cat([queries, text_state], dim=1)
-            r = o if itc is None or o < itc else o - 1
-            return rows_state[r * batch : (r + 1) * batch] if num_rows > 1 else rows_state
-
+        layout = dict(itc=itc, itg_row=itg_row, num_rows=num_rows, batch=batch, nq=nq)
         outputs = []
         for o in range(len(masks)):
-            h = objective_state(o, hidden, itc_text)
-            states = None if all_hidden is None else tuple(objective_state(o, *x) for x in all_hidden)
+            h = objective_state(o, hidden, itc_text, **layout)
+            states = None if all_hidden is None else tuple(objective_state(o, *x, **layout) for x in all_hidden)
             outputs.append(MHubOutput(last_hidden_state=h, pooler_output=h[:, 0, :], hidden_states=states))
         return outputs
 
@@ -651,4 +515,4 @@ class FusedMHub(nn.Module):
         return layer.crossattention.output(out, query_part, self.backend)
 
 
-__all__ = ["FusedMHub", "MHubOutput", "ImageKVCache", "FLAVORS"]
+__all__ = ["FusedMHub", "MHubOutput"]

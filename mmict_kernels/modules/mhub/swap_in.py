@@ -1,7 +1,7 @@
 """Swap FusedMHub into transformers' BLIP-2 / InstructBLIP models in place (Liger-Kernel style).
 
     from transformers import Blip2ForConditionalGeneration
-    from mmict_kernels.modules.swap_in import apply_mmict_kernels
+    from mmict_kernels import apply_mmict_kernels
 
     model = Blip2ForConditionalGeneration.from_pretrained(...)
     apply_mmict_kernels(model)              # model.qformer is now a FusedMHub
@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..ops.checks import check_backend_name
-from .fused_mhub import FusedMHub
+from ...backends import check_backend_name
+from .hub import FusedMHub
 
 # Models whose ``qformer`` attribute is a Q-Former FusedMHub can replace.
 SUPPORTED_MODELS = (

@@ -18,7 +18,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from ..ops import checks as C
+from ...ops import checks as C
 
 
 @dataclasses.dataclass

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..ops import fused_epilogue
+from ...ops import fused_epilogue
 
 
 def use_fused(backend: str, x: torch.Tensor) -> bool:
