@@ -34,8 +34,8 @@ from mmict_kernels.modules.prefix_cache import (
     forward_with_prefix,
     generate_with_prefix,
 )
-from mmict_kernels.modules.prefix_cache_attention import prefix_cache_attention
-from mmict_kernels.modules.prefix_cache_generate import _pick_next_token
+from mmict_kernels.modules.prefix_cache.attention import prefix_cache_attention
+from mmict_kernels.modules.prefix_cache.generate import _pick_next_token
 
 HIDDEN, VOCAB = 64, 100
 

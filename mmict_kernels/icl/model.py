@@ -129,7 +129,7 @@ class MMICTModel(nn.Module):
         flat = self.mhub_outputs(batch).flatten(0, 1)
         embeds = self.embed(batch.llm, flat)
         if batch.prefix is not None:
-            from ..modules.prefix_cache import generate_with_prefix  # (its public home; importing prefix_cache_generate first is circular)
+            from ..modules.prefix_cache import generate_with_prefix
 
             if num_beams != 1:
                 raise ValueError("num_beams: the shared-prefix generation is greedy (num_beams=1)")

@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from ..ops.checks import skip_value_checks
-from ..ops.prefix_attention import prefix_attention
+from ...ops.checks import skip_value_checks
+from ...ops.prefix_attention import prefix_attention
 
 ATTENTION_NAME = "mmict_prefix"
 
@@ -82,7 +82,7 @@ class PrefixCallState:
     """Everything the attention function needs for one model call (capture or rows)."""
 
     capture: PrefixCapture | None = None
-    cache: object | None = None  # a DemoPrefixCache (rows mode); typed loosely to avoid an import cycle
+    cache: object | None = None  # a DemoPrefixCache (rows mode); typed loosely: cache.py builds on this module
     prefix_ids: torch.Tensor | None = None  # (B,) int64
     seqlens_k: torch.Tensor | None = None  # (B,) int32: the last n own keys of each row are valid
     row_kv: RowKVCache | None = None

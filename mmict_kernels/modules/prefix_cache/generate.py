@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from .prefix_cache import DemoPrefixCache, _input_embeddings, call_rows, rows_layout
-from .prefix_cache_attention import PrefixCallState, RowKVCache, prefix_attention_active
+from .attention import PrefixCallState, RowKVCache, prefix_attention_active
+from .cache import DemoPrefixCache
+from .rows import call_rows, prepare_rows
 
 
 def _pick_next_token(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None, top_p: float | None, generator):
@@ -86,15 +87,11 @@ def generate_with_prefix(
         int64 (B, T) new tokens, T <= max_new_tokens (T < max_new_tokens only if all rows hit EOS).
     """
     _check_generation_args(max_new_tokens, do_sample, temperature, top_k, top_p)
-    embeds = _input_embeddings(model, input_ids, inputs_embeds)
+    embeds, prefix_ids, row_prefix_lengths, seqlens_k, position_ids = prepare_rows(
+        model, cache, input_ids, inputs_embeds, attention_mask, prefix_ids, left_padded=True
+    )
     batch, length = embeds.shape[:2]
     device = embeds.device
-    prefix_ids = cache.check_prefix_ids(prefix_ids, batch, device)
-    row_prefix_lengths = cache.prefix_lengths[prefix_ids].to(torch.int64)
-    if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] == length:
-        if (attention_mask[:, -1] == 0).any():
-            raise ValueError("attention_mask: generation needs LEFT-padded prompts (every row's last position must be a token)")
-    seqlens_k, position_ids = rows_layout(attention_mask, row_prefix_lengths, batch, length)
     if pad_token_id is None:
         pad_token_id = eos_token_id if eos_token_id is not None else 0
     embedding = model.get_input_embeddings()
@@ -125,3 +122,6 @@ def generate_with_prefix(
             step_embeds = embedding(token[:, None])
             logits = call_rows(model, state, step_embeds, position[:, None], logits_to_keep=1).logits[:, -1]
     return torch.stack(new_tokens, dim=1)
+
+
+__all__ = ["generate_with_prefix"]

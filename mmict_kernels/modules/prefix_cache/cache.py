@@ -7,7 +7,7 @@ layer's K/V (after RoPE), one copy per group. :func:`forward_with_prefix` then r
 own tokens only; each layer's attention reads [the row's group prefix ; its own tokens] through
 ``ops.prefix_attention`` (no concatenation, no per-row copy), with positions continuing after
 the group's prefix length. Gradients flow back into the demonstration embeddings, summed over
-the rows of each group. :func:`generate_with_prefix` decodes on top of the same cache.
+the rows of each group. ``generate.py``'s :func:`generate_with_prefix` decodes on top of the same cache.
 
 Works with any transformers decoder whose attention dispatches through ``ALL_ATTENTION_FUNCTIONS``
 (Llama, Qwen2, Mistral, GPT-NeoX, OPT, ...)::
@@ -28,8 +28,9 @@ from typing import Sequence
 
 import torch
 
-from ..ops import checks as C
-from .prefix_cache_attention import ATTENTION_NAME, PrefixCallState, PrefixCapture, RowKVCache, prefix_attention_active
+from ...ops import checks as C
+from .attention import PrefixCallState, PrefixCapture, prefix_attention_active
+from .rows import call_rows, prepare_rows
 
 # Arguments the prefix path sets itself; passing them through would contradict it.
 _RESERVED_KWARGS = ("attention_mask", "position_ids", "past_key_values", "cache", "use_cache")
@@ -179,57 +180,6 @@ def _pad_demonstrations(demo_embeds, demo_lengths) -> tuple[torch.Tensor, torch.
     return demo_embeds, lengths
 
 
-def rows_layout(attention_mask: torch.Tensor | None, row_prefix_lengths: torch.Tensor, batch: int, length: int):
-    """From a rows' 2D padding mask: (seqlens_k int32 (B,), position_ids int64 (B, L)).
-
-    Rows may be left-padded (generation) and/or right-padded (training). Own key j of row b is
-    valid iff j >= L - seqlens_k[b]; right padding needs no masking because causal attention
-    never lets a valid query see a later (padding) key. Positions count the row's valid tokens
-    and start at its group's prefix length.
-    """
-    device = row_prefix_lengths.device
-    if attention_mask is None:
-        mask = torch.ones(batch, length, dtype=torch.int32, device=device)
-    else:
-        C.check_tensor("attention_mask", attention_mask, ndim=2)
-        if tuple(attention_mask.shape) != (batch, length):
-            raise ValueError(f"attention_mask: expected shape ({batch}, {length}) like the rows' tokens, got {tuple(attention_mask.shape)}")
-        mask = attention_mask.to(device=device, dtype=torch.int32)
-        if C.value_checks_enabled(mask):
-            if ((mask != 0) & (mask != 1)).any():
-                raise ValueError("attention_mask: expected values 0 (padding) and 1 (token)")
-            # one run of ones per row: at most one 0 -> 1 step, counting a leading 1 as a step
-            rises = mask[:, 0] + (mask[:, 1:] - mask[:, :-1] == 1).sum(1)
-            if (rises > 1).any():
-                bad = int(torch.nonzero(rises > 1)[0, 0])
-                raise ValueError(f"attention_mask: row {bad} has padding between tokens; only left and/or right padding is supported")
-    first_valid = torch.where(mask.any(1), mask.argmax(1), torch.full_like(mask[:, 0], length))
-    seqlens_k = (length - first_valid).to(torch.int32)
-    position_ids = row_prefix_lengths.to(torch.int64)[:, None] + (mask.cumsum(1) - 1).clamp(min=0)
-    return seqlens_k, position_ids
-
-
-def _input_embeddings(model, input_ids, inputs_embeds) -> torch.Tensor:
-    if (input_ids is None) == (inputs_embeds is None):
-        raise ValueError("input_ids / inputs_embeds: pass exactly one of them")
-    if inputs_embeds is None:
-        C.check_tensor("input_ids", input_ids, ndim=2, dtypes=(torch.int64, torch.int32))
-        return model.get_input_embeddings()(input_ids)
-    return C.check_tensor("inputs_embeds", inputs_embeds, ndim=3, dtypes=C.FLOAT_DTYPES)
-
-
-def call_rows(model, state: PrefixCallState, embeds: torch.Tensor, position_ids: torch.Tensor, **model_kwargs):
-    """One model call on the rows while ``state`` is active (see ``prefix_attention_active``)."""
-    state.layers_called = 0
-    out = model(inputs_embeds=embeds, position_ids=position_ids, use_cache=False, **model_kwargs)
-    if state.layers_called != state.cache.num_layers:
-        raise RuntimeError(
-            f"model: {state.layers_called} attention calls went through {ATTENTION_NAME!r}, the cache holds "
-            f"{state.cache.num_layers} layers (model and cache do not match, or the model bypasses AttentionInterface)"
-        )
-    return out
-
-
 def forward_with_prefix(
     model: torch.nn.Module,
     cache: DemoPrefixCache,
@@ -261,10 +211,7 @@ def forward_with_prefix(
     for name in _RESERVED_KWARGS:
         if name in model_kwargs:
             raise TypeError(f"{name}: set by forward_with_prefix itself (pass the rows' padding mask as attention_mask=)")
-    embeds = _input_embeddings(model, input_ids, inputs_embeds)
-    batch, length = embeds.shape[:2]
-    prefix_ids = cache.check_prefix_ids(prefix_ids, batch, embeds.device)
-    seqlens_k, position_ids = rows_layout(attention_mask, cache.prefix_lengths[prefix_ids], batch, length)
+    embeds, prefix_ids, _, seqlens_k, position_ids = prepare_rows(model, cache, input_ids, inputs_embeds, attention_mask, prefix_ids)
     state = PrefixCallState(
         cache=cache, prefix_ids=prefix_ids, seqlens_k=seqlens_k, backend=backend or cache.backend, deterministic=deterministic
     )
@@ -272,14 +219,4 @@ def forward_with_prefix(
         return call_rows(model, state, embeds, position_ids, **model_kwargs)
 
 
-def generate_with_prefix(model, cache, input_ids=None, **kwargs):
-    """Generation on shared prefixes: see :func:`mmict_kernels.modules.prefix_cache_generate.generate_with_prefix`.
-
-    Re-exported here so that one import gives the whole API; imported on call because that
-    module builds on this one (a top-level import would be circular).
-    """
-    from .prefix_cache_generate import generate_with_prefix as generate
-
-    return generate(model, cache, input_ids, **kwargs)
-
-__all__ = ["ATTENTION_NAME", "DemoPrefixCache", "RowKVCache", "forward_with_prefix", "generate_with_prefix", "rows_layout"]
+__all__ = ["DemoPrefixCache", "forward_with_prefix"]
