@@ -35,8 +35,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from mmict_kernels.icl.aim import AIMBatch, AIMModel  # noqa: E402
-from mmict_kernels.icl.aim_backbones import LlavaBackbone  # noqa: E402
+from mmict_kernels.icl.aim import AIMBatch, AIMModel, LlavaBackbone  # noqa: E402
 
 
 def build_backbone(hidden: int, layers: int, heads: int, kv_heads: int, image_size: int, patch: int, device, dtype):
@@ -128,7 +127,7 @@ def main(argv=None):
     llava = build_backbone(args.hidden, args.layers, args.heads, args.kv_heads, args.image_size, args.patch, device, dtype)
     import tempfile
 
-    from mmict_kernels.icl.demo_bank import DemonstrationBank
+    from mmict_kernels.icl.aim import DemonstrationBank
 
     # The frozen aggregations come from the demonstration bank after their first use, as in training.
     bank = DemonstrationBank(tempfile.mkdtemp(prefix="aim_bank_"))

@@ -12,7 +12,8 @@ import sys
 
 import yaml
 
-from .icl.aim_run import AIMConfig, run
+from .icl.aim.config import AIMConfig
+from .icl.aim.run import run
 
 
 def parse_value(text: str):

@@ -116,9 +116,7 @@ def make_trainer(base_run, method: str, sampling: str, num_demos: int, steps: in
 
 
 def build_aim(backbone_model, base_run, bank_dir: str | None):
-    from .icl.aim import AIMModel
-    from .icl.aim_backbones import MMICTBackbone
-    from .icl.demo_bank import DemonstrationBank
+    from .icl.aim import AIMModel, DemonstrationBank, MMICTBackbone
 
     tok = base_run.llm_tokenizer
     bank = DemonstrationBank(bank_dir) if bank_dir else None

@@ -4,9 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmict_kernels.icl.aim import IGNORE, AIMBatch, AIMModel
-from mmict_kernels.icl.aim_backbones import LlavaBackbone
-from mmict_kernels.icl.demo_bank import DemonstrationBank
+from mmict_kernels.icl.aim import IGNORE, AIMBatch, AIMModel, DemonstrationBank, LlavaBackbone
 
 EOS, PAD = 3, 0
 
@@ -142,7 +140,7 @@ def test_bad_arguments():
 
 def test_mmict_model_as_the_frozen_backbone():
     """AIM over this project's own MMICT model (M-Hub + FC + decoder-only LLM), end to end."""
-    from mmict_kernels.icl.aim_backbones import MMICTBackbone
+    from mmict_kernels.icl.aim import MMICTBackbone
     from mmict_kernels.icl.build import build_run
     from mmict_kernels.icl.config import load_config
 

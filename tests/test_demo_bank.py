@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 
-from mmict_kernels.icl.demo_bank import DemoBankWarning, DemonstrationBank, demonstration_key, module_fingerprint
+from mmict_kernels.icl.aim.bank import DemoBankWarning, DemonstrationBank, demonstration_key, module_fingerprint
 
 
 def _states(n, seed=0):

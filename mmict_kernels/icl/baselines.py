@@ -12,10 +12,10 @@
   tokens a BLIP-2/InstructBLIP model feeds its LLM. We chose these over the FC of the
   ``ln_vision`` image tokens because (1) the model stays exactly MMICT's (same trainable modules
   and parameter count: only what the LLM reads for a demonstration differs), so the comparison
-  isolates M-Hub's demonstration fusion; (2) it is also what ``aim_backbones.MMICTBackbone``
+  isolates M-Hub's demonstration fusion; (2) it is also what ``aim.MMICTBackbone``
   calls an image's tokens; (3) raw ViT tokens would need a second FC that MMICT does not have and
   cost 257 LLM positions per frame at the published shape (32 here per image).
-- **AIM** (``aim.py``): :func:`aim_batch` turns the driver's sampled groups into an ``AIMBatch``,
+- **AIM** (``aim/``): :func:`aim_batch` turns the driver's sampled groups into an ``AIMBatch``,
   so AIM sees exactly the demonstrations the other methods see.
 
 Everything M-Hub computes still goes through ONE batched call per step (``MMICTModel.mhub_outputs``):

@@ -3,7 +3,7 @@
 For each (image, text) demonstration the frozen backbone reads ``[image tokens ; text]`` on its
 own (all demonstrations of a step batched in one call); the hidden states at the text positions,
 from layer ``layer`` (default: the top, after the final norm), are the demonstration's
-*aggregation*: frozen, so cached in a :class:`~mmict_kernels.icl.demo_bank.DemonstrationBank`.
+*aggregation*: frozen, so cached in a :class:`~mmict_kernels.icl.aim.bank.DemonstrationBank`.
 A trainable projection turns them into fused virtual tokens, one per text token. The query's LLM
 input is ``[fused demo 1] ... [fused demo N][query image tokens][query prompt]``; demonstration
 images never enter the query's context, so a demonstration costs only its text tokens.
@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..modules.prefix_cache import DemoPrefixCache, forward_with_prefix, generate_with_prefix
-from .aim_backbones import Backbone
-from .demo_bank import DemonstrationBank, demonstration_key, module_fingerprint
+from ...modules.prefix_cache import DemoPrefixCache, forward_with_prefix, generate_with_prefix
+from .backbones import Backbone
+from .bank import DemonstrationBank, demonstration_key, module_fingerprint
 
 IGNORE = -100
 
@@ -65,7 +65,7 @@ class AIMModel(nn.Module):
     """Frozen backbone + trainable projection of demonstration aggregations.
 
     Args:
-        backbone: an :class:`~mmict_kernels.icl.aim_backbones.Backbone` (frozen here).
+        backbone: an :class:`~mmict_kernels.icl.aim.backbones.Backbone` (frozen here).
         layer: which hidden state to read (index into transformers' ``hidden_states`` tuple:
             0 = embeddings, -1 = the top after the final norm).
         projection: "linear" (identity-initialised) or "mlp" (Linear-GELU-Linear, residual).

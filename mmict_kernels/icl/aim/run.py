@@ -21,136 +21,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import shapes as shapes_mod
-from .aim import AIMBatch, AIMModel
-from .aim_backbones import LlavaBackbone
-from .data import load_image, read_jsonl
-from .demo_bank import DemonstrationBank
-from .metrics import exact_match
-from .tokenizer import build_word_tokenizer
-
-PIXEL_MEAN, PIXEL_STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+from ..metrics import exact_match
+from .backbones import LlavaBackbone
+from .bank import DemonstrationBank
+from .config import AIMConfig
+from .data import AIMData, build_batch, jsonl_data, make_batch, make_tokenizer, shapes_data
+from .model import AIMModel
 
 
-@dataclasses.dataclass
-class AIMConfig:
-    out: str = "runs/aim"
-    seed: int = 0
-    device: str = "auto"
-    # backbone
-    checkpoint: str | None = None  # a local LlavaForConditionalGeneration folder; else the tiny config below
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    vision_hidden: int = 32
-    image_size: int = 32
-    patch_size: int = 8
-    warmup_backbone_steps: int = 300  # tiny backbone only: fine-tune on the explicit tasks, then freeze
-    warmup_backbone_lr: float = 3e-3
-    # data: "shapes" (embedded) or a JSONL file (docs/DRIVER.md format: image, prompt, answer, task)
-    train_data: str = "shapes"
-    eval_data: str = "shapes"
-    image_root: str | None = None  # image paths in the JSONL are relative to it (default: the file's folder)
-    train_examples: int = 800
-    eval_examples: int = 200
-    tasks: tuple = ("what_color", "what_shape")
-    backbone_tasks: tuple = ("color", "shape")  # the warm-up's zero-shot questions
-    # AIM
-    shots: int = 2
-    sampling: str = "one_to_many"  # or "random" (one demonstration set per query)
-    group_size: int = 4
-    layer: int = -1
-    projection: str = "linear"
-    bank_dir: str | None = None  # default: <out>/bank
-    bank_max_bytes: int | None = None
-    # optimisation (only the projection trains)
-    steps: int = 150
-    batch_queries: int = 16
-    lr: float = 2e-3
-    warmup_steps: int = 10
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    backend: str = "auto"
-    eval_shots: tuple = (0, 2)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "AIMConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ValueError(f"AIM config: unknown keys {unknown}; known: {sorted(names)}")
-        cfg = cls(**values)
-        if cfg.sampling not in ("one_to_many", "random"):
-            raise ValueError(f"sampling: expected 'one_to_many' or 'random', got {cfg.sampling!r}")
-        if cfg.shots < 0 or cfg.group_size < 1 or cfg.batch_queries < 1:
-            raise ValueError("shots >= 0, group_size >= 1 and batch_queries >= 1 are required")
-        return cfg
-
-
-# ------------------------------------------------------------------------------------------
-# Data: pixels + token ids
-# ------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class AIMData:
-    pixels: torch.Tensor  # (N, 3, S, S)
-    tasks: list[str]
-    prompts: list[list[int]]
-    answers: list[list[int]]
-    answer_text: list[str]
-
-    def __len__(self):
-        return len(self.tasks)
-
-    def by_task(self) -> dict[str, np.ndarray]:
-        t = np.array(self.tasks)
-        return {task: np.flatnonzero(t == task) for task in sorted(set(self.tasks))}
-
-
-def make_tokenizer(cfg: "AIMConfig"):
-    """The checkpoint's own tokenizer, or a word tokenizer over the run's texts (tiny backbone)."""
-    if cfg.checkpoint:
-        from .tokenizer import load_tokenizer
-
-        return load_tokenizer(cfg.checkpoint)
-    texts = list(shapes_mod.shapes_vocabulary())
-    for path in {cfg.train_data, cfg.eval_data} - {"shapes"}:
-        texts += [r["prompt"] + " " + r["answer"] for _, r in read_jsonl(path)]
-    return build_word_tokenizer(texts)
-
-
-def encode(tok, text: str) -> list[int]:
-    return tok(text, add_special_tokens=False)["input_ids"]
-
-
-def _pixels(images: np.ndarray) -> torch.Tensor:
-    x = torch.from_numpy(np.ascontiguousarray(images)).float().div(255).permute(0, 3, 1, 2)
-    return (x - torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1)) / torch.tensor(PIXEL_STD).view(1, 3, 1, 1)
-
-
-def shapes_data(num: int, tasks, seed: int, image_size: int, tok) -> AIMData:
-    records, images = shapes_mod.make_shapes(num, tuple(tasks), seed=seed, image_size=image_size)
-    return AIMData(_pixels(images), [r["task"] for r in records], [encode(tok, r["prompt"]) for r in records],
-                   [encode(tok, r["answer"]) for r in records], [r["answer"] for r in records])
-
-
-def jsonl_data(path: str, image_root: str | None, image_size: int, tok) -> AIMData:
-    """Own data: one JSON object per line with ``image``, ``prompt``, ``answer`` (optional ``task``)."""
-    root = image_root or os.path.dirname(os.path.abspath(path))
-    records = read_jsonl(path)
-    images = []
-    for lineno, r in records:
-        if "frames" in r:
-            raise ValueError(f"data file {path}, line {lineno}: AIM takes single images ('image'), not 'frames'")
-        images.append(load_image(os.path.join(root, r["image"]), image_size, f"{path}, line {lineno}"))
-    recs = [r for _, r in records]
-    return AIMData(_pixels(np.stack(images)), [r.get("task", "default") for r in recs], [encode(tok, r["prompt"]) for r in recs],
-                   [encode(tok, r["answer"]) for r in recs], [r["answer"] for r in recs])
-
-
-# ------------------------------------------------------------------------------------------
-# Backbone
-# ------------------------------------------------------------------------------------------
 def build_llava(cfg: AIMConfig, vocab_size: int) -> nn.Module:
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
@@ -186,7 +64,7 @@ def warm_up_backbone(llava: nn.Module, explicit: AIMData, in_context: AIMData, c
     losses = []
     for step in range(cfg.warmup_backbone_steps):
         idx = rng.choice(len(explicit), size=min(16, len(explicit)), replace=False)
-        loss, n = model(_batch(explicit, explicit, [[int(i)] for i in idx], [[] for _ in idx]))
+        loss, n = model(build_batch(explicit, explicit, [[int(i)] for i in idx], [[] for _ in idx]))
         if cfg.shots and len(in_context):
             q = rng.choice(len(in_context), size=min(16, len(in_context)), replace=False).tolist()
             loss_icl, n_icl = model(make_batch(in_context, in_context, q, cfg.shots, cfg.group_size, rng, "one_to_many", same_pool=True))
@@ -201,52 +79,6 @@ def warm_up_backbone(llava: nn.Module, explicit: AIMData, in_context: AIMData, c
             log(f"backbone warm-up step {step:4d}  loss {loss.item():.3f}")
     backbone.requires_grad_(False).eval()
     return losses
-
-
-# ------------------------------------------------------------------------------------------
-# Sampling and batching
-# ------------------------------------------------------------------------------------------
-def sample_groups(queries: AIMData, pool: AIMData, query_idx: list[int], shots: int, group_size: int, rng, same_pool: bool):
-    """Groups of same-task queries and their demonstrations (from ``pool``, same task, never a query of the group)."""
-    by_task_pool = pool.by_task()
-    groups, demos = [], []
-    by_task = {}
-    for i in query_idx:
-        by_task.setdefault(queries.tasks[i], []).append(i)
-    for task, members in by_task.items():
-        for start in range(0, len(members), group_size):
-            group = members[start : start + group_size]
-            cands = by_task_pool[task]
-            if same_pool:
-                cands = cands[~np.isin(cands, group)]
-            if len(cands) < shots:
-                raise ValueError(f"only {len(cands)} demonstration candidates for task {task!r}, need shots={shots}")
-            groups.append(group)
-            demos.append([int(d) for d in rng.choice(cands, shots, replace=False)] if shots else [])
-    return groups, demos
-
-
-def _batch(queries: AIMData, pool: AIMData, groups: list[list[int]], group_demos: list[list[int]]) -> AIMBatch:
-    distinct = sorted({d for g in group_demos for d in g})
-    where = {d: i for i, d in enumerate(distinct)}
-    q_idx = [q for g in groups for q in g]
-    q_group = [gi for gi, g in enumerate(groups) for _ in g]
-    return AIMBatch(
-        demo_images=pool.pixels[distinct] if distinct else None,
-        demo_text=[pool.prompts[d] + pool.answers[d] for d in distinct],
-        group_demos=[[where[d] for d in g] for g in group_demos],
-        query_images=queries.pixels[q_idx],
-        query_group=torch.tensor(q_group, dtype=torch.long),
-        query_prompt=[queries.prompts[q] for q in q_idx],
-        query_answer=[queries.answers[q] for q in q_idx],
-        query_ids=q_idx,
-    )
-
-
-def make_batch(queries, pool, query_idx, shots, group_size, rng, sampling: str, same_pool: bool) -> AIMBatch:
-    gs = group_size if sampling == "one_to_many" else 1
-    groups, demos = sample_groups(queries, pool, query_idx, shots, gs, rng, same_pool)
-    return _batch(queries, pool, groups, demos)
 
 
 # ------------------------------------------------------------------------------------------

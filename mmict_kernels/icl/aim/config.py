@@ -1,0 +1,61 @@
+"""AIM's run configuration: one flat dataclass, read from YAML or ``--set key=value`` (``python -m mmict_kernels.aim``)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass
+class AIMConfig:
+    out: str = "runs/aim"
+    seed: int = 0
+    device: str = "auto"
+    # backbone
+    checkpoint: str | None = None  # a local LlavaForConditionalGeneration folder; else the tiny config below
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    vision_hidden: int = 32
+    image_size: int = 32
+    patch_size: int = 8
+    warmup_backbone_steps: int = 300  # tiny backbone only: fine-tune on the explicit tasks, then freeze
+    warmup_backbone_lr: float = 3e-3
+    # data: "shapes" (embedded) or a JSONL file (docs/DRIVER.md format: image, prompt, answer, task)
+    train_data: str = "shapes"
+    eval_data: str = "shapes"
+    image_root: str | None = None  # image paths in the JSONL are relative to it (default: the file's folder)
+    train_examples: int = 800
+    eval_examples: int = 200
+    tasks: tuple = ("what_color", "what_shape")
+    backbone_tasks: tuple = ("color", "shape")  # the warm-up's zero-shot questions
+    # AIM
+    shots: int = 2
+    sampling: str = "one_to_many"  # or "random" (one demonstration set per query)
+    group_size: int = 4
+    layer: int = -1
+    projection: str = "linear"
+    bank_dir: str | None = None  # default: <out>/bank
+    bank_max_bytes: int | None = None
+    # optimisation (only the projection trains)
+    steps: int = 150
+    batch_queries: int = 16
+    lr: float = 2e-3
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    backend: str = "auto"
+    eval_shots: tuple = (0, 2)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "AIMConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"AIM config: unknown keys {unknown}; known: {sorted(names)}")
+        cfg = cls(**values)
+        if cfg.sampling not in ("one_to_many", "random"):
+            raise ValueError(f"sampling: expected 'one_to_many' or 'random', got {cfg.sampling!r}")
+        if cfg.shots < 0 or cfg.group_size < 1 or cfg.batch_queries < 1:
+            raise ValueError("shots >= 0, group_size >= 1 and batch_queries >= 1 are required")
+        return cfg
