@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from . import backends
+from .cli import USER_ERRORS, add_override_arguments, config_overrides, user_error
 
 
 def parse_args(argv=None):
@@ -18,8 +18,7 @@ def parse_args(argv=None):
     p.add_argument("--run", help="a training output folder (its config.yaml, tokenizer and newest checkpoint are used)")
     p.add_argument("--config", help="config YAML (default: <run>/config.yaml)")
     p.add_argument("--checkpoint", help="trainable.safetensors or a checkpoint folder (default: newest in <run>); 'none': untrained")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
-    p.add_argument("--backend", choices=backends.BACKEND_CHOICES, help="kernels for the M-Hub and the prefix cache")
+    add_override_arguments(p)
     p.add_argument("--demos", type=int, nargs="+", help="numbers of demonstrations to evaluate with (eval.demo_counts)")
     p.add_argument("--sampling", choices=("random", "similar", "same-class", "one-to-many"), help="demos.sampling")
     p.add_argument("--output", help="JSON results path (default <run>/eval.json)")
@@ -37,11 +36,7 @@ def main(argv=None) -> int:
     from .icl.config import load_config
     from .icl.evaluation import evaluate
 
-    overrides = list(args.set)
-    if args.backend:
-        overrides.append(f"model.backend={args.backend}")
-    if args.sampling:
-        overrides.append(f"demos.sampling={args.sampling}")
+    overrides = config_overrides(args, {"demos.sampling": args.sampling or None})
     config_path = args.config or (os.path.join(args.run, "config.yaml") if args.run else None)
     try:
         if args.run and not os.path.isdir(args.run):
@@ -65,9 +60,8 @@ def main(argv=None) -> int:
             seed=cfg.data.seed, device=device,
             use_prefix_cache=cfg.model.use_prefix_cache, limit=args.limit,
         )
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as exc:
+        return user_error(exc)
     if output:
         print(f"wrote {output}")
     return 0

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from mmict_kernels import compare
+from mmict_kernels.icl import comparison
+from mmict_kernels.icl.comparison import answers
 from mmict_kernels.icl.baselines import VanillaICTBuilder, aim_batch, builder_class
 from mmict_kernels.icl.batch import IGNORE, BatchBuilder
 from mmict_kernels.icl.build import build_run
@@ -166,7 +168,7 @@ def test_aim_batch_carries_the_groups_demonstrations():
     torch.testing.assert_close(b.demo_images[distinct.index(9)], ds.image_tokens(9))
     assert b.demo_text[distinct.index(6)] == _llm_ids(run, f"{ds[6].prompt} {ds[6].answer}")
     assert b.query_answer[0] == _llm_ids(run, " " + ds[0].answer)  # AIMModel appends the end token itself
-    rows, computed = compare._aim_context_lengths(b, run.cfg.model.num_query_tokens)
+    rows, computed = answers._aim_context_lengths(b, run.cfg.model.num_query_tokens)
     own = [run.cfg.model.num_query_tokens + len(p) for p in b.query_prompt]
     assert rows[0] == sum(len(b.demo_text[i]) for i in b.group_demos[0]) + own[0]
     assert computed == sum(own) + sum(len(b.demo_text[i]) for g in b.group_demos for i in g)
@@ -175,7 +177,7 @@ def test_aim_batch_carries_the_groups_demonstrations():
 @pytest.mark.parametrize("method, sampling", [("mmict", "similar"), ("mmict", "one-to-many"), ("vanilla_ict", "one-to-many")])
 def test_comparison_evaluates_what_the_driver_evaluates(method, sampling):
     run = _run()
-    mine, ctx = compare.predict(run, method, run.model, 2, sampling, torch.device("cpu"), max_new_tokens=3, limit=None, batch_size=5)
+    mine, ctx = comparison.predict(run, method, run.model, 2, sampling, torch.device("cpu"), max_new_tokens=3, limit=None, batch_size=5)
     theirs, rows, computed = driver_predict(run, 2, sampling=sampling, batch_size=5, max_new_tokens=3, min_new_tokens=1,
                                             builder_cls=builder_class(method), return_context_lengths=True)
     assert mine == theirs
@@ -186,15 +188,15 @@ def test_comparison_evaluates_what_the_driver_evaluates(method, sampling):
 def test_aim_evaluation_answers_the_driver_queries_in_its_order():
     """AIM keeps its own evaluation loop (its batch and generation differ): same queries, same order."""
     run = _run("data.shapes_eval_size=24")  # full one-to-many groups and leftovers
-    aim = compare.build_aim(run.model, run, None)
-    mine, _ = compare.predict(run, "aim", aim, 1, "one-to-many", torch.device("cpu"), max_new_tokens=2, limit=None, batch_size=5)
+    aim = comparison.build_aim(run.model, run, None)
+    mine, _ = comparison.predict(run, "aim", aim, 1, "one-to-many", torch.device("cpu"), max_new_tokens=2, limit=None, batch_size=5)
     theirs = driver_predict(run, 1, sampling="one-to-many", batch_size=5, max_new_tokens=1)
     assert [(r["query"], r["task"], r["answers"]) for r in mine] == [(r["query"], r["task"], r["answers"]) for r in theirs]
 
 
 def test_saved_tensor_bytes_counts_activations_not_parameters():
     lin = torch.nn.Linear(16, 16)
-    probe = compare.SavedTensorBytes(lin)
+    probe = comparison.SavedTensorBytes(lin)
     x = torch.randn(8, 16, requires_grad=True)
     with torch.autograd.graph.saved_tensors_hooks(probe.pack, lambda t: t):
         y = torch.tanh(lin(x))  # saves x (input of the matmul) and tanh's output; the weight is excluded
@@ -259,7 +261,7 @@ def test_cli_skips_aim_on_an_encoder_decoder_llm(tmp_path, capsys):
 )
 def test_bad_config_names_the_key(values, match):
     with pytest.raises(ValueError, match=match):
-        compare.CompareConfig.from_dict(values)
+        comparison.CompareConfig.from_dict(values)
 
 
 def test_cli_reports_a_missing_config_file(tmp_path, capsys):
