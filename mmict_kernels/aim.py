@@ -39,9 +39,6 @@ def main(argv=None) -> int:
             p.error(f"--set: expected KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
         values[key] = parse_value(value)
-    for key in ("tasks", "backbone_tasks", "eval_shots"):
-        if key in values and isinstance(values[key], list):
-            values[key] = tuple(values[key])
     try:
         cfg = AIMConfig.from_dict(values)
     except (TypeError, ValueError) as exc:

@@ -11,6 +11,7 @@ import os
 import sys
 
 from .cli import USER_ERRORS, add_override_arguments, config_overrides, user_error
+from .icl.sampling import STRATEGIES
 
 
 def parse_args(argv=None):
@@ -20,7 +21,7 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", help="trainable.safetensors or a checkpoint folder (default: newest in <run>); 'none': untrained")
     add_override_arguments(p)
     p.add_argument("--demos", type=int, nargs="+", help="numbers of demonstrations to evaluate with (eval.demo_counts)")
-    p.add_argument("--sampling", choices=("random", "similar", "same-class", "one-to-many"), help="demos.sampling")
+    p.add_argument("--sampling", choices=STRATEGIES, help="demos.sampling")
     p.add_argument("--output", help="JSON results path (default <run>/eval.json)")
     p.add_argument("--limit", type=int, help="evaluate only the first N query groups")
     p.add_argument("--device", default="auto")

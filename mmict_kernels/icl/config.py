@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from .. import backends
+from .sampling import STRATEGIES
 
 
 @dataclasses.dataclass
@@ -115,33 +116,44 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-def _build(cls, values: dict, where: str):
+def dataclass_from_dict(cls, values: dict, what: str = "config", path: str = ""):
+    """``cls(**values)`` for a config dataclass, with every key checked: the one reader of the driver's,
+    the comparison's and AIM's configs.
+
+    Unknown keys raise a ValueError naming them and the known ones. A field whose default is a
+    dataclass is read from a nested mapping (a section); a list becomes a tuple where the default
+    is a tuple (YAML has no tuples); a string or int becomes a float where the default is a float
+    (YAML 1.1 reads "1e-5", without a dot, as a string). ``what`` names the config in messages,
+    ``path`` the section being read ("" at the top).
+    """
+    where = f"{what} section {path!r}" if path else what
     if not isinstance(values, dict):
-        raise ValueError(f"config section {where!r}: expected a mapping, got {type(values).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
+        raise ValueError(f"{where}: expected a mapping, got {type(values).__name__}")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - fields)
     if unknown:
-        raise ValueError(f"config section {where!r}: unknown keys {unknown}; expected some of {sorted(fields)}")
+        raise ValueError(f"{where}: unknown keys {unknown}; expected some of {sorted(fields)}")
+    defaults = cls()
     kwargs = {}
     for name, value in values.items():
-        default = getattr(cls(), name)
+        default = getattr(defaults, name)
+        key = f"{path}.{name}" if path else name
         if dataclasses.is_dataclass(default):
-            kwargs[name] = _build(type(default), value or {}, f"{where}.{name}" if where else name)
+            kwargs[name] = dataclass_from_dict(type(default), value or {}, what, key)
         elif isinstance(default, tuple) and isinstance(value, list):
             kwargs[name] = tuple(value)
         elif isinstance(default, float) and isinstance(value, (str, int)) and not isinstance(value, bool):
-            # YAML 1.1 reads "1e-5" (no dot) as a string: accept it as the number it is.
             try:
                 kwargs[name] = float(value)
             except ValueError:
-                raise ValueError(f"config key {where + '.' if where else ''}{name}: expected a number, got {value!r}") from None
+                raise ValueError(f"{what} key {key}: expected a number, got {value!r}") from None
         else:
             kwargs[name] = value
     return cls(**kwargs)
 
 
 def config_from_dict(values: dict) -> RunConfig:
-    cfg = _build(RunConfig, values or {}, "")
+    cfg = dataclass_from_dict(RunConfig, values or {})
     validate(cfg)
     return cfg
 
@@ -189,8 +201,8 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError(f"model.num_query_tokens: expected >= 1, got {m.num_query_tokens}")
     if d.num_demos < 0:
         raise ValueError(f"demos.num_demos: expected >= 0, got {d.num_demos}")
-    if d.sampling not in ("random", "similar", "same-class", "one-to-many"):
-        raise ValueError(f"demos.sampling: expected random, similar, same-class or one-to-many, got {d.sampling!r}")
+    if d.sampling not in STRATEGIES:
+        raise ValueError(f"demos.sampling: expected {', '.join(STRATEGIES[:-1])} or {STRATEGIES[-1]}, got {d.sampling!r}")
     if d.group_size < 1:
         raise ValueError(f"demos.group_size: expected >= 1, got {d.group_size}")
     if t.batch_size < 1:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,33 +23,8 @@ from .batch import BatchBuilder
 from .build import Run, build_run
 from .config import RunConfig
 from .sampling import DemoSampler, batches_of, epoch_groups
+from .schedule import lr_at
 from .vision import fingerprint
-
-
-def lr_at(step: int, total: int, cfg, steps_per_epoch: int | None = None) -> float:
-    """Learning rate of optimizer step ``step`` (0-based) of ``total``.
-
-    ``cfg.lr_schedule_unit == "step"``: linear warm-up from ``warmup_start_lr`` to ``lr`` over
-    ``warmup_steps``, then cosine to ``min_lr`` at ``total``, updated every step.
-    ``"epoch"`` (LAVIS's ``LinearWarmupCosineLRScheduler``, which the official config uses): in the
-    first epoch the same per-step warm-up, capped at ``lr``; from epoch e >= 1 on, the constant
-    ``min_lr + (lr - min_lr) * (1 + cos(pi * e / epochs)) / 2``, with ``epochs`` the run's epochs
-    rounded up. Needs ``steps_per_epoch``.
-    """
-    if getattr(cfg, "lr_schedule_unit", "step") == "epoch":
-        if not steps_per_epoch or steps_per_epoch < 1:
-            raise ValueError(f"steps_per_epoch: lr_schedule_unit 'epoch' needs a positive steps_per_epoch, got {steps_per_epoch!r}")
-        epoch = step // steps_per_epoch
-        if epoch == 0:
-            warm = cfg.warmup_start_lr + (cfg.lr - cfg.warmup_start_lr) * step / max(cfg.warmup_steps, 1)
-            return min(cfg.lr, warm)
-        epochs = max(math.ceil(total / steps_per_epoch), 1)
-        return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(epoch / epochs, 1.0)))
-    if step < cfg.warmup_steps:
-        return cfg.warmup_start_lr + (cfg.lr - cfg.warmup_start_lr) * step / cfg.warmup_steps
-    span = max(total - cfg.warmup_steps, 1)
-    progress = min((step - cfg.warmup_steps) / span, 1.0)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 
 def make_optimizer(model, cfg) -> torch.optim.AdamW:

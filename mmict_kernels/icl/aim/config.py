@@ -4,6 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 
+from ..config import dataclass_from_dict
+
+# The driver's spelling of the strategies AIM's own run knows (icl.sampling.STRATEGIES has them all).
+SAMPLINGS = ("one-to-many", "random")
+# What AIM's config called one-to-many before it took the driver's spelling; still read, as one-to-many.
+LEGACY_ONE_TO_MANY = "one_to_many"
+
 
 @dataclasses.dataclass
 class AIMConfig:
@@ -31,7 +38,7 @@ class AIMConfig:
     backbone_tasks: tuple = ("color", "shape")  # the warm-up's zero-shot questions
     # AIM
     shots: int = 2
-    sampling: str = "one_to_many"  # or "random" (one demonstration set per query)
+    sampling: str = "one-to-many"  # or "random" (one demonstration set per query)
     group_size: int = 4
     layer: int = -1
     projection: str = "linear"
@@ -49,13 +56,11 @@ class AIMConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "AIMConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ValueError(f"AIM config: unknown keys {unknown}; known: {sorted(names)}")
-        cfg = cls(**values)
-        if cfg.sampling not in ("one_to_many", "random"):
-            raise ValueError(f"sampling: expected 'one_to_many' or 'random', got {cfg.sampling!r}")
+        cfg = dataclass_from_dict(cls, values, "AIM config")
+        if cfg.sampling == LEGACY_ONE_TO_MANY:
+            cfg.sampling = "one-to-many"
+        if cfg.sampling not in SAMPLINGS:
+            raise ValueError(f"sampling: expected 'one-to-many' or 'random', got {cfg.sampling!r}")
         if cfg.shots < 0 or cfg.group_size < 1 or cfg.batch_queries < 1:
             raise ValueError("shots >= 0, group_size >= 1 and batch_queries >= 1 are required")
         return cfg

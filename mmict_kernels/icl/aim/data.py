@@ -118,6 +118,6 @@ def build_batch(queries: AIMData, pool: AIMData, groups: list[list[int]], group_
 
 
 def make_batch(queries, pool, query_idx, shots, group_size, rng, sampling: str, same_pool: bool) -> AIMBatch:
-    gs = group_size if sampling == "one_to_many" else 1
+    gs = group_size if sampling == "one-to-many" else 1
     groups, demos = sample_groups(queries, pool, query_idx, shots, gs, rng, same_pool)
     return build_batch(queries, pool, groups, demos)

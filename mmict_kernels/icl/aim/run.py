@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import time
 
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 
 from ..metrics import exact_match
+from ..schedule import lr_at
 from .backbones import LlavaBackbone
 from .bank import DemonstrationBank
 from .config import AIMConfig
@@ -67,7 +67,7 @@ def warm_up_backbone(llava: nn.Module, explicit: AIMData, in_context: AIMData, c
         loss, n = model(build_batch(explicit, explicit, [[int(i)] for i in idx], [[] for _ in idx]))
         if cfg.shots and len(in_context):
             q = rng.choice(len(in_context), size=min(16, len(in_context)), replace=False).tolist()
-            loss_icl, n_icl = model(make_batch(in_context, in_context, q, cfg.shots, cfg.group_size, rng, "one_to_many", same_pool=True))
+            loss_icl, n_icl = model(make_batch(in_context, in_context, q, cfg.shots, cfg.group_size, rng, "one-to-many", same_pool=True))
             loss, n = loss + loss_icl, n + n_icl
         loss = loss / max(n, 1)
         opt.zero_grad(set_to_none=True)
@@ -84,11 +84,9 @@ def warm_up_backbone(llava: nn.Module, explicit: AIMData, in_context: AIMData, c
 # ------------------------------------------------------------------------------------------
 # Train and evaluate
 # ------------------------------------------------------------------------------------------
-def lr_at(step: int, cfg: AIMConfig) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)
-    return 0.5 * cfg.lr * (1 + math.cos(math.pi * min(progress, 1.0)))
+def aim_lr(step: int, cfg: AIMConfig) -> float:
+    """The driver's schedule (to 0, per step) with AIM's warm-up, which reaches ``lr`` one step earlier."""
+    return lr_at(step, cfg.steps, cfg, warmup_offset=1)
 
 
 def train_aim(model: AIMModel, train: AIMData, cfg: AIMConfig, log=print) -> list[float]:
@@ -101,7 +99,7 @@ def train_aim(model: AIMModel, train: AIMData, cfg: AIMConfig, log=print) -> lis
     t0, seen = time.perf_counter(), 0
     for step in range(cfg.steps):
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
+            g["lr"] = aim_lr(step, cfg)
         q = rng.choice(len(train), size=min(cfg.batch_queries, len(train)), replace=False).tolist()
         batch = make_batch(train, train, q, cfg.shots, cfg.group_size, rng, cfg.sampling, same_pool=True)
         loss, n = model(batch)
@@ -115,7 +113,7 @@ def train_aim(model: AIMModel, train: AIMData, cfg: AIMConfig, log=print) -> lis
         if step % 25 == 0 or step == cfg.steps - 1:
             rate = seen / (time.perf_counter() - t0)
             hit = f"  bank hit {model.bank.hit_rate:.2f}" if model.bank is not None else ""
-            log(f"AIM step {step:4d}  loss {loss.item():.3f}  lr {lr_at(step, cfg):.2e}  {rate:.0f} queries/s{hit}")
+            log(f"AIM step {step:4d}  loss {loss.item():.3f}  lr {aim_lr(step, cfg):.2e}  {rate:.0f} queries/s{hit}")
     model.eval()
     return losses
 
@@ -128,7 +126,7 @@ def evaluate_aim(model: AIMModel, queries: AIMData, pool: AIMData, shots: int, c
     order = list(range(len(queries)))
     for start in range(0, len(order), 64):
         idx = order[start : start + 64]
-        batch = make_batch(queries, pool, idx, shots, cfg.group_size, rng, "one_to_many", same_pool=False)
+        batch = make_batch(queries, pool, idx, shots, cfg.group_size, rng, "one-to-many", same_pool=False)
         answers = model.generate(batch, max_new_tokens=3)
         for q, ids in zip(batch.query_ids, answers):
             ok = exact_match(tok.decode(ids, skip_special_tokens=True), [queries.answer_text[q]]) == 1.0

@@ -8,6 +8,7 @@ import os
 import yaml
 
 from ..baselines import METHODS
+from ..config import dataclass_from_dict
 
 SAMPLINGS = ("random", "similar", "one-to-many")
 
@@ -32,11 +33,7 @@ class CompareConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "CompareConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ValueError(f"compare config: unknown keys {unknown}; expected some of {sorted(names)}")
-        cfg = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+        cfg = dataclass_from_dict(cls, values, "compare config")
         bad = [m for m in cfg.methods if m not in METHODS]
         if bad or not cfg.methods:
             raise ValueError(f"methods: expected a non-empty subset of {METHODS}, got {list(cfg.methods)}")
