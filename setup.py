@@ -56,6 +56,8 @@ def _cuda_extension():
         name="mmict_kernels._C",
         sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
+        # The registry reads the built architectures back (mmict_kernels._C.cuda_archs) to refuse GPUs they cannot run on.
+        define_macros=[("MMICT_KERNELS_CUDA_ARCHS", '"' + ";".join(a.strip() for a in archs.split(";") if a.strip()) + '"')],
         extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc_flags},
     )
     return ext, None

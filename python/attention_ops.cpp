@@ -1,4 +1,4 @@
-// torch binding of the CUDA attention kernels in csrc/: op schemas (namespace mmict_cuda),
+// torch binding of the CUDA attention kernels in csrc/: op schemas (mmict::<op>_cuda_{fwd,bwd}),
 // input checks with messages that name the argument, and launches on torch's current stream.
 //
 // Built into mmict_kernels._C by setup.py. Autograd and fake (meta) implementations are
@@ -21,7 +21,7 @@ namespace {
 
 using at::Tensor;
 
-#define MMICT_CHECK(cond, op, ...) TORCH_CHECK(cond, "mmict_cuda::", op, ": ", __VA_ARGS__)
+#define MMICT_CHECK(cond, op, ...) TORCH_CHECK(cond, "mmict::", op, ": ", __VA_ARGS__)
 
 mmict::DType to_dtype(const Tensor& t, const char* op, const char* name) {
   if (t.scalar_type() == at::kHalf) return mmict::DType::kFloat16;
@@ -404,34 +404,45 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> prefix_attention_bwd(
 // prefix_attention_fwd takes `deterministic` only so that its autograd formula (registered in
 // Python from the forward's inputs) knows how to sum the prefix gradients; the forward ignores it.
 // num_splits (forwards): 0 = choose split-KV from the GPU size, n >= 1 = exactly n key splits.
-TORCH_LIBRARY(mmict_cuda, m) {
+// A fragment of the `mmict` namespace: the Triton custom ops (registered from Python) live there too.
+TORCH_LIBRARY_FRAGMENT(mmict, m) {
   m.def(
-      "hub_cross_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_k, Tensor? seqlens_k, float scale,"
+      "hub_cross_attention_cuda_fwd(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_k, Tensor? seqlens_k, float scale,"
       " int num_splits=0) -> (Tensor out, Tensor lse)");
   m.def(
-      "hub_cross_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? cu_seqlens_k,"
+      "hub_cross_attention_cuda_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? cu_seqlens_k,"
       " Tensor? seqlens_k, float scale) -> (Tensor dq, Tensor dk, Tensor dv)");
   m.def(
-      "prefix_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, Tensor prefix_ids, bool causal,"
+      "prefix_attention_cuda_fwd(Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, Tensor prefix_ids, bool causal,"
       " float scale, Tensor? prefix_lengths, Tensor? seqlens_k, bool deterministic, int num_splits=0)"
       " -> (Tensor out, Tensor lse)");
   m.def(
-      "prefix_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, Tensor prefix_ids,"
+      "prefix_attention_cuda_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, Tensor prefix_ids,"
       " Tensor out, Tensor lse, bool causal, float scale, Tensor? prefix_lengths, Tensor? seqlens_k, bool deterministic)"
       " -> (Tensor dq, Tensor dk, Tensor dv, Tensor dprefix_k, Tensor dprefix_v)");
 }
 
-TORCH_LIBRARY_IMPL(mmict_cuda, CUDA, m) {
-  m.impl("hub_cross_attention_fwd", &hub_cross_attention_fwd);
-  m.impl("hub_cross_attention_bwd", &hub_cross_attention_bwd);
-  m.impl("prefix_attention_fwd", &prefix_attention_fwd);
-  m.impl("prefix_attention_bwd", &prefix_attention_bwd);
+TORCH_LIBRARY_IMPL(mmict, CUDA, m) {
+  m.impl("hub_cross_attention_cuda_fwd", &hub_cross_attention_fwd);
+  m.impl("hub_cross_attention_cuda_bwd", &hub_cross_attention_bwd);
+  m.impl("prefix_attention_cuda_fwd", &prefix_attention_fwd);
+  m.impl("prefix_attention_cuda_bwd", &prefix_attention_bwd);
 }
 
+#ifndef MMICT_KERNELS_CUDA_ARCHS
+#define MMICT_KERNELS_CUDA_ARCHS ""  // setup.py defines it: the architectures this build embeds SASS for
+#endif
+
 // `import mmict_kernels._C` loads this library, which runs the registrations above; the Python
-// module itself is empty (the ops live under torch.ops.mmict_cuda).
+// module holds one attribute, `cuda_archs` ("90a;80"): the backend registry refuses the cuda
+// backend on a GPU that none of them runs on (no PTX is embedded to JIT from).
 extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "CUDA kernels of mmict_kernels (torch.ops.mmict_cuda)",
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "CUDA kernels of mmict_kernels (torch.ops.mmict.*_cuda_*)",
                                           -1, nullptr, nullptr, nullptr, nullptr, nullptr};
-  return PyModule_Create(&module_def);
+  PyObject* module = PyModule_Create(&module_def);
+  if (module != nullptr && PyModule_AddStringConstant(module, "cuda_archs", MMICT_KERNELS_CUDA_ARCHS) != 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
 }

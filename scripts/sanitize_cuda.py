@@ -58,7 +58,7 @@ def main(dev: str = "cuda") -> int:
             # split-KV forward + its combine kernel (forced: the auto heuristic would not split
             # these small cases); with at most 2 key blocks per sample some splits see none
             with torch.no_grad():
-                out, lse = torch.ops.mmict_cuda.hub_cross_attention_fwd(q, k, v, cu, None, head_dim**-0.5, 3)
+                out, lse = torch.ops.mmict.hub_cross_attention_cuda_fwd(q, k, v, cu, None, head_dim**-0.5, 3)
             _check(f"hub packed split-KV {dtype} D={head_dim}", out, lse.clamp_min(-1e30))  # empty sample: lse = -inf
             cases += 1
 

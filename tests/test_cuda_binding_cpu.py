@@ -38,7 +38,9 @@ def op_schemas() -> list[str]:
 
 def test_binding_declares_the_four_ops():
     names = sorted(s.split("(")[0] for s in op_schemas())
-    assert names == ["hub_cross_attention_bwd", "hub_cross_attention_fwd", "prefix_attention_bwd", "prefix_attention_fwd"]
+    assert names == [
+        "hub_cross_attention_cuda_bwd", "hub_cross_attention_cuda_fwd", "prefix_attention_cuda_bwd", "prefix_attention_cuda_fwd"
+    ]
 
 
 @pytest.mark.skipif(backends.cuda_extension_available(), reason="the extension is built here")
@@ -77,7 +79,7 @@ from test_cuda_binding_cpu import op_schemas
 from mmict_kernels.ops.hub_cross_attention.reference import hub_cross_attention_reference
 from mmict_kernels.ops.prefix_attention.reference import prefix_attention_reference
 
-LIB = torch.library.Library("mmict_cuda", "DEF")
+LIB = torch.library.Library("mmict", "FRAGMENT")
 for schema in op_schemas():
     LIB.define(schema)
 
@@ -117,8 +119,8 @@ def prefix_bwd(dout, q, k, v, pk, pv, ids, out, lse, causal, scale, plens, slens
     return grads_of(ref, [q, k, v, pk, pv], dout)
 
 
-for name, fn in [("hub_cross_attention_fwd", hub_fwd), ("hub_cross_attention_bwd", hub_bwd),
-                 ("prefix_attention_fwd", prefix_fwd), ("prefix_attention_bwd", prefix_bwd)]:
+for name, fn in [("hub_cross_attention_cuda_fwd", hub_fwd), ("hub_cross_attention_cuda_bwd", hub_bwd),
+                 ("prefix_attention_cuda_fwd", prefix_fwd), ("prefix_attention_cuda_bwd", prefix_bwd)]:
     LIB.impl(name, fn, "CPU")
 
 from mmict_kernels.ops.hub_cross_attention.cuda import hub_cross_attention_cuda
@@ -151,12 +153,12 @@ check_grads("hub packed", lambda q, k, v: hub_cross_attention_cuda(q, k, v, cu, 
 kd, vd = torch.randn(3, 6, 2, 8, dtype=dt), torch.randn(3, 6, 2, 8, dtype=dt)
 check_grads("hub dense", lambda q, k, v: hub_cross_attention_cuda(q, k, v, None, lens, 0.3, 0.0)[0],
             lambda q, k, v: hub_cross_attention_reference(q, k, v, None, lens, 0.3)[0], [q, kd, vd])
-torch.library.opcheck(torch.ops.mmict_cuda.hub_cross_attention_fwd.default,
+torch.library.opcheck(torch.ops.mmict.hub_cross_attention_cuda_fwd.default,
                       (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), cu, None, 0.3))
-torch.library.opcheck(torch.ops.mmict_cuda.hub_cross_attention_fwd.default, (q, kd, vd, None, lens, 0.3, 2))
+torch.library.opcheck(torch.ops.mmict.hub_cross_attention_cuda_fwd.default, (q, kd, vd, None, lens, 0.3, 2))
 print("hub opcheck ok")
 # An explicit (non-default) num_splits reaches setup_context too: gradients still line up.
-check_grads("hub dense num_splits=3", lambda q, k, v: torch.ops.mmict_cuda.hub_cross_attention_fwd(q, k, v, None, lens, 0.3, 3)[0],
+check_grads("hub dense num_splits=3", lambda q, k, v: torch.ops.mmict.hub_cross_attention_cuda_fwd(q, k, v, None, lens, 0.3, 3)[0],
             lambda q, k, v: hub_cross_attention_reference(q, k, v, None, lens, 0.3)[0], [q.detach(), kd, vd])
 
 # prefix attention: GQA, two groups, padding on both sides of the row
@@ -169,7 +171,7 @@ for det in (False, True):
     check_grads(f"prefix deterministic={det}",
                 lambda *t: prefix_attention_cuda(*t, ids, True, 0.25, plens, slens, det)[0],
                 lambda *t: prefix_attention_reference(*t, ids, True, 0.25, plens, slens)[0], inputs)
-torch.library.opcheck(torch.ops.mmict_cuda.prefix_attention_fwd.default,
+torch.library.opcheck(torch.ops.mmict.prefix_attention_cuda_fwd.default,
                       (*[t.clone().requires_grad_() for t in inputs], ids, True, 0.25, plens, slens, True))
 print("prefix opcheck ok")
 

@@ -228,7 +228,7 @@ def test_prefix_attention_split_kv(dtype, num_splits):
     inputs, extra = _prefix_inputs((3, 1, 9, 4, 2, 2, 700, [1, 1, 0], [0, 700], [9, 3, 0], True), dtype, 128)
 
     def fn(q, k, v, pk, pv):
-        return torch.ops.mmict_cuda.prefix_attention_fwd(q, k, v, pk, pv, extra["prefix_ids"], True, 128**-0.5,
+        return torch.ops.mmict.prefix_attention_cuda_fwd(q, k, v, pk, pv, extra["prefix_ids"], True, 128**-0.5,
                                                          extra["prefix_lengths"], extra["seqlens_k"], True, num_splits)[0]
 
     out, _ = check_against_oracle(fn, _prefix_ref(extra), inputs, grad_idx=(0, 1, 2, 3, 4), name=f"prefix split {num_splits}")
@@ -240,8 +240,8 @@ def test_prefix_attention_split_kv(dtype, num_splits):
 def test_hub_cross_attention_split_kv(head_dim, num_splits):
     q, k, v, lengths = _hub_inputs(HUB_CASES["packed_ragged_zero"], torch.float16, head_dim)
     cu = lengths["cu_seqlens_k"]
-    out, lse = torch.ops.mmict_cuda.hub_cross_attention_fwd(q, k, v, cu, None, head_dim**-0.5, num_splits)
-    out1, lse1 = torch.ops.mmict_cuda.hub_cross_attention_fwd(q, k, v, cu, None, head_dim**-0.5, 1)
+    out, lse = torch.ops.mmict.hub_cross_attention_cuda_fwd(q, k, v, cu, None, head_dim**-0.5, num_splits)
+    out1, lse1 = torch.ops.mmict.hub_cross_attention_cuda_fwd(q, k, v, cu, None, head_dim**-0.5, 1)
     ref64, lse64 = hub_cross_attention_reference(q.double(), k.double(), v.double(), cu_seqlens_k=cu)
     ref_lp, _ = hub_cross_attention_reference(q, k, v, cu_seqlens_k=cu)
     assert_close_by_rule("split out", out, ref64, ref_lp)
@@ -254,7 +254,7 @@ def test_auto_split_is_used_for_decoding_and_matches():
     # B x H = 8 CTAs on a GPU with 100+ SMs and 40 key blocks: the heuristic splits.
     inputs, extra = _prefix_inputs((2, 1, 4, 4, 4, 1, 2500, [0, 0], None, None, True), torch.bfloat16, 64)
     out_auto = ops.prefix_attention(*inputs, extra["prefix_ids"], True, backend="cuda")
-    out_one = torch.ops.mmict_cuda.prefix_attention_fwd(*inputs, extra["prefix_ids"], True, 64**-0.5, None, None, False, 1)[0]
+    out_one = torch.ops.mmict.prefix_attention_cuda_fwd(*inputs, extra["prefix_ids"], True, 64**-0.5, None, None, False, 1)[0]
     ref64 = prefix_attention_reference(*[t.double() for t in inputs], extra["prefix_ids"], True)[0]
     ref_lp = prefix_attention_reference(*inputs, extra["prefix_ids"], True)[0]
     assert_close_by_rule("auto split", out_auto, ref64, ref_lp)
@@ -268,9 +268,9 @@ def test_opcheck_hub_cross_attention():
     q, k, v, lengths = _hub_inputs(HUB_CASES["packed_short_queries"], torch.float16, 64)
     for t in (q, k, v):
         t.requires_grad_()
-    torch.library.opcheck(torch.ops.mmict_cuda.hub_cross_attention_fwd.default, (q, k, v, lengths["cu_seqlens_k"], None, 0.125))
+    torch.library.opcheck(torch.ops.mmict.hub_cross_attention_cuda_fwd.default, (q, k, v, lengths["cu_seqlens_k"], None, 0.125))
     q, k, v, lengths = _hub_inputs(HUB_CASES["dense_ragged_zero"], torch.bfloat16, 128)
-    torch.library.opcheck(torch.ops.mmict_cuda.hub_cross_attention_fwd.default, (q, k, v, None, lengths["seqlens_k"], 0.1))
+    torch.library.opcheck(torch.ops.mmict.hub_cross_attention_cuda_fwd.default, (q, k, v, None, lengths["seqlens_k"], 0.1))
 
 
 def test_opcheck_prefix_attention():
@@ -278,7 +278,7 @@ def test_opcheck_prefix_attention():
     for t in inputs:
         t.requires_grad_()
     args = (*inputs, extra["prefix_ids"], True, 0.125, extra["prefix_lengths"], extra["seqlens_k"], True)
-    torch.library.opcheck(torch.ops.mmict_cuda.prefix_attention_fwd.default, args)
+    torch.library.opcheck(torch.ops.mmict.prefix_attention_cuda_fwd.default, args)
 
 
 def test_torch_compile_fullgraph_matches_eager():

@@ -1,13 +1,12 @@
 """Triton hub_cross_attention (ops.hub_cross_attention(..., backend="triton")) against the float64 oracle.
 
 Runs in the CPU interpreter (TRITON_INTERPRET=1, tiny ragged shapes) or on a GPU; the default
-M-Hub shape runs only on a GPU. ``FORCE_BLOCKS = (16, 16)`` makes tiny shapes span several
+M-Hub shape runs only on a GPU. ``triton_toolkit.force_tiles(16, 16)`` makes tiny shapes span several
 query and key blocks, so partial tiles and the packed block table are exercised.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 
 import pytest
@@ -15,10 +14,11 @@ import torch
 from oracle import assert_close_by_rule, check_against_oracle
 
 from mmict_kernels import BackendUnavailableError, ops
-from mmict_kernels.ops import _triton_attention as TA
+from mmict_kernels.ops import hub_attention_triton as HA
+from mmict_kernels.ops import triton_toolkit as tk
+from mmict_kernels.ops.hub_cross_attention import triton as CT
 from mmict_kernels.ops.hub_cross_attention.reference import hub_cross_attention_reference
 
-CT = importlib.import_module("mmict_kernels.ops.hub_cross_attention.triton")
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 pytestmark = pytest.mark.skipif(
@@ -30,8 +30,9 @@ gpu_only = pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason
 
 
 @pytest.fixture
-def many_blocks(monkeypatch):
-    monkeypatch.setattr(TA, "FORCE_BLOCKS", (16, 16))
+def many_blocks():
+    with tk.force_tiles(16, 16):
+        yield
 
 
 def _rand(*shape, dtype):
@@ -151,7 +152,7 @@ def test_unsupported_head_dim_is_refused():
 # ---------------------------------------------------------------------------------------
 def _seed_of_call(seed: int) -> torch.Tensor:
     torch.manual_seed(seed)
-    return CT.draw_dropout_seed(torch.device(DEVICE))
+    return tk.draw_seed(torch.device(DEVICE))
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
@@ -205,10 +206,10 @@ def test_opcheck(case):
     else:
         cu, seqlens, seed, p = None, _lengths([7, 3]), torch.tensor([11], device=DEVICE), 0.25
         k, v = (_rand(2, 7, heads, head_dim, dtype=torch.float32).requires_grad_() for _ in range(2))
-    torch.library.opcheck(torch.ops.mmict.hub_cross_attention_triton.default, (q, k, v, cu, seqlens, seed, 0.2, p))
-    out, lse = torch.ops.mmict.hub_cross_attention_triton(q, k, v, cu, seqlens, seed, 0.2, p)
+    torch.library.opcheck(torch.ops.mmict.hub_cross_attention_triton_fwd.default, (q, k, v, cu, seqlens, seed, 0.2, p))
+    out, lse = torch.ops.mmict.hub_cross_attention_triton_fwd(q, k, v, cu, seqlens, seed, 0.2, p)
     args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse, cu, seqlens, seed, 0.2, p)
-    torch.library.opcheck(torch.ops.mmict.hub_cross_attention_triton_backward.default, args)
+    torch.library.opcheck(torch.ops.mmict.hub_cross_attention_triton_bwd.default, args)
 
 
 def _compile_and_compare(fn, q, k, v):

@@ -2,13 +2,12 @@
 
 Every BLIP-2 mask mode with ragged text lengths (including samples without text), in the CPU
 interpreter (TRITON_INTERPRET=1) or on a GPU; the default M-Hub shape only on a GPU.
-``FORCE_BLOCKS = (16, 16)`` splits tiny sequences into several query and key blocks whose
+``triton_toolkit.force_tiles(16, 16)`` splits tiny sequences into several query and key blocks whose
 edges do not line up with ``num_query_tokens``, so the block-skipping ranges are exercised.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 
 import pytest
@@ -16,10 +15,11 @@ import torch
 from oracle import assert_close_by_rule, check_against_oracle
 
 from mmict_kernels import ops
-from mmict_kernels.ops import _triton_attention as TA
+from mmict_kernels.ops import hub_attention_triton as HA
+from mmict_kernels.ops import triton_toolkit as tk
+from mmict_kernels.ops.hub_self_attention import triton as ST
 from mmict_kernels.ops.hub_self_attention.reference import hub_self_attention_reference
 
-ST = importlib.import_module("mmict_kernels.ops.hub_self_attention.triton")
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 pytestmark = pytest.mark.skipif(
@@ -32,8 +32,9 @@ gpu_only = pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason
 
 
 @pytest.fixture
-def many_blocks(monkeypatch):
-    monkeypatch.setattr(TA, "FORCE_BLOCKS", (16, 16))
+def many_blocks():
+    with tk.force_tiles(16, 16):
+        yield
 
 
 def _qkv(batch, seq_len, heads, head_dim, dtype):
@@ -74,7 +75,7 @@ def test_masks_many_blocks(many_blocks, mask, nq, text):
 def test_tiles_aligned_to_queries(mask):
     """With num_query_tokens a multiple of 16 the launcher's own tiles stop at the query/text edge."""
     nq, text = 16, 20
-    tiles = TA._tiles(nq + text, 2, 32, torch.float16, torch.device("cpu"), align=nq)
+    tiles = HA.tiles_for(nq + text, 2, 32, torch.float16, torch.device("cpu"), align=nq)
     assert nq % tiles.block_m == 0 and nq % tiles.block_n == 0
     q, k, v = _qkv(2, nq + text, 1, 32, torch.float16)
     _check(q, k, v, nq, _lengths([20, 5]), mask, f"{mask} aligned tiles")
@@ -126,7 +127,7 @@ def test_dropout_matches_reference_with_exported_mask(mask):
     p, nq, lengths = 0.25, 4, _lengths([6, 1])
     q, k, v = _qkv(2, 10, 2, 32, torch.float32)
     torch.manual_seed(3)
-    keep = ST.hub_self_attention_dropout_mask(ST.draw_dropout_seed(torch.device(DEVICE)), q, p)
+    keep = ST.hub_self_attention_dropout_mask(tk.draw_seed(torch.device(DEVICE)), q, p)
     assert keep.shape == (2, 2, 10, 10) and keep.dtype == torch.bool
 
     def kernel(q, k, v):
@@ -158,10 +159,10 @@ def test_dropout_reproducible_with_manual_seed():
 def test_opcheck(mask, p):
     q, k, v = (t.requires_grad_() for t in _qkv(2, 7, 2, 32, torch.float32))
     lengths, seed = _lengths([2, 0]), (torch.tensor([9], device=DEVICE) if p > 0 else None)
-    torch.library.opcheck(torch.ops.mmict.hub_self_attention_triton.default, (q, k, v, lengths, seed, 3, mask, 0.2, p))
-    out, lse = torch.ops.mmict.hub_self_attention_triton(q, k, v, lengths, seed, 3, mask, 0.2, p)
+    torch.library.opcheck(torch.ops.mmict.hub_self_attention_triton_fwd.default, (q, k, v, lengths, seed, 3, mask, 0.2, p))
+    out, lse = torch.ops.mmict.hub_self_attention_triton_fwd(q, k, v, lengths, seed, 3, mask, 0.2, p)
     args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse, lengths, seed, 3, mask, 0.2, p)
-    torch.library.opcheck(torch.ops.mmict.hub_self_attention_triton_backward.default, args)
+    torch.library.opcheck(torch.ops.mmict.hub_self_attention_triton_bwd.default, args)
 
 
 def _compile_and_compare(fn, q, k, v):

@@ -4,7 +4,15 @@
 - :func:`hub_self_attention`: M-Hub [queries ; text] with ITM / ITC / ITG masks computed in-kernel.
 - :func:`prefix_attention`: LLM rows -> [shared demonstration prefix ; own tokens], GQA.
 - Fused BERT-layer epilogues (``fused_epilogue``): bias + dropout + residual + LayerNorm, bias + GELU.
-- :func:`skip_value_checks`: a context that skips the syncing index-range checks of every op.
+- :func:`skip_value_checks`: a context that skips the index-range checks of every op.
+
+Rules every op and backend follows:
+- ``return_lse=True`` also returns the log-sum-exp of the scaled scores, (B, H, Lq) float32. It is
+  a statistic (for merging partial attentions, for tests): it is not differentiated on any
+  backend, as in FlashAttention; use ``out`` for anything that needs a gradient.
+- A row that sees no key gives ``out = 0`` and ``lse = -inf``, never NaN, and zero gradients.
+- Index tensors are checked without stopping a GPU (device-side asserts) and clamped inside the
+  kernels, so no input makes a kernel read or write outside its tensors.
 """
 
 from .hub_cross_attention import hub_cross_attention, hub_cross_attention_reference

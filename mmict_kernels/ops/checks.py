@@ -1,9 +1,12 @@
-"""Up-front input checks shared by the ops: every message names the argument and what was expected.
+"""Up-front input checks shared by the ops and modules: every message names the argument and what was expected.
 
-Shape, dtype and device checks are static (free under ``torch.compile``). Value
-checks on length tensors (``text_lengths``, ``cu_seqlens_k``, ``prefix_ids``, ...)
-need a device-to-host copy; they run in eager mode and are skipped while
-compiling, while capturing a CUDA graph, or when ``MMICT_KERNELS_SKIP_VALUE_CHECKS=1``.
+Shape, dtype and device checks are static (free under ``torch.compile``). Value checks on index
+tensors (``text_lengths``, ``cu_seqlens_k``, ``prefix_ids``, ...) never stop the GPU: on a GPU
+they run as device-side asserts (``torch._assert_async``: no host sync; a failure aborts the
+stream with the message), on a CPU they raise a ValueError with the offending values. They are
+skipped while compiling, while capturing a CUDA graph, inside :func:`skip_value_checks`, or when
+``MMICT_KERNELS_SKIP_VALUE_CHECKS=1``; the kernels clamp every index into their tensors, so even
+then bad values give wrong numbers, never an out-of-bounds access.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import contextvars
 import os
 
 import torch
+
+from .. import backends
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -91,9 +96,25 @@ def value_checks_enabled(*tensors: torch.Tensor) -> bool:
     return True
 
 
+def expect(condition: torch.Tensor, message: str) -> None:
+    """Raise ``ValueError(message)`` unless every element of the bool tensor ``condition`` holds.
+
+    On a GPU (or a simulated one) this is a device-side assert: no host sync, the stream aborts
+    with ``message`` if it fails. On a CPU it is checked at once.
+    """
+    condition = condition.all() if condition.dim() > 0 else condition
+    if backends.on_gpu(condition):
+        torch._assert_async(condition, message)
+    elif not bool(condition):
+        raise ValueError(message)
+
+
 def check_range(name: str, t: torch.Tensor, low: int, high: int, what: str) -> None:
-    """Every element of ``t`` in [low, high]; one device sync."""
+    """Every element of ``t`` in [low, high] (a device-side assert on a GPU: no host sync)."""
     if t.numel() == 0:
+        return
+    if backends.on_gpu(t):
+        expect((t >= low) & (t <= high), f"{name}: expected {what} in [{low}, {high}]")
         return
     lo, hi = int(t.min()), int(t.max())
     if lo < low or hi > high:

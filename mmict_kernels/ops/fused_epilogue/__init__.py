@@ -27,12 +27,10 @@ from .reference import bias_dropout_add_layernorm_reference, bias_gelu_reference
 
 LAYERNORM_OP = "bias_dropout_add_layernorm"
 GELU_OP = "bias_gelu"
-_TRITON_CAPS = backends.Capabilities(dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}))
-
-backends.register(LAYERNORM_OP, "torch", __name__ + ".reference", "bias_dropout_add_layernorm_reference", backends.Capabilities())
-backends.register(LAYERNORM_OP, "triton", __name__ + ".triton_layernorm", "bias_dropout_add_layernorm_triton", _TRITON_CAPS)
-backends.register(GELU_OP, "torch", __name__ + ".reference", "bias_gelu_reference", backends.Capabilities())
-backends.register(GELU_OP, "triton", __name__ + ".triton_gelu", "bias_gelu_triton", _TRITON_CAPS)
+backends.register(LAYERNORM_OP, "torch", __name__ + ".reference", "bias_dropout_add_layernorm_reference", backends.REFERENCE)
+backends.register(LAYERNORM_OP, "triton", __name__ + ".triton_layernorm", "bias_dropout_add_layernorm_triton", backends.TRITON_ELEMENTWISE)
+backends.register(GELU_OP, "torch", __name__ + ".reference", "bias_gelu_reference", backends.REFERENCE)
+backends.register(GELU_OP, "triton", __name__ + ".triton_gelu", "bias_gelu_triton", backends.TRITON_ELEMENTWISE)
 
 _SEED_HIGH = 2**62  # seeds drawn when none is given lie in [0, 2**62)
 

@@ -1,9 +1,9 @@
 """Launch heuristics shared by the fused-epilogue Triton kernels."""
 
-import functools
-
 import torch
 import triton
+
+from .. import triton_toolkit as tk
 
 # One program holds a whole row in registers; past this the row no longer fits (the Triton
 # LayerNorm tutorial uses the same bound).
@@ -22,19 +22,10 @@ def num_warps_for(block: int) -> int:
     return min(max(block // 256, 1), 16)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def num_partials(n_rows: int, device: torch.device) -> int:
     """How many programs split the rows of a backward pass (each writes one partial sum of the
     parameter gradients, then torch sums the partials: a fixed order, so it is deterministic).
 
     One per SM on a GPU keeps the partial buffer small; on the CPU interpreter a few suffice.
     """
-    if device.type == "cuda":
-        programs = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    else:
-        programs = 4
-    return max(1, min(n_rows, programs))
+    return max(1, min(n_rows, tk.num_sms(device)))

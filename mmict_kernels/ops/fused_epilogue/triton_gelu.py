@@ -10,10 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..triton_toolkit import INV_SQRT2, INV_SQRT_2PI
 from .triton_common import num_partials
-
-_INV_SQRT2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
 
 
 def _tile(n_cols: int) -> tuple[int, int]:
@@ -30,7 +28,7 @@ def _bias_gelu_fwd_kernel(X, BIAS, Y, n_rows, n_cols, BLOCK_M: tl.constexpr, BLO
     offs = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
     u = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     u += tl.load(BIAS + cols, mask=cols < n_cols, other=0.0).to(tl.float32)[None, :]
-    y = 0.5 * u * (1.0 + tl.erf(u * _INV_SQRT2))
+    y = 0.5 * u * (1.0 + tl.erf(u * INV_SQRT2))
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
 
 
@@ -50,8 +48,8 @@ def _bias_gelu_bwd_kernel(
         mask = (rows[:, None] < row_end) & col_mask[None, :]
         offs = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
         u = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32) + bias[None, :]
-        cdf = 0.5 * (1.0 + tl.erf(u * _INV_SQRT2))
-        pdf = tl.exp(-0.5 * u * u) * _INV_SQRT_2PI
+        cdf = 0.5 * (1.0 + tl.erf(u * INV_SQRT2))
+        pdf = tl.exp(-0.5 * u * u) * INV_SQRT_2PI
         dx = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32) * (cdf + u * pdf)
         dx = tl.where(mask, dx, 0.0)
         tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
@@ -59,7 +57,7 @@ def _bias_gelu_bwd_kernel(
     tl.store(PARTIALS + pid_rows * n_cols + cols, dbias, mask=col_mask)
 
 
-@torch.library.custom_op("mmict::bias_gelu_fwd", mutates_args=())
+@torch.library.custom_op("mmict::bias_gelu_triton_fwd", mutates_args=())
 def _fwd_op(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """x: contiguous (rows, hidden); bias: (hidden,). Returns gelu(x + bias), (rows, hidden)."""
     n_rows, n_cols = x.shape
@@ -76,7 +74,7 @@ def _(x, bias):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("mmict::bias_gelu_bwd", mutates_args=())
+@torch.library.custom_op("mmict::bias_gelu_triton_bwd", mutates_args=())
 def _bwd_op(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns dx (rows, hidden) and dbias (hidden,) float32."""
     n_rows, n_cols = x.shape

@@ -104,7 +104,7 @@ def _dropout_args(dropout_p: float) -> tuple[bool, float]:
     return has_dropout, (1.0 / (1.0 - dropout_p)) if has_dropout else 1.0
 
 
-@torch.library.custom_op("mmict::bias_dropout_add_layernorm_fwd", mutates_args=())
+@torch.library.custom_op("mmict::bias_dropout_add_layernorm_triton_fwd", mutates_args=())
 def _fwd_op(
     x: torch.Tensor,
     bias: torch.Tensor,
@@ -137,7 +137,7 @@ def _(x, bias, residual, weight, ln_bias, seed, eps, dropout_p):
     return torch.empty_like(x), x.new_empty(rows, dtype=torch.float32), x.new_empty(rows, dtype=torch.float32)
 
 
-@torch.library.custom_op("mmict::bias_dropout_add_layernorm_bwd", mutates_args=())
+@torch.library.custom_op("mmict::bias_dropout_add_layernorm_triton_bwd", mutates_args=())
 def _bwd_op(
     dout: torch.Tensor,
     x: torch.Tensor,

@@ -1,4 +1,4 @@
-"""CUDA C++ backend of hub cross-attention: ``torch.ops.mmict_cuda.hub_cross_attention_{fwd,bwd}``.
+"""CUDA C++ backend of hub cross-attention: ``torch.ops.mmict.hub_cross_attention_{fwd,bwd}``.
 
 The kernels live in ``csrc/`` (FlashAttention-2-style, tensor-core MMA, cp.async pipeline) and
 are registered by ``python/attention_ops.cpp`` in the extension ``mmict_kernels._C``. This
@@ -11,19 +11,19 @@ from __future__ import annotations
 
 import torch
 
-from ... import _C  # noqa: F401  (loads the extension: registers torch.ops.mmict_cuda)
+from ... import _C  # noqa: F401  (loads the extension: registers torch.ops.mmict.*_cuda_*)
 
-_fwd = torch.ops.mmict_cuda.hub_cross_attention_fwd
-_bwd = torch.ops.mmict_cuda.hub_cross_attention_bwd
+_fwd = torch.ops.mmict.hub_cross_attention_cuda_fwd
+_bwd = torch.ops.mmict.hub_cross_attention_cuda_bwd
 
 
-@torch.library.register_fake("mmict_cuda::hub_cross_attention_fwd")
+@torch.library.register_fake("mmict::hub_cross_attention_cuda_fwd")
 def _fwd_fake(q, k, v, cu_seqlens_k, seqlens_k, scale, num_splits=0):
     batch, len_q, heads, _ = q.shape
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((batch, heads, len_q), dtype=torch.float32)
 
 
-@torch.library.register_fake("mmict_cuda::hub_cross_attention_bwd")
+@torch.library.register_fake("mmict::hub_cross_attention_cuda_bwd")
 def _bwd_fake(dout, q, k, v, out, lse, cu_seqlens_k, seqlens_k, scale):
     # The kernel writes contiguous gradients (whatever the strides of q, k, v).
     return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
@@ -35,11 +35,10 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_k, seqlens_k)
     ctx.scale = scale
     ctx.num_inputs = len(inputs)
+    ctx.mark_non_differentiable(lse)  # a statistic, on every backend (ops/__init__.py)
 
 
 def _backward(ctx, dout, dlse):
-    # lse is a statistic for the backward and for merging partial attentions; it is not
-    # differentiated (as in FlashAttention): its gradient, if any, is ignored.
     q, k, v, out, lse, cu_seqlens_k, seqlens_k = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
@@ -47,7 +46,7 @@ def _backward(ctx, dout, dlse):
     return (dq, dk, dv) + (None,) * (ctx.num_inputs - 3)
 
 
-torch.library.register_autograd("mmict_cuda::hub_cross_attention_fwd", _backward, setup_context=_setup_context)
+torch.library.register_autograd("mmict::hub_cross_attention_cuda_fwd", _backward, setup_context=_setup_context)
 
 
 def hub_cross_attention_cuda(q, k, v, cu_seqlens_k, seqlens_k, scale, dropout_p):

@@ -1,13 +1,13 @@
 """Triton backend of :func:`mmict_kernels.ops.hub_cross_attention` as torch.library custom ops.
 
-``mmict::hub_cross_attention_triton`` (forward: out, lse) and
-``mmict::hub_cross_attention_triton_backward`` (dq, dk, dv) are opaque to ``torch.compile``
-(fake implementations give the shapes) and differentiable through ``register_autograd``.
-The kernels live in :mod:`mmict_kernels.ops._triton_attention`.
+``mmict::hub_cross_attention_triton_fwd`` (out, lse) and ``mmict::hub_cross_attention_triton_bwd``
+(dq, dk, dv) are opaque to ``torch.compile`` (their fakes give the shapes) and differentiable
+through ``register_autograd``. The kernels are the shared M-Hub kernels of
+:mod:`mmict_kernels.ops.hub_attention_triton` with no mask mode (every valid image token).
 
-Dropout: the wrapper draws a Philox seed from torch's default generator (a 1-element tensor,
-so ``torch.manual_seed`` reproduces a step and nothing syncs) and the backward reuses it;
-:func:`hub_cross_attention_dropout_mask` returns the keep-mask of a seed for tests.
+Dropout: the entry point draws a Philox seed from torch's default generator (a 1-element
+tensor, so ``torch.manual_seed`` reproduces a step and nothing syncs) and the backward reuses
+it; :func:`hub_cross_attention_dropout_mask` returns the keep-mask of a seed for tests.
 """
 
 from __future__ import annotations
@@ -16,87 +16,56 @@ from typing import Optional
 
 import torch
 
-from .. import _triton_attention as TA
+from .. import hub_attention_triton as HA
+from .. import triton_toolkit as tk
 
-_OP = "mmict::hub_cross_attention_triton"
 
-
-def _layout(cu_seqlens_k: Optional[torch.Tensor], seqlens_k: Optional[torch.Tensor]) -> int:
+def _layout(cu_seqlens_k: Optional[torch.Tensor], seqlens_k: Optional[torch.Tensor]):
     if cu_seqlens_k is not None:
-        return TA.KEYS_PACKED
-    return TA.KEYS_DENSE if seqlens_k is None else TA.KEYS_DENSE_LENS
+        return HA.KEYS_PACKED
+    return HA.KEYS_DENSE if seqlens_k is None else HA.KEYS_DENSE_LENS
 
 
-@torch.library.custom_op(_OP, mutates_args=())
-def _forward_op(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens_k: Optional[torch.Tensor],
-    seqlens_k: Optional[torch.Tensor],
-    seed: Optional[torch.Tensor],
-    scale: float,
-    dropout_p: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return TA.attention_forward(
-        q, k, v, key_layout=_layout(cu_seqlens_k, seqlens_k), key_start=cu_seqlens_k, key_len=seqlens_k,
-        mask_mode=TA.MASK_NONE, num_query_tokens=0, scale=scale, dropout_p=dropout_p, seed=seed,
-    )  # fmt: skip
+def _keys(cu_seqlens_k, seqlens_k) -> dict:
+    return dict(key_layout=_layout(cu_seqlens_k, seqlens_k), key_start=cu_seqlens_k, key_len=seqlens_k, mask_mode=HA.MASK_NONE,
+                num_query_tokens=0)  # fmt: skip
 
 
-@_forward_op.register_fake
+@torch.library.custom_op("mmict::hub_cross_attention_triton_fwd", mutates_args=())
+def hub_cross_attention_triton_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_k: Optional[torch.Tensor], seqlens_k: Optional[torch.Tensor],
+    seed: Optional[torch.Tensor], scale: float, dropout_p: float,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    return HA.attention_forward(q, k, v, **_keys(cu_seqlens_k, seqlens_k), scale=scale, dropout_p=dropout_p, seed=seed)
+
+
+@hub_cross_attention_triton_fwd.register_fake
 def _(q, k, v, cu_seqlens_k, seqlens_k, seed, scale, dropout_p):
-    batch, seq_len_q, heads, _ = q.shape
-    return q.new_empty(q.shape), q.new_empty((batch, heads, seq_len_q), dtype=torch.float32)
+    return HA.fake_forward(q)
 
 
-@torch.library.custom_op(_OP + "_backward", mutates_args=())
-def _backward_op(
-    dout: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    cu_seqlens_k: Optional[torch.Tensor],
-    seqlens_k: Optional[torch.Tensor],
-    seed: Optional[torch.Tensor],
-    scale: float,
-    dropout_p: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return TA.attention_backward(
-        dout, q, k, v, out, lse, key_layout=_layout(cu_seqlens_k, seqlens_k), key_start=cu_seqlens_k, key_len=seqlens_k,
-        mask_mode=TA.MASK_NONE, num_query_tokens=0, scale=scale, dropout_p=dropout_p, seed=seed,
-    )  # fmt: skip
+@torch.library.custom_op("mmict::hub_cross_attention_triton_bwd", mutates_args=())
+def hub_cross_attention_triton_bwd(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    cu_seqlens_k: Optional[torch.Tensor], seqlens_k: Optional[torch.Tensor], seed: Optional[torch.Tensor],
+    scale: float, dropout_p: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    return HA.attention_backward(dout, q, k, v, out, lse, **_keys(cu_seqlens_k, seqlens_k), scale=scale, dropout_p=dropout_p, seed=seed)
 
 
-@_backward_op.register_fake
+@hub_cross_attention_triton_bwd.register_fake
 def _(dout, q, k, v, out, lse, cu_seqlens_k, seqlens_k, seed, scale, dropout_p):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    return HA.fake_backward(q, k, v)
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, cu_seqlens_k, seqlens_k, seed, scale, dropout_p = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_k, seqlens_k, seed)
-    ctx.scale, ctx.dropout_p = scale, dropout_p
-    ctx.mark_non_differentiable(lse)
-
-
-def _backward(ctx, dout, _dlse):
-    q, k, v, out, lse, cu_seqlens_k, seqlens_k, seed = ctx.saved_tensors
-    dq, dk, dv = _backward_op(dout, q, k, v, out, lse, cu_seqlens_k, seqlens_k, seed, ctx.scale, ctx.dropout_p)
-    return dq, dk, dv, None, None, None, None, None
-
-
-_forward_op.register_autograd(_backward, setup_context=_setup_context)
+HA.register_attention_autograd(hub_cross_attention_triton_fwd, hub_cross_attention_triton_bwd, num_tensors=6)
 
 
 def hub_cross_attention_triton(q, k, v, cu_seqlens_k, seqlens_k, scale, dropout_p):
     """Backend entry (inputs validated by the front-end): returns (out, lse)."""
-    TA.check_head_dim(q.shape[-1])
-    seed = TA.draw_dropout_seed(q.device) if dropout_p > 0.0 else None
-    return _forward_op(q, k, v, cu_seqlens_k, seqlens_k, seed, float(scale), float(dropout_p))
+    tk.check_attention_inputs("hub_cross_attention", q)
+    seed = tk.draw_seed(q.device) if dropout_p > 0.0 else None
+    return hub_cross_attention_triton_fwd(q, k, v, cu_seqlens_k, seqlens_k, seed, float(scale), float(dropout_p))
 
 
 def hub_cross_attention_dropout_mask(
@@ -105,8 +74,9 @@ def hub_cross_attention_dropout_mask(
     """The keep-mask (bool, (B, H, Lq, Lk)) that the kernels use for ``seed``.
 
     Lk is the reference's padded width: ``k.shape[1]`` for dense keys, the longest sample for
-    packed ones (one host sync). Pass it to ``hub_cross_attention_reference(dropout_mask=...)``.
-    To get the seed of a call: ``torch.manual_seed(s); seed = draw_dropout_seed(q.device)``.
+    packed ones (one host sync: a testing helper). Pass it to
+    ``hub_cross_attention_reference(dropout_mask=...)``. The seed of a call:
+    ``torch.manual_seed(s); seed = triton_toolkit.draw_seed(q.device)``.
     """
     batch, seq_len_q, heads, _ = q.shape
     if cu_seqlens_k is None:
@@ -115,9 +85,7 @@ def hub_cross_attention_dropout_mask(
         lengths = cu_seqlens_k[1:] - cu_seqlens_k[:-1]
         seq_len_k = int(lengths.max()) if batch > 0 else 0
         drop_stride = k.shape[0]
-    return TA.dropout_keep_mask(seed, batch, heads, seq_len_q, seq_len_k, drop_stride, dropout_p)
+    return HA.dropout_keep_mask(seed, batch, heads, seq_len_q, seq_len_k, drop_stride, dropout_p)
 
 
-draw_dropout_seed = TA.draw_dropout_seed
-
-__all__ = ["hub_cross_attention_triton", "hub_cross_attention_dropout_mask", "draw_dropout_seed"]
+__all__ = ["hub_cross_attention_triton", "hub_cross_attention_dropout_mask"]

@@ -15,14 +15,8 @@ from .reference import MASK_ALIASES, MASK_MODES, canonical_mask, hub_self_attent
 
 OP = "hub_self_attention"
 
-backends.register(OP, "torch", __name__ + ".reference", "hub_self_attention_reference", backends.Capabilities())
-backends.register(
-    OP,
-    "triton",
-    __name__ + ".triton",
-    "hub_self_attention_triton",
-    backends.Capabilities(dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}), head_dims=frozenset({32, 64, 128})),
-)
+backends.register(OP, "torch", __name__ + ".reference", "hub_self_attention_reference", backends.REFERENCE)
+backends.register(OP, "triton", __name__ + ".triton", "hub_self_attention_triton", backends.TRITON_ATTENTION)
 
 
 def hub_self_attention(
@@ -51,7 +45,7 @@ def hub_self_attention(
         softmax_scale: defaults to ``D ** -0.5``.
         backend: "auto", "triton" or "torch" ("cuda" has no kernel for this op).
         dropout_p: attention-probability dropout (pass 0.0 in eval).
-        return_lse: also return the log-sum-exp, (B, H, L) float32.
+        return_lse: also return the log-sum-exp, (B, H, L) float32 (not differentiated).
 
     Returns:
         out (B, L, H, D) in q's dtype (and lse). Padded text rows attend like text rows (as in

@@ -14,25 +14,10 @@ from .reference import prefix_attention_mask, prefix_attention_reference
 
 OP = "prefix_attention"
 
-backends.register(OP, "torch", __name__ + ".reference", "prefix_attention_reference", backends.Capabilities(dropout=False))
-backends.register(
-    OP,
-    "triton",
-    __name__ + ".triton",
-    "prefix_attention_triton",
-    backends.Capabilities(
-        dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}), head_dims=frozenset({32, 64, 128}), dropout=False
-    ),
-)
-backends.register(
-    OP,
-    "cuda",
-    __name__ + ".cuda",
-    "prefix_attention_cuda",
-    backends.Capabilities(
-        dtypes=frozenset({torch.float16, torch.bfloat16}), head_dims=frozenset({64, 128}), dropout=False, devices=frozenset({"cuda"})
-    ),
-)
+# No attention dropout on any backend: the LLM is frozen (its dropout is off).
+backends.register(OP, "torch", __name__ + ".reference", "prefix_attention_reference", backends.without_dropout(backends.REFERENCE))
+backends.register(OP, "triton", __name__ + ".triton", "prefix_attention_triton", backends.without_dropout(backends.TRITON_ATTENTION))
+backends.register(OP, "cuda", __name__ + ".cuda", "prefix_attention_cuda", backends.CUDA_ATTENTION)
 
 
 def prefix_attention(
@@ -71,7 +56,7 @@ def prefix_attention(
             (left padding, as transformers pads for generation). Default: all Lk.
         deterministic: make the prefix-gradient accumulation bitwise reproducible (kernels
             otherwise sum the rows of a group with atomics, whose order varies).
-        return_lse: also return the log-sum-exp, (B, H, Lq) float32.
+        return_lse: also return the log-sum-exp, (B, H, Lq) float32 (not differentiated).
 
     Returns:
         out (B, Lq, H, D) in q's dtype (and lse). A row with nothing visible gives zeros.

@@ -1,4 +1,4 @@
-"""CUDA C++ backend of demo-prefix attention: ``torch.ops.mmict_cuda.prefix_attention_{fwd,bwd}``.
+"""CUDA C++ backend of demo-prefix attention: ``torch.ops.mmict.prefix_attention_{fwd,bwd}``.
 
 One kernel launch attends every row to [its group's prefix ; its own tokens] with one online
 softmax (no concatenation, no per-row prefix copy); the backward sums the prefix gradients over
@@ -12,19 +12,19 @@ from __future__ import annotations
 
 import torch
 
-from ... import _C  # noqa: F401  (loads the extension: registers torch.ops.mmict_cuda)
+from ... import _C  # noqa: F401  (loads the extension: registers torch.ops.mmict.*_cuda_*)
 
-_fwd = torch.ops.mmict_cuda.prefix_attention_fwd
-_bwd = torch.ops.mmict_cuda.prefix_attention_bwd
+_fwd = torch.ops.mmict.prefix_attention_cuda_fwd
+_bwd = torch.ops.mmict.prefix_attention_cuda_bwd
 
 
-@torch.library.register_fake("mmict_cuda::prefix_attention_fwd")
+@torch.library.register_fake("mmict::prefix_attention_cuda_fwd")
 def _fwd_fake(q, k, v, prefix_k, prefix_v, prefix_ids, causal, scale, prefix_lengths, seqlens_k, deterministic, num_splits=0):
     batch, len_q, heads, _ = q.shape
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((batch, heads, len_q), dtype=torch.float32)
 
 
-@torch.library.register_fake("mmict_cuda::prefix_attention_bwd")
+@torch.library.register_fake("mmict::prefix_attention_cuda_bwd")
 def _bwd_fake(dout, q, k, v, prefix_k, prefix_v, prefix_ids, out, lse, causal, scale, prefix_lengths, seqlens_k, deterministic):
     return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v, prefix_k, prefix_v))
 
@@ -35,10 +35,10 @@ def _setup_context(ctx, inputs, output):
     ctx.num_inputs = len(inputs)  # + num_splits (forward only)
     ctx.save_for_backward(q, k, v, prefix_k, prefix_v, prefix_ids, out, lse, prefix_lengths, seqlens_k)
     ctx.causal, ctx.scale, ctx.deterministic = causal, scale, deterministic
+    ctx.mark_non_differentiable(lse)  # a statistic, on every backend (ops/__init__.py)
 
 
 def _backward(ctx, dout, dlse):
-    # lse is not differentiated (as in FlashAttention): its gradient, if any, is ignored.
     q, k, v, prefix_k, prefix_v, prefix_ids, out, lse, prefix_lengths, seqlens_k = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
@@ -48,7 +48,7 @@ def _backward(ctx, dout, dlse):
     return (dq, dk, dv, dprefix_k, dprefix_v) + (None,) * (ctx.num_inputs - 5)
 
 
-torch.library.register_autograd("mmict_cuda::prefix_attention_fwd", _backward, setup_context=_setup_context)
+torch.library.register_autograd("mmict::prefix_attention_cuda_fwd", _backward, setup_context=_setup_context)
 
 
 def prefix_attention_cuda(q, k, v, prefix_k, prefix_v, prefix_ids, causal, scale, prefix_lengths, seqlens_k, deterministic):

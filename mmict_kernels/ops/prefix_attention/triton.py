@@ -17,7 +17,7 @@ Layout of the work:
   entirely masked (left padding, above the diagonal) and prefix blocks past the group's
   length are never visited.
 * Backward is FlashAttention-2 style: probabilities are recomputed from the saved
-  log-sum-exp, ``delta = rowsum(out * dout) - dlse`` is precomputed, one kernel gives dq
+  log-sum-exp, ``delta = rowsum(out * dout)`` is precomputed, one kernel gives dq
   (loop over key blocks) and one gives dk/dv (loop over the packed query rows, which also
   sums over the query heads sharing a K/V head, without atomics).
 * Prefix gradients must be summed over every row of a group. Default: each
@@ -32,8 +32,11 @@ Precision follows the reference: matmuls on the input dtype with float32 accumul
 (float32 inputs use IEEE float32 dots, not TF32), softmax in float32, probabilities cast
 to the input dtype before the PV product. A query that sees no key at all gives out = 0,
 lse = -inf and zero gradients. Supported: float16, bfloat16, float32; head dims 32, 64,
-128 (the front-end's backend registry refuses anything else). The gradient of ``lse`` is
-supported too (it folds into ``delta``). No dropout. No double backward.
+128 (the front-end's backend registry refuses anything else). ``lse`` is not differentiated
+(the package-wide rule). No dropout. No double backward.
+
+Bounds: a group id outside [0, G) reads no prefix, lengths are clamped into the tensors: with
+value checks off, no input makes a kernel read or write outside its tensors.
 """
 
 from __future__ import annotations
@@ -44,60 +47,33 @@ import torch
 import triton
 import triton.language as tl
 
-from ...backends import triton_interpret
-
-_LOG2E = 1.4426950408889634  # softmax runs in base 2 (exp2 is the hardware instruction)
-SUPPORTED_HEAD_DIMS = (32, 64, 128)
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-# Two bfloat16 defects of Triton 3.9's CPU interpreter (it stores bfloat16 as uint16), worked
-# around only when interpreting; compiled kernels are untouched:
-# - tl.dot multiplies the raw uint16 bit patterns: widen bfloat16 operands to float32 first
-#   (exact products, float32 accumulation: the numbers a bfloat16 MMA gives);
-# - float32 -> bfloat16 casts truncate (a GPU rounds to nearest even), doubling the error: round
-#   the float32 bits to nearest even first, so the cast is exact.
-_INTERPRETER_BF16_FIX = tl.constexpr(triton_interpret())
-
-
-@triton.jit
-def _to(x, dtype: tl.constexpr):
-    """float32 -> dtype, rounding to nearest even (as the GPU does) also in the interpreter."""
-    if _INTERPRETER_BF16_FIX and dtype == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        x = bits.to(tl.float32, bitcast=True)
-    return x.to(dtype)
-
-
-@triton.jit
-def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
-    if _INTERPRETER_BF16_FIX:
-        if a.dtype == tl.bfloat16:
-            a = a.to(tl.float32)
-        if b.dtype == tl.bfloat16:
-            b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+from .. import triton_toolkit as tk
+from ..triton_toolkit import LN2, LOG2E, cast, dot
 
 
 # ---------------------------------------------------------------------------------------
 # Forward
 # ---------------------------------------------------------------------------------------
 @triton.jit
-def _prefix_len(PREFIX_LENS, g, len_p, HAS_PLEN: tl.constexpr):
-    """Valid prefix tokens of group g (right padding); all Lp without prefix_lengths."""
+def _group_of_row(PREFIX_IDS, PREFIX_LENS, b, num_groups, len_p, HAS_PLEN: tl.constexpr):
+    """(group g of row b, its valid prefix tokens), both clamped into the cache: a group id
+    outside [0, G) reads no prefix (length 0) and lengths are clamped to [0, Lp], so no value a
+    caller passes with value checks off makes a kernel read or write outside its tensors."""
+    g = tl.load(PREFIX_IDS + b)
+    valid = (g >= 0) & (g < num_groups)
+    g = tl.where(valid, g, 0)
     if HAS_PLEN:
-        plen = tl.load(PREFIX_LENS + g)
+        plen = tl.minimum(tl.maximum(tl.load(PREFIX_LENS + g), 0), len_p)
     else:
-        plen = len_p
-    return plen
+        plen = len_p + g * 0
+    return g, tl.where(valid, plen, 0)
 
 
 @triton.jit
 def _own_start(SEQLENS, b, len_k, HAS_SEQLENS: tl.constexpr):
     """First valid own key of row b: left padding, so the first len_k - seqlens_k[b] keys are invalid."""
     if HAS_SEQLENS:
-        own_lo = len_k - tl.load(SEQLENS + b)
+        own_lo = len_k - tl.minimum(tl.maximum(tl.load(SEQLENS + b), 0), len_k)
     else:
         own_lo = 0
     return own_lo
@@ -117,7 +93,7 @@ def _fwd_key_range(
         cols = n0 + offs_n
         in_range = (cols >= lo) & (cols < hi)
         k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=in_range[:, None], other=0.0)
-        s = _dot(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
+        s = dot(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
         visible = in_range[None, :] & (cols[None, :] <= i_pos[:, None] + diag)
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -127,7 +103,7 @@ def _fwd_key_range(
         alpha = tl.math.exp2(m_i - m_ref)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=in_range[:, None], other=0.0)
-        acc = _dot(_to(p, v.dtype), v, acc * alpha[:, None], DOT_PRECISION)
+        acc = dot(cast(p, v.dtype), v, acc * alpha[:, None], DOT_PRECISION)
         m_i = m_new
     return acc, m_i, l_i
 
@@ -137,7 +113,7 @@ def _prefix_attn_fwd_kernel(
     Q, K, V, PK, PV, PREFIX_IDS, PREFIX_LENS, SEQLENS, OUT, LSE,
     sqb, sqm, sqh, skb, skn, skh, svb, svn, svh,
     spkg, spkn, spkh, spvg, spvn, spvh,
-    len_q, len_k, len_p, heads, qk_scale,
+    len_q, len_k, len_p, num_groups, heads, qk_scale,
     GQ: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_PLEN: tl.constexpr, HAS_SEQLENS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -146,8 +122,7 @@ def _prefix_attn_fwd_kernel(
     kv_heads = heads // GQ
     b = (pid_bh // kv_heads).to(tl.int64)
     hkv = pid_bh % kv_heads
-    g = tl.load(PREFIX_IDS + b)
-    plen = _prefix_len(PREFIX_LENS, g, len_p, HAS_PLEN)
+    g, plen = _group_of_row(PREFIX_IDS, PREFIX_LENS, b, num_groups, len_p, HAS_PLEN)
     own_lo = _own_start(SEQLENS, b, len_k, HAS_SEQLENS)
 
     # Packed GQA rows: row r is query r // GQ of head hkv * GQ + r % GQ.
@@ -186,9 +161,9 @@ def _prefix_attn_fwd_kernel(
     empty = l_i == 0.0  # nothing visible: out 0, lse -inf
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)  # base 2 -> natural log
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)  # base 2 -> natural log
     out_off = ((b * len_q + i_pos) * heads + h) * HEAD_DIM  # OUT is contiguous (B, Lq, H, D)
-    tl.store(OUT + out_off[:, None] + offs_d[None, :], _to(out, OUT.dtype.element_ty), mask=row_valid[:, None])
+    tl.store(OUT + out_off[:, None] + offs_d[None, :], cast(out, OUT.dtype.element_ty), mask=row_valid[:, None])
     tl.store(LSE + (b * heads + h) * len_q + i_pos, lse, mask=row_valid)  # LSE is contiguous (B, H, Lq)
 
 
@@ -197,10 +172,9 @@ def _prefix_attn_fwd_kernel(
 # ---------------------------------------------------------------------------------------
 @triton.jit
 def _bwd_delta_kernel(
-    OUT, DO, DLSE, DELTA, sdb, sdm, sdh, sgb, sgh, sgm, len_q, heads,
-    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, HAS_DLSE: tl.constexpr,
+    OUT, DO, DELTA, sdb, sdm, sdh, len_q, heads, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """delta[b, h, i] = sum_d out * dout - dlse: the softmax-backward row term (dlse folds into it)."""
+    """delta[b, h, i] = sum_d out * dout: the softmax-backward row term."""
     pid_bh = tl.program_id(0)
     b = (pid_bh // heads).to(tl.int64)
     h = pid_bh % heads
@@ -211,8 +185,6 @@ def _bwd_delta_kernel(
     o = tl.load(OUT + out_rows[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
     do = tl.load(DO + b * sdb + h * sdh + i[:, None] * sdm + offs_d[None, :], mask=valid[:, None], other=0.0)
     delta = tl.sum(o * do.to(tl.float32), 1)
-    if HAS_DLSE:
-        delta -= tl.load(DLSE + b * sgb + h * sgh + i * sgm, mask=valid, other=0.0)
     tl.store(DELTA + (b * heads + h) * len_q + i, delta, mask=valid)
 
 
@@ -220,7 +192,7 @@ def _bwd_delta_kernel(
 def _load_lse2(LSE, off, mask):
     """lse in base-2 units; -inf (row sees nothing) becomes 0 so that exp2(masked - lse) stays 0."""
     lse = tl.load(LSE + off, mask=mask, other=0.0)
-    return tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
+    return tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
 
 
 @triton.jit
@@ -234,12 +206,12 @@ def _dq_key_range(
         in_range = (cols >= lo) & (cols < hi)
         k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=in_range[:, None], other=0.0)
         v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=in_range[:, None], other=0.0)
-        s = _dot(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
+        s = dot(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
         visible = in_range[None, :] & (cols[None, :] <= i_pos[:, None] + diag)
         p = tl.where(visible, tl.math.exp2(s - lse2[:, None]), 0.0)
-        dp = _dot(do, tl.trans(v), None, DOT_PRECISION)
+        dp = dot(do, tl.trans(v), None, DOT_PRECISION)
         ds = p * (dp - delta[:, None])
-        dq = _dot(_to(ds, k.dtype), k, dq, DOT_PRECISION)
+        dq = dot(cast(ds, k.dtype), k, dq, DOT_PRECISION)
     return dq
 
 
@@ -248,7 +220,7 @@ def _prefix_attn_bwd_dq_kernel(
     Q, K, V, PK, PV, PREFIX_IDS, PREFIX_LENS, SEQLENS, DO, LSE, DELTA, DQ,
     sqb, sqm, sqh, skb, skn, skh, svb, svn, svh,
     spkg, spkn, spkh, spvg, spvn, spvh, sdb, sdm, sdh,
-    len_q, len_k, len_p, heads, qk_scale, sm_scale,
+    len_q, len_k, len_p, num_groups, heads, qk_scale, sm_scale,
     GQ: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_PLEN: tl.constexpr, HAS_SEQLENS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -257,8 +229,7 @@ def _prefix_attn_bwd_dq_kernel(
     kv_heads = heads // GQ
     b = (pid_bh // kv_heads).to(tl.int64)
     hkv = pid_bh % kv_heads
-    g = tl.load(PREFIX_IDS + b)
-    plen = _prefix_len(PREFIX_LENS, g, len_p, HAS_PLEN)
+    g, plen = _group_of_row(PREFIX_IDS, PREFIX_LENS, b, num_groups, len_p, HAS_PLEN)
     own_lo = _own_start(SEQLENS, b, len_k, HAS_SEQLENS)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -291,7 +262,7 @@ def _prefix_attn_bwd_dq_kernel(
         BLOCK_N, DOT_PRECISION,
     )
     dq_off = ((b * len_q + i_pos) * heads + h) * HEAD_DIM  # DQ is contiguous (B, Lq, H, D)
-    tl.store(DQ + dq_off[:, None] + offs_d[None, :], _to(dq * sm_scale, DQ.dtype.element_ty), mask=row_valid[:, None])
+    tl.store(DQ + dq_off[:, None] + offs_d[None, :], cast(dq * sm_scale, DQ.dtype.element_ty), mask=row_valid[:, None])
 
 
 @triton.jit
@@ -318,13 +289,13 @@ def _dkdv_query_range(
         row_off = (b * heads + h) * len_q + i_pos
         lse2 = _load_lse2(LSE, row_off, row_valid)
         delta = tl.load(DELTA + row_off, mask=row_valid, other=0.0)
-        s_t = _dot(k, tl.trans(q), None, DOT_PRECISION) * qk_scale
+        s_t = dot(k, tl.trans(q), None, DOT_PRECISION) * qk_scale
         visible = in_range[:, None] & row_valid[None, :] & (cols[:, None] <= i_pos[None, :] + diag)
         p_t = tl.where(visible, tl.math.exp2(s_t - lse2[None, :]), 0.0)
-        dv = _dot(_to(p_t, do.dtype), do, dv, DOT_PRECISION)
-        dp_t = _dot(v, tl.trans(do), None, DOT_PRECISION)
+        dv = dot(cast(p_t, do.dtype), do, dv, DOT_PRECISION)
+        dp_t = dot(v, tl.trans(do), None, DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
-        dk = _dot(_to(ds_t, q.dtype), q, dk, DOT_PRECISION)
+        dk = dot(cast(ds_t, q.dtype), q, dk, DOT_PRECISION)
     return dk, dv
 
 
@@ -334,7 +305,7 @@ def _prefix_attn_bwd_dkdv_kernel(
     DK, DV, DPK, DPV,
     sqb, sqm, sqh, skb, skn, skh, svb, svn, svh,
     spkg, spkn, spkh, spvg, spvn, spvh, sdb, sdm, sdh,
-    len_q, len_k, len_p, heads, n_prefix_blocks, qk_scale, sm_scale,
+    len_q, len_k, len_p, num_groups, heads, n_prefix_blocks, qk_scale, sm_scale,
     GQ: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_PLEN: tl.constexpr, HAS_SEQLENS: tl.constexpr,
     DETERMINISTIC: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -352,8 +323,7 @@ def _prefix_attn_bwd_dkdv_kernel(
     kv_row = kv_heads * HEAD_DIM  # DK/DV/DPK/DPV are contiguous (.., L, Hkv, D)
 
     if pid_n < n_prefix_blocks:
-        g = tl.load(PREFIX_IDS + b)
-        plen = _prefix_len(PREFIX_LENS, g, len_p, HAS_PLEN)
+        g, plen = _group_of_row(PREFIX_IDS, PREFIX_LENS, b, num_groups, len_p, HAS_PLEN)
         n0 = pid_n * BLOCK_N
         cols = n0 + offs_n
         in_range = cols < plen
@@ -395,8 +365,8 @@ def _prefix_attn_bwd_dkdv_kernel(
             m_begin, m_end, len_q, heads, diag, qk_scale, GQ, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION,
         )
         off = (b * len_k + cols)[:, None] * kv_row + hkv * HEAD_DIM + offs_d[None, :]
-        tl.store(DK + off, _to(dk * sm_scale, DK.dtype.element_ty), mask=(cols < len_k)[:, None])
-        tl.store(DV + off, _to(dv, DV.dtype.element_ty), mask=(cols < len_k)[:, None])
+        tl.store(DK + off, cast(dk * sm_scale, DK.dtype.element_ty), mask=(cols < len_k)[:, None])
+        tl.store(DV + off, cast(dv, DV.dtype.element_ty), mask=(cols < len_k)[:, None])
 
 
 @triton.jit
@@ -410,84 +380,71 @@ def _sum_rows_by_group_kernel(PART, PREFIX_IDS, OUT, batch, row_numel, BLOCK: tl
         limit = tl.where(tl.load(PREFIX_IDS + b) == g, row_numel, 0)  # rows of other groups load nothing
         acc += tl.load(part, mask=offs < limit, other=0.0)
         part += row_numel  # pointer walk: no b * row_numel product to overflow int32
-    tl.store(OUT + g.to(tl.int64) * row_numel + offs, _to(acc, OUT.dtype.element_ty), mask=offs < row_numel)
+    tl.store(OUT + g.to(tl.int64) * row_numel + offs, cast(acc, OUT.dtype.element_ty), mask=offs < row_numel)
 
 
 # ---------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------
-def _dot_precision(dtype: torch.dtype) -> str:
-    # float32 inputs must not silently drop to TF32 (10-bit mantissa): the tests hold fp32 to fp32 accuracy.
-    return "ieee" if dtype == torch.float32 else "tf32"
+def tiles_for(dtype: torch.dtype, head_dim: int, packed_rows: int, backward: bool) -> tk.Tiles:
+    """Tiles of the attention kernels (the delta and group-sum kernels use their own 1-D blocks).
 
-
-def _tiles(dtype: torch.dtype, head_dim: int, packed_rows: int, backward: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages).
-
-    Interpreter: 16 x 16 tiles, so tiny test shapes still cross several blocks. GPU: chosen by
-    compiling every kernel for sm_90 with Triton 3.9 and reading ptxas' register use (not timed
-    on a GPU yet): these are the largest tiles with no register spills. The M tile shrinks to
-    the packed rows for short decode rows (min 16, the smallest tl.dot). float32 (IEEE dots run
-    on FMA units, operands live in registers) needs much smaller tiles than 16-bit MMA.
+    Chosen by compiling every kernel for sm_90 (the compile-only harness, ``mmict_kernels.testing``)
+    and reading ptxas' register use: the largest tiles with no register spills (not timed on a GPU
+    yet). The M tile shrinks to the packed rows for short decode rows (min 16, the smallest
+    tl.dot). float32 (IEEE dots run on FMA units, operands live in registers) needs much smaller
+    tiles than 16-bit MMA. Tests shrink them with :func:`~mmict_kernels.ops.triton_toolkit.force_tiles`.
     """
-    if triton_interpret():
-        return 16, 16, 1, 1
     rows = max(16, triton.next_power_of_2(packed_rows))
     if dtype == torch.float32:
-        return (min(32, rows), 16, 8, 1) if backward else (min(32, rows), 16, 8, 2)
-    if backward:
-        return min(64, rows), 64, 8 if head_dim == 128 else 4, 2
-    block_m = min(128, rows)
-    return block_m, 64, 8 if block_m == 128 else 4, 3
+        tiles = tk.Tiles(min(32, rows), 16, 8, 1 if backward else 2)
+    elif backward:
+        tiles = tk.Tiles(min(64, rows), 64, 8 if head_dim == 128 else 4, 2)
+    else:
+        block_m = min(128, rows)
+        tiles = tk.Tiles(block_m, 64, 8 if block_m == 128 else 4, 3)
+    return tk.apply_forced(tiles)
 
 
-def _check_supported(q: torch.Tensor) -> None:
-    if q.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"q: the Triton prefix_attention supports float16, bfloat16 and float32, got {q.dtype}")
-    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"q: the Triton prefix_attention supports head dims {SUPPORTED_HEAD_DIMS}, got {q.shape[-1]}")
-
-
-def _strides3(t: torch.Tensor) -> tuple[int, int, int]:
-    return t.stride(0), t.stride(1), t.stride(2)
+DELTA_ROWS = 64  # rows per program of the delta kernel
+GROUP_SUM_BLOCK = 1024  # elements per program of the deterministic group sum
 
 
 def _fwd(q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lengths, seqlens_k, causal, scale):
-    _check_supported(q)
+    tk.check_attention_inputs("prefix_attention", q)
     batch, len_q, heads, head_dim = q.shape
     len_k, kv_heads = k.shape[1], k.shape[2]
-    len_p = prefix_k.shape[1]
+    num_groups, len_p = prefix_k.shape[0], prefix_k.shape[1]
     gq = heads // kv_heads
     out = torch.empty((batch, len_q, heads, head_dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads, len_q), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    block_m, block_n, warps, stages = _tiles(q.dtype, head_dim, len_q * gq, backward=False)
-    grid = (batch * kv_heads, triton.cdiv(len_q * gq, block_m))
+    tiles = tiles_for(q.dtype, head_dim, len_q * gq, backward=False)
+    grid = (batch * kv_heads, triton.cdiv(len_q * gq, tiles.block_m))
     _prefix_attn_fwd_kernel[grid](
         q, k, v, prefix_k, prefix_v, prefix_ids,
-        prefix_lengths if prefix_lengths is not None else prefix_ids,  # placeholder pointer, never read
-        seqlens_k if seqlens_k is not None else prefix_ids,
+        tk.pointer_or(prefix_lengths, prefix_ids), tk.pointer_or(seqlens_k, prefix_ids),  # placeholders are never read
         out, lse,
-        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(prefix_k), *_strides3(prefix_v),
-        len_q, len_k, len_p, heads, scale * _LOG2E,
-        GQ=gq, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal,
+        *tk.strides(q), *tk.strides(k), *tk.strides(v), *tk.strides(prefix_k), *tk.strides(prefix_v),
+        len_q, len_k, len_p, num_groups, heads, scale * LOG2E.value,
+        GQ=gq, HEAD_DIM=head_dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, CAUSAL=causal,
         HAS_PLEN=prefix_lengths is not None, HAS_SEQLENS=seqlens_k is not None,
-        DOT_PRECISION=_dot_precision(q.dtype), num_warps=warps, num_stages=stages,
+        DOT_PRECISION=tk.dot_precision(q.dtype), **tiles.launch(),
     )
     return out, lse
 
 
-def _bwd(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lengths, seqlens_k, out, lse, causal, scale, deterministic):
+def _bwd(dout, q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lengths, seqlens_k, out, lse, causal, scale, deterministic):
     batch, len_q, heads, head_dim = q.shape
     len_k, kv_heads = k.shape[1], k.shape[2]
-    groups, len_p = prefix_k.shape[0], prefix_k.shape[1]
+    num_groups, len_p = prefix_k.shape[0], prefix_k.shape[1]
     gq = heads // kv_heads
     dev = q.device
     dq = torch.empty((batch, len_q, heads, head_dim), dtype=q.dtype, device=dev)
     dk = torch.empty((batch, len_k, kv_heads, head_dim), dtype=k.dtype, device=dev)
     dv = torch.empty_like(dk)
-    prefix_shape = (groups, len_p, kv_heads, head_dim)
+    prefix_shape = (num_groups, len_p, kv_heads, head_dim)
     if batch * kv_heads * head_dim == 0 or len_q == 0:
         # No query: nothing flows anywhere.
         z = lambda shape, dt: torch.zeros(shape, dtype=dt, device=dev)  # noqa: E731
@@ -496,41 +453,37 @@ def _bwd(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lengths, se
         dout = dout.contiguous()
 
     delta = torch.empty((batch, heads, len_q), dtype=torch.float32, device=dev)
-    block_rows = 16 if triton_interpret() else 64
-    dl = dlse if dlse is not None else lse  # placeholder pointer when there is no lse gradient
-    _bwd_delta_kernel[(batch * heads, triton.cdiv(len_q, block_rows))](
-        out, dout, dl, delta, *_strides3(dout), *_strides3(dl), len_q, heads,
-        HEAD_DIM=head_dim, BLOCK=block_rows, HAS_DLSE=dlse is not None, num_warps=4,
+    _bwd_delta_kernel[(batch * heads, triton.cdiv(len_q, DELTA_ROWS))](
+        out, dout, delta, *tk.strides(dout), len_q, heads, HEAD_DIM=head_dim, BLOCK=DELTA_ROWS, num_warps=4,
     )
 
-    plen_arg = prefix_lengths if prefix_lengths is not None else prefix_ids
-    seqlens_arg = seqlens_k if seqlens_k is not None else prefix_ids
-    strides = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(prefix_k), *_strides3(prefix_v), *_strides3(dout))
-    block_m, block_n, warps, stages = _tiles(q.dtype, head_dim, len_q * gq, backward=True)
+    plen_arg, seqlens_arg = tk.pointer_or(prefix_lengths, prefix_ids), tk.pointer_or(seqlens_k, prefix_ids)
+    strides = (*tk.strides(q), *tk.strides(k), *tk.strides(v), *tk.strides(prefix_k), *tk.strides(prefix_v), *tk.strides(dout))
+    tiles = tiles_for(q.dtype, head_dim, len_q * gq, backward=True)
     flags = dict(
-        GQ=gq, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal,
+        GQ=gq, HEAD_DIM=head_dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, CAUSAL=causal,
         HAS_PLEN=prefix_lengths is not None, HAS_SEQLENS=seqlens_k is not None,
-        DOT_PRECISION=_dot_precision(q.dtype), num_warps=warps, num_stages=stages,
+        DOT_PRECISION=tk.dot_precision(q.dtype), **tiles.launch(),
     )
-    qk_scale = scale * _LOG2E
+    qk_scale = scale * LOG2E.value
 
-    _prefix_attn_bwd_dq_kernel[(batch * kv_heads, triton.cdiv(len_q * gq, block_m))](
+    _prefix_attn_bwd_dq_kernel[(batch * kv_heads, triton.cdiv(len_q * gq, tiles.block_m))](
         q, k, v, prefix_k, prefix_v, prefix_ids, plen_arg, seqlens_arg, dout, lse, delta, dq,
-        *strides, len_q, len_k, len_p, heads, qk_scale, scale, **flags,
+        *strides, len_q, len_k, len_p, num_groups, heads, qk_scale, scale, **flags,
     )
 
     # Prefix gradients accumulate in float32: per group with atomics, or per row then summed in order.
-    scratch_rows = batch if deterministic else groups
+    scratch_rows = batch if deterministic else num_groups
     alloc = torch.empty if deterministic else torch.zeros  # the per-row kernel writes every element
     dpk32 = alloc((scratch_rows, len_p, kv_heads, head_dim), dtype=torch.float32, device=dev)
     dpv32 = alloc((scratch_rows, len_p, kv_heads, head_dim), dtype=torch.float32, device=dev)
-    n_prefix_blocks = triton.cdiv(len_p, block_n)
-    grid = (batch * kv_heads, n_prefix_blocks + triton.cdiv(len_k, block_n))
+    n_prefix_blocks = triton.cdiv(len_p, tiles.block_n)
+    grid = (batch * kv_heads, n_prefix_blocks + triton.cdiv(len_k, tiles.block_n))
     if grid[1] > 0:
         _prefix_attn_bwd_dkdv_kernel[grid](
             q, k, v, prefix_k, prefix_v, prefix_ids, plen_arg, seqlens_arg, dout, lse, delta,
             dk, dv, dpk32, dpv32,
-            *strides, len_q, len_k, len_p, heads, n_prefix_blocks, qk_scale, scale,
+            *strides, len_q, len_k, len_p, num_groups, heads, n_prefix_blocks, qk_scale, scale,
             DETERMINISTIC=deterministic, **flags,
         )
 
@@ -539,10 +492,9 @@ def _bwd(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lengths, se
         dpv = torch.empty(prefix_shape, dtype=prefix_v.dtype, device=dev)
         row_numel = len_p * kv_heads * head_dim
         if row_numel > 0:
-            block = 256 if triton_interpret() else 1024
-            reduce_grid = (triton.cdiv(row_numel, block), groups)
-            _sum_rows_by_group_kernel[reduce_grid](dpk32, prefix_ids, dpk, batch, row_numel, BLOCK=block)
-            _sum_rows_by_group_kernel[reduce_grid](dpv32, prefix_ids, dpv, batch, row_numel, BLOCK=block)
+            reduce_grid = (triton.cdiv(row_numel, GROUP_SUM_BLOCK), num_groups)
+            _sum_rows_by_group_kernel[reduce_grid](dpk32, prefix_ids, dpk, batch, row_numel, BLOCK=GROUP_SUM_BLOCK)
+            _sum_rows_by_group_kernel[reduce_grid](dpv32, prefix_ids, dpv, batch, row_numel, BLOCK=GROUP_SUM_BLOCK)
     else:
         dpk, dpv = dpk32.to(prefix_k.dtype), dpv32.to(prefix_v.dtype)
     return dq, dk, dv, dpk, dpv
@@ -569,19 +521,17 @@ def _(q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lengths, seqlens_k, causal
 
 @torch.library.custom_op("mmict::prefix_attention_triton_bwd", mutates_args=())
 def prefix_attention_triton_bwd(
-    dout: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     prefix_k: torch.Tensor, prefix_v: torch.Tensor, prefix_ids: torch.Tensor,
     prefix_lengths: Optional[torch.Tensor], seqlens_k: Optional[torch.Tensor],
     out: torch.Tensor, lse: torch.Tensor, causal: bool, scale: float, deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dprefix_k, dprefix_v); dprefix_* summed over the rows of each group."""
-    return _bwd(
-        dout, dlse, q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lengths, seqlens_k, out, lse, causal, scale, deterministic
-    )
+    return _bwd(dout, q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lengths, seqlens_k, out, lse, causal, scale, deterministic)
 
 
 @prefix_attention_triton_bwd.register_fake
-def _(dout, dlse, q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lengths, seqlens_k, out, lse, causal, scale, deterministic):
+def _(dout, q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lengths, seqlens_k, out, lse, causal, scale, deterministic):
     return (
         q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
         prefix_k.new_empty(prefix_k.shape), prefix_v.new_empty(prefix_v.shape),
@@ -593,15 +543,15 @@ def _setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lengths, seqlens_k, out, lse)
     ctx.causal, ctx.scale, ctx.deterministic = causal, scale, deterministic
+    ctx.mark_non_differentiable(lse)  # a statistic, as on every backend (ops/__init__.py)
 
 
-def _backward(ctx, dout, dlse):
+def _backward(ctx, dout, _dlse):
     q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lengths, seqlens_k, out, lse = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
     dq, dk, dv, dpk, dpv = prefix_attention_triton_bwd(
-        dout, dlse, q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lengths, seqlens_k, out, lse,
-        ctx.causal, ctx.scale, ctx.deterministic,
+        dout, q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lengths, seqlens_k, out, lse, ctx.causal, ctx.scale, ctx.deterministic,
     )
     return dq, dk, dv, dpk, dpv, None, None, None, None, None, None
 
@@ -613,7 +563,7 @@ def prefix_attention_triton(q, k, v, prefix_k, prefix_v, prefix_ids, causal, sca
     """Backend entry point for :func:`mmict_kernels.ops.prefix_attention` (inputs already validated).
 
     Returns (out (B, Lq, H, D) in q's dtype, lse (B, H, Lq) float32). Differentiable w.r.t. q, k,
-    v, prefix_k, prefix_v (and through lse). With ``deterministic=False`` the prefix gradients
+    v, prefix_k, prefix_v (lse is a statistic, not differentiated). With ``deterministic=False`` the prefix gradients
     are summed with float32 atomics (not bitwise reproducible); ``True`` makes every gradient
     bitwise reproducible.
     """

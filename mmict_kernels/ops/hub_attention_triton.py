@@ -1,5 +1,9 @@
 """Triton attention kernels shared by the M-Hub ops (cross-attention and self-attention).
 
+``hub_cross_attention/triton.py`` and ``hub_self_attention/triton.py`` wrap these kernels as
+the custom ops ``mmict::hub_{cross,self}_attention_triton_{fwd,bwd}``; the shared conventions
+(constants, dots, casts, tiles, device facts) come from :mod:`mmict_kernels.ops.triton_toolkit`.
+
 One forward kernel and a FlashAttention-2 style backward (delta preprocess, a dK/dV kernel
 over key blocks and a dQ kernel over query blocks) cover both ops, because both are
 "each query row of sample b attends to a subset of sample b's keys":
@@ -24,30 +28,29 @@ host sync or recompilation happens per step) and by the element's (b, h, q, k) o
 backward regenerates the same keep-mask, and :func:`dropout_keep_mask` exports it for tests.
 
 Accumulation is float32; float32 inputs use IEEE matmuls (not TF32) so they meet the oracle.
+
+Bounds: whatever ``cu_seqlens``/lengths hold (value checks off), a sample's key range is clamped
+into the key tensor, so no kernel reads or writes outside its tensors.
 """
 
 from __future__ import annotations
-
-import dataclasses
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+from . import triton_toolkit as tk
+from .triton_toolkit import LN2, LOG2E, cast, dot
 
 # How a sample's keys are found (constexpr KEY_LAYOUT).
-KEYS_DENSE = 0  # k: (B, Lk, H, D), all Lk keys valid
-KEYS_DENSE_LENS = 1  # k: (B, Lk, H, D), the first key_len[b] keys valid (right padding)
-KEYS_PACKED = 2  # k: (total_k, H, D), sample b owns rows cu_seqlens[b] : cu_seqlens[b + 1]
+KEYS_DENSE = tl.constexpr(0)  # k: (B, Lk, H, D), all Lk keys valid
+KEYS_DENSE_LENS = tl.constexpr(1)  # k: (B, Lk, H, D), the first key_len[b] keys valid (right padding)
+KEYS_PACKED = tl.constexpr(2)  # k: (total_k, H, D), sample b owns rows cu_seqlens[b] : cu_seqlens[b + 1]
 
 # Which (row, key) pairs may attend, besides key validity (constexpr MASK_MODE).
-MASK_NONE = 0  # every valid key
-MASK_UNIMODAL = 1  # rows < nq see keys < nq; other rows see keys >= nq
-MASK_MM_CAUSAL = 2  # rows < nq see keys < nq; other rows i see keys < nq and keys j <= i
-
-SUPPORTED_HEAD_DIMS = (32, 64, 128)
+MASK_NONE = tl.constexpr(0)  # every valid key
+MASK_UNIMODAL = tl.constexpr(1)  # rows < nq see keys < nq; other rows see keys >= nq
+MASK_MM_CAUSAL = tl.constexpr(2)  # rows < nq see keys < nq; other rows i see keys < nq and keys j <= i
 
 
 # ---------------------------------------------------------------------------------------
@@ -55,13 +58,15 @@ SUPPORTED_HEAD_DIMS = (32, 64, 128)
 # ---------------------------------------------------------------------------------------
 @triton.jit
 def _sample_keys(b, KEY_START, KEY_LEN, seq_len_k, KEY_LAYOUT: tl.constexpr):
-    """(first key row of sample b in K, number of valid keys of sample b)."""
-    if KEY_LAYOUT == 2:
-        start = tl.load(KEY_START + b)
-        length = tl.load(KEY_START + b + 1) - start
-    elif KEY_LAYOUT == 1:
+    """(first key row of sample b in K, number of valid keys of sample b), clamped into K's
+    seq_len_k rows whatever the offsets or lengths hold (out-of-range values read nothing outside)."""
+    if KEY_LAYOUT == KEYS_PACKED:
+        start = tl.minimum(tl.maximum(tl.load(KEY_START + b), 0), seq_len_k)
+        end = tl.minimum(tl.maximum(tl.load(KEY_START + b + 1), start), seq_len_k)
+        length = end - start
+    elif KEY_LAYOUT == KEYS_DENSE_LENS:
         start = b * 0
-        length = tl.load(KEY_LEN + b)
+        length = tl.minimum(tl.maximum(tl.load(KEY_LEN + b), 0), seq_len_k)
     else:
         start = b * 0
         length = b * 0 + seq_len_k
@@ -72,9 +77,9 @@ def _sample_keys(b, KEY_START, KEY_LEN, seq_len_k, KEY_LAYOUT: tl.constexpr):
 def _allowed(rows, cols, key_len, nq, MASK_MODE: tl.constexpr):
     """Boolean tile, True where row may attend to col; rows/cols come already broadcast-shaped."""
     ok = cols < key_len
-    if MASK_MODE == 1:
+    if MASK_MODE == MASK_UNIMODAL:
         ok = ok & ((rows < nq) == (cols < nq))
-    elif MASK_MODE == 2:
+    elif MASK_MODE == MASK_MM_CAUSAL:
         key_is_query = cols < nq
         ok = ok & tl.where(rows < nq, key_is_query, key_is_query | (cols <= rows))
     return ok
@@ -85,12 +90,12 @@ def _visible_keys(m0, key_len, nq, BLOCK_M: tl.constexpr, MASK_MODE: tl.constexp
     """[lo, hi): the keys that rows m0 .. m0 + BLOCK_M - 1 can see (the rest is skipped)."""
     lo = key_len * 0  # key_len is a tensor (see _visible_rows)
     hi = key_len
-    if MASK_MODE == 1:
+    if MASK_MODE == MASK_UNIMODAL:
         if m0 + BLOCK_M <= nq:  # only query rows: query keys
             hi = tl.minimum(lo + nq, key_len)
         elif m0 >= nq:  # only text rows: text keys
             lo = tl.minimum(lo + nq, key_len)
-    elif MASK_MODE == 2:
+    elif MASK_MODE == MASK_MM_CAUSAL:
         if m0 + BLOCK_M <= nq:
             hi = tl.minimum(lo + nq, key_len)
         else:  # text row i sees nothing beyond key i
@@ -105,37 +110,15 @@ def _visible_rows(n0, seq_len_q, nq, BLOCK_N: tl.constexpr, MASK_MODE: tl.conste
     # of a runtime `if` must give tensors of one type.
     lo = n0 * 0
     hi = n0 * 0 + seq_len_q
-    if MASK_MODE == 1:
+    if MASK_MODE == MASK_UNIMODAL:
         if n0 + BLOCK_N <= nq:  # only query keys: query rows
             hi = tl.minimum(n0 * 0 + nq, hi)
         elif n0 >= nq:  # only text keys: text rows
             lo = tl.minimum(n0 * 0 + nq, hi)
-    elif MASK_MODE == 2:
+    elif MASK_MODE == MASK_MM_CAUSAL:
         if n0 >= nq:  # only text keys: rows i >= the first key
             lo = n0
     return lo, hi
-
-
-@triton.jit
-def _mma(a, b, DOT_PRECISION: tl.constexpr):
-    """tl.dot with float32 accumulation. "upcast" (bfloat16 in the CPU interpreter, which
-    multiplies bfloat16 tiles as their uint16 storage): widen to float32 first, which is exact."""
-    if DOT_PRECISION == "upcast":
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        return tl.dot(a, b, input_precision=DOT_PRECISION)
-
-
-@triton.jit
-def _cast(x, dtype, DOT_PRECISION: tl.constexpr):
-    """float32 -> dtype with round-to-nearest-even. The CPU interpreter truncates float32 ->
-    bfloat16 (a GPU rounds), which doubles the error; there we round the bits first."""
-    if DOT_PRECISION == "upcast":
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-        return bits.to(tl.float32, bitcast=True).to(dtype)
-    else:
-        return x.to(dtype)
 
 
 @triton.jit
@@ -188,7 +171,7 @@ def _attn_fwd_kernel(
         cols = start_n + tl.arange(0, BLOCK_N)
         col_ok = cols < key_len
         k = tl.load(k_base + cols[:, None] * stride_kn + dims[None, :], mask=col_ok[:, None], other=0.0)
-        s = _mma(q, tl.trans(k), DOT_PRECISION) * scale_log2
+        s = dot(q, tl.trans(k), None, DOT_PRECISION) * scale_log2
         s = tl.where(_allowed(rows[:, None], cols[None, :], key_len, nq, MASK_MODE), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row that has seen no key yet keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
@@ -200,7 +183,7 @@ def _attn_fwd_kernel(
             keep = _dropout_keep(seed, bh, rows[:, None], cols[None, :], seq_len_q, drop_stride, dropout_p)
             p = tl.where(keep, p, 0.0)
         v = tl.load(v_base + cols[:, None] * stride_vn + dims[None, :], mask=col_ok[:, None], other=0.0)
-        acc = acc * alpha[:, None] + _mma(_cast(p, v.dtype, DOT_PRECISION), v, DOT_PRECISION)
+        acc = dot(cast(p, v.dtype), v, acc * alpha[:, None], DOT_PRECISION)
         m_i = m_new
 
     seen = l_i > 0.0  # rows with no visible key: out 0, lse -inf
@@ -208,9 +191,9 @@ def _attn_fwd_kernel(
     if HAS_DROPOUT:
         l_safe = l_safe * (1.0 - dropout_p)  # inverted dropout: kept probabilities scale by 1 / (1 - p)
     out = acc / l_safe[:, None]
-    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
     o_ptrs = O + b.to(tl.int64) * stride_ob + h * stride_oh + rows[:, None] * stride_om + dims[None, :]
-    tl.store(o_ptrs, _cast(out, O.dtype.element_ty, DOT_PRECISION), mask=row_ok[:, None])
+    tl.store(o_ptrs, cast(out, O.dtype.element_ty), mask=row_ok[:, None])
     tl.store(LSE + bh.to(tl.int64) * seq_len_q + rows, lse, mask=row_ok)
 
 
@@ -239,7 +222,7 @@ def _attn_bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_om, stride_oh, stride
 def _lse_log2(LSE, bh, rows, seq_len_q):
     """Row log-sum-exp in log2 units; +inf for rows with no key (and padding) so exp2(s - lse) = 0."""
     lse = tl.load(LSE + bh.to(tl.int64) * seq_len_q + rows, mask=rows < seq_len_q, other=float("-inf"))
-    return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    return tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
 
 
 @triton.jit
@@ -262,7 +245,7 @@ def _attn_bwd_dkdv_kernel(
     sample, B + 1 entries), so no host-side max length (and no device sync) is needed.
     """
     pid_n = tl.program_id(0)
-    if KEY_LAYOUT == 2:
+    if KEY_LAYOUT == KEYS_PACKED:
         h = tl.program_id(1)
         idx = tl.arange(0, BLOCK_B)
         next_first = tl.load(BLOCK_TABLE + 1 + idx, mask=idx < batch, other=2147483647)
@@ -305,10 +288,10 @@ def _attn_bwd_dkdv_kernel(
         lse = _lse_log2(LSE, bh, rows, seq_len_q)
         delta = tl.load(DELTA + bh.to(tl.int64) * seq_len_q + rows, mask=row_ok, other=0.0)
         # Transposed tiles (keys x rows) so dK and dV come out of plain dots.
-        s_t = _mma(k, tl.trans(q), DOT_PRECISION) * scale_log2
+        s_t = dot(k, tl.trans(q), None, DOT_PRECISION) * scale_log2
         p_t = tl.math.exp2(s_t - lse[None, :])
         p_t = tl.where(_allowed(rows[None, :], cols[:, None], key_len, nq, MASK_MODE), p_t, 0.0)
-        dp_t = _mma(v, tl.trans(do), DOT_PRECISION)
+        dp_t = dot(v, tl.trans(do), None, DOT_PRECISION)
         if HAS_DROPOUT:
             keep_t = _dropout_keep(seed, bh, rows[None, :], cols[:, None], seq_len_q, drop_stride, dropout_p)
             inv_keep = 1.0 / (1.0 - dropout_p)
@@ -316,15 +299,15 @@ def _attn_bwd_dkdv_kernel(
             dp_t = tl.where(keep_t, dp_t * inv_keep, 0.0)
         else:
             p_drop_t = p_t
-        dv += _mma(_cast(p_drop_t, do.dtype, DOT_PRECISION), do, DOT_PRECISION)
+        dv = dot(cast(p_drop_t, do.dtype), do, dv, DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
-        dk += _mma(_cast(ds_t, q.dtype, DOT_PRECISION), q, DOT_PRECISION)
+        dk = dot(cast(ds_t, q.dtype), q, dk, DOT_PRECISION)
 
     store_ok = (cols < store_len)[:, None]
     dk_offs = b.to(tl.int64) * stride_dkb + key_start.to(tl.int64) * stride_dkn + h * stride_dkh
     dk_offs = dk_offs + cols[:, None] * stride_dkn + dims[None, :]
-    tl.store(DK + dk_offs, _cast(dk * scale, DK.dtype.element_ty, DOT_PRECISION), mask=store_ok)
-    tl.store(DV + dk_offs, _cast(dv, DV.dtype.element_ty, DOT_PRECISION), mask=store_ok)
+    tl.store(DK + dk_offs, cast(dk * scale, DK.dtype.element_ty), mask=store_ok)
+    tl.store(DV + dk_offs, cast(dv, DV.dtype.element_ty), mask=store_ok)
 
 
 @triton.jit
@@ -368,18 +351,18 @@ def _attn_bwd_dq_kernel(
         col_ok = cols < key_len
         k = tl.load(k_base + cols[:, None] * stride_kn + dims[None, :], mask=col_ok[:, None], other=0.0)
         v = tl.load(v_base + cols[:, None] * stride_vn + dims[None, :], mask=col_ok[:, None], other=0.0)
-        s = _mma(q, tl.trans(k), DOT_PRECISION) * scale_log2
+        s = dot(q, tl.trans(k), None, DOT_PRECISION) * scale_log2
         p = tl.math.exp2(s - lse[:, None])
         p = tl.where(_allowed(rows[:, None], cols[None, :], key_len, nq, MASK_MODE), p, 0.0)
-        dp = _mma(do, tl.trans(v), DOT_PRECISION)
+        dp = dot(do, tl.trans(v), None, DOT_PRECISION)
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, bh, rows[:, None], cols[None, :], seq_len_q, drop_stride, dropout_p)
             dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
         ds = p * (dp - delta[:, None])
-        dq += _mma(_cast(ds, k.dtype, DOT_PRECISION), k, DOT_PRECISION)
+        dq = dot(cast(ds, k.dtype), k, dq, DOT_PRECISION)
 
     dq_offs = b.to(tl.int64) * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqm + dims[None, :]
-    tl.store(DQ + dq_offs, _cast(dq * scale, DQ.dtype.element_ty, DOT_PRECISION), mask=row_ok[:, None])
+    tl.store(DQ + dq_offs, cast(dq * scale, DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit
@@ -397,43 +380,25 @@ def _dropout_mask_kernel(SEED, KEEP, seq_len_q, seq_len_k, drop_stride, dropout_
 # ---------------------------------------------------------------------------------------
 # Host side: tile choice and launchers
 # ---------------------------------------------------------------------------------------
-# Tests set this to (BLOCK_M, BLOCK_N), e.g. (16, 16), to cover many-block paths (block skipping,
-# partial tiles, packed block tables) at shapes small enough for the CPU interpreter.
-FORCE_BLOCKS: tuple[int, int] | None = None
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-@dataclasses.dataclass(frozen=True)
-class _Tiles:
-    block_m: int  # query rows per tile
-    block_n: int  # keys per tile
-    num_warps: int
-    num_stages: int = 2
-
-
-def _tiles(
+def tiles_for(
     seq_len_q: int, batch_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device, align: int = 0
-) -> _Tiles:
+) -> tk.Tiles:
     """Tile sizes by heuristic (no autotuning: the packed dK/dV grid depends on BLOCK_N, and the
     interpreter would run every candidate).
 
     Query tile: the smallest power of two >= Lq in [16, 64] (32 for float32), halved on a GPU
     while the grid would leave SMs idle (short queries, few samples), since loads are the cost.
-    Key tile and warps keep every kernel free of register spills on sm_90 (checked with ptxas
-    through ``triton.compile`` for fp16/bf16/fp32 and D = 32, 64, 128, with and without dropout):
-    float32 uses FMA dots (IEEE, not TF32), whose operand tiles must stay small.
-    ``align`` (num_query_tokens of a masked mode, when a multiple of 16): tiles shrink until they
-    divide it, so no tile straddles the query/text boundary and whole blocks can be skipped
-    (M-Hub's 32 queries + 32 text: 32-row and 32-key tiles, half the unimodal work).
+    Key tile and warps keep every kernel free of register spills on sm_90 (checked by the
+    compile-only harness, ``mmict_kernels.testing``, for fp16/bf16/fp32 and D = 32, 64, 128,
+    with and without dropout): float32 uses FMA dots (IEEE, not TF32), whose operand tiles must
+    stay small. ``align`` (num_query_tokens of a masked mode, when a multiple of 16): tiles shrink
+    until they divide it, so no tile straddles the query/text boundary and whole blocks can be
+    skipped (M-Hub's 32 queries + 32 text: 32-row and 32-key tiles, half the unimodal work).
     """
     wide = dtype == torch.float32
     block_m = min(32 if wide else 64, max(16, triton.next_power_of_2(max(seq_len_q, 1))))
-    if device.type == "cuda":
-        sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    if tk.targets_gpu(device):
+        sms = tk.num_sms(device)
         while block_m > 16 and triton.cdiv(seq_len_q, block_m) * batch_heads < 2 * sms:
             block_m //= 2
     if wide:
@@ -445,43 +410,14 @@ def _tiles(
             block_m //= 2
         while align % block_n:
             block_n //= 2
-    if FORCE_BLOCKS is not None:
-        block_m, block_n = FORCE_BLOCKS
     num_warps = 8 if wide or head_dim > 64 or block_m > 32 else 4
-    return _Tiles(block_m, block_n, num_warps)
+    return tk.apply_forced(tk.Tiles(block_m, block_n, num_warps))
 
 
-def _dot_precision(dtype: torch.dtype, device: torch.device) -> str:
-    if dtype == torch.bfloat16 and device.type == "cpu":
-        return "upcast"  # see _mma
-    return "ieee" if dtype == torch.float32 else "tf32"  # "tf32" is ignored for 16-bit inputs
-
-
-def _nonempty(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    """A tensor to pass as a kernel pointer. An unused one (None) becomes ``like``, which the
-    kernel never reads through it (its constexpr branch is compiled out), so no allocation or
-    extra launch happens per call; an empty one (no valid address) a 1-element placeholder."""
-    if t is None:
-        return like
-    if t.numel() == 0:
-        return torch.zeros(1, dtype=t.dtype, device=t.device)
-    return t
-
-
-def check_head_dim(head_dim: int) -> None:
-    if head_dim not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"q: the Triton kernels support head dims {SUPPORTED_HEAD_DIMS}, got {head_dim}; use backend='torch'")
-
-
-def draw_dropout_seed(device: torch.device) -> torch.Tensor:
-    """A fresh Philox seed from torch's default generator of ``device`` (1-element int64 tensor)."""
-    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
-
-
-def _key_strides(k: torch.Tensor, key_layout: int) -> tuple[int, int, int]:
+def _key_strides(k: torch.Tensor, key_layout) -> tuple[int, int, int]:
     if key_layout == KEYS_PACKED:  # (total_k, H, D): no batch stride, rows are offset by cu_seqlens
         return 0, k.stride(0), k.stride(1)
-    return k.stride(0), k.stride(1), k.stride(2)
+    return tk.strides(k)
 
 
 def attention_forward(
@@ -504,26 +440,24 @@ def attention_forward(
     ``KEYS_DENSE_LENS``. ``seed``: 1-element int64 tensor when ``dropout_p > 0``.
     """
     batch, seq_len_q, heads, head_dim = q.shape
-    check_head_dim(head_dim)
+    tk.check_attention_inputs("M-Hub attention", q)
     out = q.new_empty(q.shape)
     lse = torch.empty((batch, heads, seq_len_q), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
     seq_len_k = k.shape[0] if key_layout == KEYS_PACKED else k.shape[1]
     align = num_query_tokens if mask_mode != MASK_NONE else 0
-    tiles = _tiles(seq_len_q, batch * heads, head_dim, q.dtype, q.device, align)
+    tiles = tiles_for(seq_len_q, batch * heads, head_dim, q.dtype, q.device, align)
     grid = (triton.cdiv(seq_len_q, tiles.block_m), heads, batch)
     has_dropout = dropout_p > 0.0
     _attn_fwd_kernel[grid](
-        q, _nonempty(k, q), _nonempty(v, q), out, lse,
-        _nonempty(key_start, lse), _nonempty(key_len, lse), _nonempty(seed if has_dropout else None, lse),
-        q.stride(0), q.stride(1), q.stride(2),
-        *_key_strides(k, key_layout), *_key_strides(v, key_layout),
-        out.stride(0), out.stride(1), out.stride(2),
-        heads, seq_len_q, seq_len_k, num_query_tokens, scale * LOG2E, dropout_p, max(seq_len_k, 1),
+        q, tk.pointer_or(k, q), tk.pointer_or(v, q), out, lse,
+        tk.pointer_or(key_start, lse), tk.pointer_or(key_len, lse), tk.pointer_or(seed if has_dropout else None, lse),
+        *tk.strides(q), *_key_strides(k, key_layout), *_key_strides(v, key_layout), *tk.strides(out),
+        heads, seq_len_q, seq_len_k, num_query_tokens, scale * LOG2E.value, dropout_p, max(seq_len_k, 1),
         KEY_LAYOUT=key_layout, MASK_MODE=mask_mode, HAS_DROPOUT=has_dropout,
-        HEAD_DIM=head_dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, DOT_PRECISION=_dot_precision(q.dtype, q.device),
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        HEAD_DIM=head_dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, DOT_PRECISION=tk.dot_precision(q.dtype),
+        **tiles.launch(),
     )  # fmt: skip
     return out, lse
 
@@ -547,7 +481,7 @@ def attention_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq (like q), dk, dv (like k, v) contiguous, from the forward's out and lse (no stored P)."""
     batch, seq_len_q, heads, head_dim = q.shape
-    check_head_dim(head_dim)
+    tk.check_attention_inputs("M-Hub attention", q)
     dq = q.new_empty(q.shape)
     dk = k.new_empty(k.shape)
     dv = v.new_empty(v.shape)
@@ -555,31 +489,28 @@ def attention_backward(
         return dq, dk.zero_(), dv.zero_()
     if dout.stride(-1) != 1:  # the kernels read head-dim vectors
         dout = dout.contiguous()
-    do_strides = (dout.stride(0), dout.stride(1), dout.stride(2))
+    do_strides = tk.strides(dout)
     seq_len_k = k.shape[0] if key_layout == KEYS_PACKED else k.shape[1]
     align = num_query_tokens if mask_mode != MASK_NONE else 0
-    tiles = _tiles(seq_len_q, batch * heads, head_dim, q.dtype, q.device, align)
+    tiles = tiles_for(seq_len_q, batch * heads, head_dim, q.dtype, q.device, align)
     block_m, block_n = tiles.block_m, tiles.block_n
     has_dropout = dropout_p > 0.0
-    precision = _dot_precision(q.dtype, q.device)
-    key_start_arg, key_len_arg = _nonempty(key_start, lse), _nonempty(key_len, lse)
-    seed_arg = _nonempty(seed if has_dropout else None, lse)
+    precision = tk.dot_precision(q.dtype)
+    key_start_arg, key_len_arg = tk.pointer_or(key_start, lse), tk.pointer_or(key_len, lse)
+    seed_arg = tk.pointer_or(seed if has_dropout else None, lse)
     common = dict(KEY_LAYOUT=key_layout, MASK_MODE=mask_mode, HAS_DROPOUT=has_dropout, HEAD_DIM=head_dim,
-                  BLOCK_M=block_m, BLOCK_N=block_n, DOT_PRECISION=precision,
-                  num_warps=tiles.num_warps, num_stages=tiles.num_stages)  # fmt: skip
+                  BLOCK_M=block_m, BLOCK_N=block_n, DOT_PRECISION=precision, **tiles.launch())  # fmt: skip
 
     delta = torch.empty_like(lse)
     q_grid = (triton.cdiv(seq_len_q, block_m), heads, batch)
     _attn_bwd_delta_kernel[q_grid](
-        out, dout, delta, out.stride(0), out.stride(1), out.stride(2), *do_strides, heads, seq_len_q,
+        out, dout, delta, *tk.strides(out), *do_strides, heads, seq_len_q,
         HEAD_DIM=head_dim, BLOCK_M=block_m,
     )  # fmt: skip
     _attn_bwd_dq_kernel[q_grid](
-        q, _nonempty(k, q), _nonempty(v, q), dout, lse, delta, dq, key_start_arg, key_len_arg, seed_arg,
-        q.stride(0), q.stride(1), q.stride(2),
-        *_key_strides(k, key_layout), *_key_strides(v, key_layout), *do_strides,
-        dq.stride(0), dq.stride(1), dq.stride(2),
-        heads, seq_len_q, seq_len_k, num_query_tokens, scale, scale * LOG2E, dropout_p, max(seq_len_k, 1),
+        q, tk.pointer_or(k, q), tk.pointer_or(v, q), dout, lse, delta, dq, key_start_arg, key_len_arg, seed_arg,
+        *tk.strides(q), *_key_strides(k, key_layout), *_key_strides(v, key_layout), *do_strides, *tk.strides(dq),
+        heads, seq_len_q, seq_len_k, num_query_tokens, scale, scale * LOG2E.value, dropout_p, max(seq_len_k, 1),
         **common,
     )  # fmt: skip
     if dk.numel() == 0:
@@ -587,7 +518,8 @@ def attention_backward(
     if key_layout == KEYS_PACKED:
         # Sample b's key blocks are programs table[b] .. table[b + 1] - 1 of grid axis 0; the
         # grid is sized by the static bound sum_b ceil(len_b / BLOCK_N) <= total_k / BLOCK_N + B.
-        blocks = (key_start[1:] - key_start[:-1] + block_n - 1) // block_n
+        # (lengths clamped at 0: decreasing offsets, passed with value checks off, give empty samples)
+        blocks = ((key_start[1:] - key_start[:-1]).clamp_min(0) + block_n - 1) // block_n
         table = torch.zeros(batch + 1, dtype=torch.int32, device=q.device)
         table[1:] = torch.cumsum(blocks, 0)
         kv_grid = (triton.cdiv(seq_len_k, block_n) + batch, heads)
@@ -596,9 +528,8 @@ def attention_backward(
         kv_grid = (triton.cdiv(seq_len_k, block_n), heads, batch)
     _attn_bwd_dkdv_kernel[kv_grid](
         q, k, v, dout, lse, delta, dk, dv, key_start_arg, key_len_arg, table, seed_arg,
-        q.stride(0), q.stride(1), q.stride(2),
-        *_key_strides(k, key_layout), *_key_strides(v, key_layout), *do_strides, *_key_strides(dk, key_layout),
-        heads, batch, seq_len_q, seq_len_k, num_query_tokens, scale, scale * LOG2E, dropout_p, max(seq_len_k, 1),
+        *tk.strides(q), *_key_strides(k, key_layout), *_key_strides(v, key_layout), *do_strides, *_key_strides(dk, key_layout),
+        heads, batch, seq_len_q, seq_len_k, num_query_tokens, scale, scale * LOG2E.value, dropout_p, max(seq_len_k, 1),
         BLOCK_B=triton.next_power_of_2(max(batch, 1)), **common,
     )  # fmt: skip
     return dq, dk, dv
@@ -615,3 +546,40 @@ def dropout_keep_mask(
         grid = (batch * heads, triton.cdiv(seq_len_q, 16), triton.cdiv(seq_len_k, 64))
         _dropout_mask_kernel[grid](seed, keep, seq_len_q, seq_len_k, max(drop_stride, 1), dropout_p, BLOCK_M=16, BLOCK_N=64)
     return keep.bool()
+
+
+# ---------------------------------------------------------------------------------------
+# Custom-op plumbing shared by the two M-Hub ops (their schemas differ, their autograd does not)
+# ---------------------------------------------------------------------------------------
+def fake_forward(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shapes of (out, lse) for torch.compile: out like q, lse (B, H, Lq) float32."""
+    batch, seq_len_q, heads, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((batch, heads, seq_len_q), dtype=torch.float32)
+
+
+def fake_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def register_attention_autograd(fwd_op, bwd_op, num_tensors: int) -> None:
+    """Autograd of an M-Hub forward op ``fwd_op(q, k, v, *extra_tensors, *scalars) -> (out, lse)``
+    whose backward op is ``bwd_op(dout, q, k, v, out, lse, *extra_tensors, *scalars) -> (dq, dk, dv)``.
+
+    ``num_tensors``: how many leading inputs are tensors (q, k, v and the index/seed tensors).
+    lse is a statistic, not differentiated (the package-wide rule, see ``ops/__init__.py``).
+    """
+
+    def setup_context(ctx, inputs, output):
+        out, lse = output
+        ctx.save_for_backward(*inputs[:num_tensors], out, lse)
+        ctx.scalars = inputs[num_tensors:]
+        ctx.num_inputs = len(inputs)
+        ctx.mark_non_differentiable(lse)
+
+    def backward(ctx, dout, _dlse):
+        *tensors, out, lse = ctx.saved_tensors
+        q, k, v, *extra = tensors
+        dq, dk, dv = bwd_op(dout, q, k, v, out, lse, *extra, *ctx.scalars)
+        return (dq, dk, dv) + (None,) * (ctx.num_inputs - 3)
+
+    fwd_op.register_autograd(backward, setup_context=setup_context)
