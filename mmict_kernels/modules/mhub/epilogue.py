@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ... import backends
 from ...ops import fused_epilogue
 
 
@@ -28,7 +29,7 @@ def use_fused(backend: str, x: torch.Tensor) -> bool:
     """Whether the fused epilogue kernels serve this call (see the module docstring)."""
     if backend == "triton":
         return True
-    return backend in ("auto", "cuda") and x.is_cuda
+    return backend in ("auto", "cuda") and backends.on_gpu(x)
 
 
 def _autocast(x: torch.Tensor) -> bool:

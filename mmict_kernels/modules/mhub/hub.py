@@ -167,7 +167,7 @@ class FusedMHub(nn.Module):
             for dropout in (False, True):
                 try:
                     facts = dict(device_type=weight.device.type, dtype=weight.dtype, head_dim=self.head_dim, dropout=dropout)
-                    backends.resolve(op, self._backend, **facts)
+                    backends.resolve(op, backends.module_choice(op, self._backend, **facts), **facts)
                 except (backends.BackendUnavailableError, ImportError):
                     pass
 
@@ -463,7 +463,22 @@ class FusedMHub(nn.Module):
         return self.attention_dropout if self.training else 0.0
 
     def _layer_streams(self, layer, hidden, itc_text, nq, text_lengths, masks, cache):
-        """One layer over the objective rows and, if any, ITC's text-only stream."""
+        """One layer over the objective rows and, if any, ITC's text-only stream.
+
+        The ops' index checks are skipped here: the text lengths come from the attention mask checked
+        once per forward, the image lengths from the cache checked when it was built; per-layer
+        repeats would only add device asserts (while compiling, checks are off anyway).
+        """
+        if torch.compiler.is_compiling():
+            return self._layer_streams_unchecked(layer, hidden, itc_text, nq, text_lengths, masks, cache)
+        with C.skip_value_checks():
+            return self._layer_streams_unchecked(layer, hidden, itc_text, nq, text_lengths, masks, cache)
+
+    def _op_backend(self, op: str, q: torch.Tensor) -> str:
+        """What this module's backend setting means for ``op`` ("cuda": CUDA where the op has a kernel for these inputs)."""
+        return backends.module_choice(op, self.backend, q.device.type, q.dtype, self.head_dim, self._dropout_p() > 0)
+
+    def _layer_streams_unchecked(self, layer, hidden, itc_text, nq, text_lengths, masks, cache):
         hidden = self._layer(layer, hidden, nq, text_lengths, masks, cache)
         if itc_text is not None:
             # ITC's text rows see only valid text keys: a sequence with no queries, under the padding mask.
@@ -476,11 +491,12 @@ class FusedMHub(nn.Module):
         batch = rows // num_objectives
         q, k, v = epilogue.qkv_projection(layer.attention.attention, hidden, self.num_heads, self.backend)
         parts = []
+        backend = self._op_backend("hub_self_attention", q)
         for o, mask in enumerate(masks):
             s = slice(o * batch, (o + 1) * batch)
             parts.append(
                 ops.hub_self_attention(
-                    q[s], k[s], v[s], nq, text_lengths, mask=mask, backend=self.backend, dropout_p=self._dropout_p()
+                    q[s], k[s], v[s], nq, text_lengths, mask=mask, backend=backend, dropout_p=self._dropout_p()
                 )
             )
         attn = parts[0] if num_objectives == 1 else torch.cat(parts, dim=0)
@@ -507,7 +523,8 @@ class FusedMHub(nn.Module):
             q = q.view(num_objectives, batch, nq, heads, dim).transpose(0, 1).reshape(batch, num_objectives * nq, heads, dim)
         k, v = cache.kv(layer.layer_idx)
         out = ops.hub_cross_attention(
-            q, k, v, cache.cu_seqlens_k, backend=self.backend, seqlens_k=cache.seqlens_k, dropout_p=self._dropout_p()
+            q, k, v, cache.cu_seqlens_k, backend=self._op_backend("hub_cross_attention", q), seqlens_k=cache.seqlens_k,
+            dropout_p=self._dropout_p(),
         )
         if num_objectives > 1:
             out = out.view(batch, num_objectives, nq, self.num_heads, self.head_dim).transpose(0, 1)

@@ -180,11 +180,7 @@ def arrange_image_tokens(
         total_frames, per_frame, _ = image_embeds.shape
         if C.value_checks_enabled(frames):
             C.check_range("num_frames", frames, 0, total_frames, "frame counts")
-            if int(frames.sum()) != total_frames:
-                raise ValueError(
-                    f"num_frames: expected frame counts summing to image_embeds.shape[0] = {total_frames}, "
-                    f"got {int(frames.sum())}"
-                )
+            C.expect(frames.sum() == total_frames, f"num_frames: expected frame counts summing to image_embeds.shape[0] = {total_frames}")
         cu = F.pad(torch.cumsum(frames.long() * per_frame, 0), (1, 0)).to(torch.int32)
         return image_embeds.reshape(total_frames * per_frame, image_embeds.shape[-1]), cu, None, frames.shape[0]
 
