@@ -22,7 +22,7 @@ def __getattr__(name):
 
         return getattr(mhub, name)
     if name == "apply_mmict_kernels":
-        from .modules.mhub import apply_mmict_kernels
+        from .modules.mhub.swap_in import apply_mmict_kernels
 
         return apply_mmict_kernels
     raise AttributeError(f"module 'mmict_kernels' has no attribute {name!r}")

@@ -27,6 +27,21 @@ def generation_lengths_of(example, lengths: dict, default: tuple[int, int]) -> t
     return lengths.get(task_kind(example.task, example.kind), default)
 
 
+def evaluation_groups(queries, sampling: str, group_size: int, seed: int, limit: int | None = None) -> list[list[int]]:
+    """The evaluation's query groups in order (no shuffling), at most ``limit`` of them.
+
+    One-to-many: same-task groups of ``group_size`` sharing one demonstration set; every query is
+    evaluated, so the leftovers that fill no group form groups of their own. Other strategies: one
+    query per group. Every method of the comparison answers the queries in this order.
+    """
+    group = group_size if sampling == "one-to-many" else 1
+    order = epoch_groups(queries.tasks(), sampling, group, seed, 0, shuffle=False)
+    if sampling == "one-to-many":
+        covered = {q for g in order for q in g}
+        order += [[q] for q in range(len(queries)) if q not in covered]
+    return order if limit is None else order[:limit]
+
+
 @torch.no_grad()
 def predict(run: Run, num_demos: int, sampling: str = "random", group_size: int = 4, batch_size: int = 32,
             num_beams: int = 1, max_new_tokens: int = 10, min_new_tokens: int = 1, seed: int = 0,
@@ -46,17 +61,11 @@ def predict(run: Run, num_demos: int, sampling: str = "random", group_size: int 
     m = cfg.model
     queries, pool = run.eval_set, run.train_set
     lengths = check_generation_lengths(generation_lengths or {})
-    group = group_size if sampling == "one-to-many" else 1
     sampler = DemoSampler(pool, queries, num_demos, sampling, cfg.demos.same_task, seed=seed)
     shared = sampling == "one-to-many" and num_demos > 0 and m.llm_family == "decoder" and use_prefix_cache and num_beams == 1
     builder = (builder_cls or BatchBuilder)(run.mhub_tokenizer, run.llm_tokenizer, m.num_query_tokens, m.separator, m.llm_family,
                            cfg.data.max_text_tokens, mode="generate", shared_prefix=shared)
-    order = epoch_groups(queries.tasks(), sampling, group, seed, 0, shuffle=False)
-    if sampling == "one-to-many":  # evaluate every query: leftovers form smaller groups
-        covered = {q for g in order for q in g}
-        order += [[q] for q in range(len(queries)) if q not in covered]
-    if limit is not None:
-        order = order[:limit]
+    order = evaluation_groups(queries, sampling, group_size, seed, limit)
     # One generation setting per group (a one-to-many group holds one task); settings in order of first use.
     by_setting: dict[tuple[int, int], list] = {}
     for g in order:

@@ -20,14 +20,8 @@ Typical use::
 Importing this package pulls in transformers; ``import mmict_kernels.ops`` does not.
 """
 
-from .mhub import (
-    FusedMHub,
-    ImageKVCache,
-    MHubOutput,
-    apply_mmict_kernels,
-    apply_mmict_kernels_to_blip2,
-    apply_mmict_kernels_to_instructblip,
-)
+from .mhub import FusedMHub, ImageKVCache, MHubOutput
+from .mhub.swap_in import apply_mmict_kernels, apply_mmict_kernels_to_blip2, apply_mmict_kernels_to_instructblip
 from .prefix_cache import DemoPrefixCache, RowKVCache, forward_with_prefix, generate_with_prefix
 
 __all__ = [

@@ -7,6 +7,11 @@ import dataclasses
 import torch
 
 from ..baselines import aim_batch, builder_class
+from ..batch import BatchBuilder
+from ..evaluation import evaluation_groups, score
+from ..evaluation import predict as driver_predict
+from ..metrics import corpus_bleu
+from ..sampling import DemoSampler, batches_of
 from .methods import aim_batch_to
 
 
@@ -25,10 +30,8 @@ def predict(base_run, method: str, model, num_demos: int, sampling: str, device,
     The query order, groups and demonstrations are ``evaluation.predict``'s (same seed), so every
     method answers the same queries with the same demonstrations. The driver-trained methods go
     through ``evaluation.predict`` itself (with their batch layout); AIM has its own batch and
-    generation, so it repeats only the query order and sampling here.
+    generation, so it takes the driver's query order (``evaluation_groups``) and sampling here.
     """
-    from ..evaluation import predict as driver_predict
-
     cfg, m = base_run.cfg, base_run.cfg.model
     if method != "aim":
         records, ctx, computed = driver_predict(
@@ -37,21 +40,12 @@ def predict(base_run, method: str, model, num_demos: int, sampling: str, device,
             limit=limit, builder_cls=builder_class(method), return_context_lengths=True)
         return records, _mean_context(ctx, computed)
 
-    from ..batch import BatchBuilder
-    from ..sampling import DemoSampler, batches_of, epoch_groups
-
     queries, pool, tok = base_run.eval_set, base_run.train_set, base_run.llm_tokenizer
-    group = cfg.demos.group_size if sampling == "one-to-many" else 1
     sampler = DemoSampler(pool, queries, num_demos, sampling, cfg.demos.same_task, seed=seed)
     # Only its tokenisation is used (aim_batch): the layout options do not matter.
     builder = BatchBuilder(base_run.mhub_tokenizer, tok, m.num_query_tokens, m.separator, m.llm_family, cfg.data.max_text_tokens,
                            mode="generate")
-    order = epoch_groups(queries.tasks(), sampling, group, seed, 0, shuffle=False)
-    if sampling == "one-to-many":  # every query is evaluated: leftovers form smaller groups (as evaluation.predict)
-        covered = {q for g in order for q in g}
-        order += [[q] for q in range(len(queries)) if q not in covered]
-    if limit is not None:
-        order = order[:limit]
+    order = evaluation_groups(queries, sampling, cfg.demos.group_size, seed, limit)  # the driver's queries, in its order
     model.eval()
     records, ctx, computed = [], [], 0
     for groups in batches_of(order, batch_size, drop_last=False):
@@ -73,9 +67,6 @@ def _mean_context(ctx: list[int], computed: int) -> dict:
 
 def summarize(records: list[dict], bleu_n: int = 4) -> dict:
     """EM over all queries, EM on the demonstration-dependent tasks, corpus BLEU-n on captions (in %)."""
-    from ..evaluation import score
-    from ..metrics import corpus_bleu
-
     s = score(records)
     ambiguous = [r for r in records if r["task"] in ("what_color", "what_shape")]
     captions = [r for r in records if r["task"] == "caption"]

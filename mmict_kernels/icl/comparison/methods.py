@@ -12,7 +12,10 @@ import dataclasses
 
 import torch
 
+from ..aim import AIMModel, DemonstrationBank, MMICTBackbone
 from ..baselines import aim_batch, builder_class
+from ..config import validate
+from ..training import Trainer, make_optimizer
 
 
 def fresh_model(init_model):
@@ -21,8 +24,7 @@ def fresh_model(init_model):
 
 
 def run_config_for(base_cfg, sampling: str, num_demos: int, steps: int):
-    from ..config import validate
-
+    """The shared run config with this model's strategy, demonstration count and step budget, checked."""
     cfg = copy.deepcopy(base_cfg)
     cfg.demos.sampling, cfg.demos.num_demos, cfg.train.max_steps = sampling, num_demos, steps
     cfg.train.progress = False
@@ -32,15 +34,12 @@ def run_config_for(base_cfg, sampling: str, num_demos: int, steps: int):
 
 def make_trainer(base_run, method: str, sampling: str, num_demos: int, steps: int, model):
     """The driver's Trainer for ``method``, with the method's batch layout (Vanilla ICT's or MMICT's)."""
-    from ..training import Trainer
-
     cfg = run_config_for(base_run.cfg, sampling, num_demos, steps)
     return Trainer(cfg, run=dataclasses.replace(base_run, cfg=cfg, model=model), builder_cls=builder_class(method))
 
 
 def build_aim(backbone_model, base_run, bank_dir: str | None):
-    from ..aim import AIMModel, DemonstrationBank, MMICTBackbone
-
+    """AIM on a frozen copy of ``backbone_model`` (an MMICT model), with a bank in ``bank_dir`` (None: no bank)."""
     tok = base_run.llm_tokenizer
     bank = DemonstrationBank(bank_dir) if bank_dir else None
     return AIMModel(MMICTBackbone(fresh_model(backbone_model)), bank=bank, backend=base_run.cfg.model.backend,
@@ -53,8 +52,6 @@ class Stepper:
     def __init__(self, trainer, aim=None):
         self.trainer, self.aim = trainer, aim
         if aim is not None:
-            from ..training import make_optimizer
-
             self.aim = aim.to(trainer.device)
             self.optimizer = make_optimizer(self.aim, trainer.cfg.train)  # only the projection requires grad
             self.params = [p for p in self.aim.parameters() if p.requires_grad]
@@ -83,6 +80,7 @@ class Stepper:
 
 
 def aim_batch_to(batch, device):
+    """An AIMBatch's tensors moved to ``device``, in place (its token-id lists stay Python lists)."""
     for name in ("demo_images", "query_images", "query_group"):
         v = getattr(batch, name)
         if v is not None:
@@ -91,5 +89,6 @@ def aim_batch_to(batch, device):
 
 
 def train(stepper: Stepper, steps: int) -> list[float]:
+    """``steps`` optimizer steps from step 0; their losses."""
     torch.manual_seed(stepper.trainer.cfg.train.seed)  # dropout streams, as Trainer.fit seeds them
     return [stepper(s) for s in range(steps)]

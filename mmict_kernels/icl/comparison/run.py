@@ -11,6 +11,9 @@ import time
 import torch
 
 from ..baselines import LABELS
+from ..build import build_run
+from ..config import load_config
+from ..training import pick_device
 from .answers import predict, summarize
 from .config import CompareConfig
 from .measure import machine, measure_step
@@ -38,10 +41,7 @@ def _plan(cc: CompareConfig, llm_family: str, log) -> list[tuple[str, str, int, 
 
 
 def run_comparison(cc: CompareConfig, log=functools.partial(print, flush=True)) -> dict:
-    from ..build import build_run
-    from ..config import load_config
-    from ..training import pick_device
-
+    """Train, time and evaluate every planned model; the result holds the rows, the machine and both configs."""
     device = pick_device(cc.device, 0)
     if cc.threads:
         torch.set_num_threads(cc.threads)

@@ -14,14 +14,6 @@
 from .arguments import FLAVORS
 from .hub import FusedMHub, MHubOutput
 from .image_kv_cache import ImageKVCache
-from .swap_in import apply_mmict_kernels, apply_mmict_kernels_to_blip2, apply_mmict_kernels_to_instructblip
 
-__all__ = [
-    "FLAVORS",
-    "FusedMHub",
-    "MHubOutput",
-    "ImageKVCache",
-    "apply_mmict_kernels",
-    "apply_mmict_kernels_to_blip2",
-    "apply_mmict_kernels_to_instructblip",
-]
+# The swap-in helpers stay in swap_in.py (mmict_kernels.modules re-exports them): they patch models, not the hub.
+__all__ = ["FLAVORS", "FusedMHub", "MHubOutput", "ImageKVCache"]

@@ -211,7 +211,8 @@ def forward_with_prefix(
     for name in _RESERVED_KWARGS:
         if name in model_kwargs:
             raise TypeError(f"{name}: set by forward_with_prefix itself (pass the rows' padding mask as attention_mask=)")
-    embeds, prefix_ids, _, seqlens_k, position_ids = prepare_rows(model, cache, input_ids, inputs_embeds, attention_mask, prefix_ids)
+    rows = prepare_rows(model, cache, input_ids, inputs_embeds, attention_mask, prefix_ids)
+    embeds, prefix_ids, _, seqlens_k, position_ids = rows
     state = PrefixCallState(
         cache=cache, prefix_ids=prefix_ids, seqlens_k=seqlens_k, backend=backend or cache.backend, deterministic=deterministic
     )
