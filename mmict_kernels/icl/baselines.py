@@ -90,5 +90,5 @@ def aim_batch(groups: list[Group], query_ds, pool_ds, builder: BatchBuilder, wit
         query_prompt=[list(builder.llm_ids(query_ds[q].prompt)) for q in queries],
         query_answer=[answer_ids(query_ds[q]) if with_answer else [] for q in queries],
         query_ids=queries,
-        query_image_text=[list(builder._mhub_ids(query_ds[q].prompt)) for q in queries],  # MMICT's prompt-aware query features
+        query_image_text=[list(builder.mhub_ids(query_ds[q].prompt)) for q in queries],  # MMICT's prompt-aware query features
     )

@@ -125,9 +125,10 @@ class BatchBuilder:
         self.family, self.max_text, self.mode, self.shared_prefix = llm_family, max_text_tokens, mode, shared_prefix
         self.pad_id = llm_tokenizer.pad_token_id
         self.eos_id = llm_tokenizer.eos_token_id
-        self._mtok = functools.lru_cache(maxsize=1 << 16)(self._mhub_ids)
-        # ``llm_ids(text)``: the LLM tokenizer's ids of ``text`` (no special tokens, capped, cached);
-        # public for subclasses and baselines; ``_ltok`` is the older name, kept as an alias.
+        # ``mhub_ids(text)`` / ``llm_ids(text)``: the M-Hub / LLM tokenizer's ids of ``text`` (capped, cached;
+        # the LLM's without special tokens); public for subclasses and baselines. ``_ltok`` is the older
+        # name of ``llm_ids``, kept as an alias.
+        self.mhub_ids = functools.lru_cache(maxsize=1 << 16)(self._mhub_ids)
         self.llm_ids = functools.lru_cache(maxsize=1 << 16)(self._llm_ids)
         self._ltok = self.llm_ids
 
@@ -151,7 +152,7 @@ class BatchBuilder:
     # --- how a demonstration enters the batch: the two hooks a baseline layout overrides ---
     def demo_mhub_ids(self, example) -> tuple:
         """M-Hub text of a demonstration's turn (MMICT: its demonstration text)."""
-        return self._mtok(self.demo_text(example))
+        return self.mhub_ids(self.demo_text(example))
 
     def demo_llm_part(self, turn: int, span: int, n_mhub_text: int, example) -> tuple[list[int], list[int]]:
         """(feature positions, token ids) of one demonstration in the LLM sequence; -1 marks a token.
@@ -182,7 +183,7 @@ class BatchBuilder:
             demos = [(add_turn(("demo", d), pool_ds, d, self.demo_mhub_ids(pool_ds[d])), d) for d in g.demos]
             group_demo_turns.append(demos)
             for q in g.queries:
-                row_query_turn.append(add_turn(("query", q), query_ds, q, self._mtok(query_ds[q].prompt)))
+                row_query_turn.append(add_turn(("query", q), query_ds, q, self.mhub_ids(query_ds[q].prompt)))
                 rows.append((gi, q))
 
         span = self.nq + max(len(t) for t in turn_text)  # M-Hub positions per turn: queries + text
