@@ -41,11 +41,16 @@ class Packed:
     token_ids: torch.Tensor  # (B, L) int64, pad id at feature and padding positions
     attention_mask: torch.Tensor  # (B, L) int64
     labels: torch.Tensor | None = None  # (B, L) int64 target token at target positions, IGNORE elsewhere
+    # Found on the host when the batch is built, so the model never asks the GPU where they are
+    # (boolean indexing and nonzero would each stop the GPU):
+    feat_positions: torch.Tensor | None = None  # (N,) int64 flat positions (b * L + i) of the feature slots
+    feat_sources: torch.Tensor | None = None  # (N,) int64 their M-Hub output rows (feat_index at those positions)
+    target_span: tuple[int, int] | None = None  # [first, last) columns whose next token is a target; None: no target
 
     def to(self, device, non_blocking: bool = True) -> "Packed":
         # (not dataclasses.astuple: it deep-copies every tensor)
         fields = (getattr(self, f.name) for f in dataclasses.fields(self))
-        return Packed(*(None if t is None else t.to(device, non_blocking=non_blocking) for t in fields))
+        return Packed(*(t.to(device, non_blocking=non_blocking) if isinstance(t, torch.Tensor) else t for t in fields))
 
 
 @dataclasses.dataclass
@@ -63,6 +68,11 @@ class MMICTBatch:
     answers: list  # reference answers of each row
     tasks: list
     num_label_tokens: int
+    # The images' valid tokens, packed on the host (so no GPU sync finds them): flat indices into
+    # images.flatten(0, 1), per-image offsets, and the token count of the turns' gathered images.
+    image_token_index: torch.Tensor | None = None  # (total,) int64
+    image_cu_seqlens: torch.Tensor | None = None  # (I + 1,) int32
+    turn_image_tokens: int | None = None
 
     def to(self, device) -> "MMICTBatch":
         moved = {}
@@ -101,7 +111,15 @@ def pack(seqs: list[tuple[list, list, list]], pad_id: int, pad_left: bool, with_
         if with_labels:
             labels[i, sl] = np.where(np.asarray(lab, bool), np.asarray(t), IGNORE)
     lab_t = torch.from_numpy(labels) if with_labels else None
-    return Packed(torch.from_numpy(feat), torch.from_numpy(toks), torch.from_numpy(mask), lab_t)
+    positions = np.flatnonzero(feat.reshape(-1) >= 0)
+    span = None
+    if with_labels:
+        predicts = np.flatnonzero((labels[:, 1:] != IGNORE).any(0))  # column i predicts the target at i + 1
+        span = (int(predicts[0]), int(predicts[-1]) + 1) if predicts.size else None
+    return Packed(
+        torch.from_numpy(feat), torch.from_numpy(toks), torch.from_numpy(mask), lab_t,
+        torch.from_numpy(positions), torch.from_numpy(feat.reshape(-1)[positions]), span,
+    )  # fmt: skip
 
 
 class BatchBuilder:
@@ -200,6 +218,10 @@ class BatchBuilder:
         image_mask = torch.zeros(len(feats), lv, dtype=torch.long)
         for i, f in enumerate(feats):
             images[i, : f.shape[0]], image_mask[i, : f.shape[0]] = f, 1
+        image_lengths = [f.shape[0] for f in feats]
+        image_token_index = torch.cat([i * lv + torch.arange(n) for i, n in enumerate(image_lengths)])
+        image_cu_seqlens = torch.tensor([0] + image_lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        turn_image_tokens = sum(image_lengths[i] for i in turn_img_key)
 
         # --- LLM sequences ---
         def demo_part(demo_turns):
@@ -238,5 +260,5 @@ class BatchBuilder:
         return MMICTBatch(
             images, image_mask, torch.tensor(turn_img_key, dtype=torch.long), turn_ids, turn_mask, llm, decoder, prefix,
             prefix_ids, [q for _, q in rows], [query_ds[q].answers or (query_ds[q].answer,) for _, q in rows],
-            [query_ds[q].task for _, q in rows], num_labels,
+            [query_ds[q].task for _, q in rows], num_labels, image_token_index, image_cu_seqlens, turn_image_tokens,
         )

@@ -56,8 +56,14 @@ class MMICTModel(nn.Module):
         qmask = batch.turn_mask.new_ones(batch.turn_mask.shape[0], self.num_query_tokens)
         attention_mask = torch.cat([qmask, batch.turn_mask], dim=1)
         if hasattr(self.mhub, "encode_image"):
-            # Project each distinct image's K/V once, then gather them for the turns that show it.
-            cache = self.mhub.encode_image(images, batch.image_mask).select(batch.turn_image)
+            # Project each distinct image's K/V once, then gather them for the turns that show it. The
+            # valid tokens were packed on the host (index, offsets, count), so nothing waits on the GPU.
+            if batch.image_token_index is not None:
+                tokens = images.flatten(0, 1).index_select(0, batch.image_token_index)
+                cache = self.mhub.encode_image(tokens, cu_seqlens=batch.image_cu_seqlens)
+                cache = cache.select(batch.turn_image, total_tokens=batch.turn_image_tokens)
+            else:
+                cache = self.mhub.encode_image(images, batch.image_mask).select(batch.turn_image)
             out = self.mhub(input_ids=batch.turn_ids, attention_mask=attention_mask, image_kv=cache)
         else:
             out = self.mhub(
@@ -71,28 +77,29 @@ class MMICTModel(nn.Module):
     def embed(self, packed: Packed, mhub_flat: torch.Tensor) -> torch.Tensor:
         """(B, L, llm width): FC(M-Hub output) at feature positions, LLM token embeddings elsewhere."""
         embeds = self.llm.get_input_embeddings()(packed.token_ids)
-        is_feat = packed.feat_index >= 0
-        feats = self.proj(mhub_flat[packed.feat_index[is_feat]])
-        return embeds.masked_scatter(is_feat.unsqueeze(-1), feats.to(embeds.dtype))
+        feats = self.proj(mhub_flat[packed.feat_sources])  # the positions were found on the host: no GPU sync
+        flat = embeds.flatten(0, 1).index_put((packed.feat_positions,), feats.to(embeds.dtype))
+        return flat.view_as(embeds)
 
     # ------------------------------------------------------------------------------------
     def forward(self, batch: MMICTBatch) -> tuple[torch.Tensor, int]:
-        """(sum of the target tokens' NLL, number of target tokens); the caller normalises."""
+        """(sum of the target tokens' NLL, number of target tokens); the caller normalises.
+
+        No host sync: the target count and span were computed when the batch was built.
+        """
         flat = self.mhub_outputs(batch).flatten(0, 1)
         if self.llm_family == "encoder-decoder":
             labels = batch.decoder.labels
             logits = self.llm(
                 inputs_embeds=self.embed(batch.llm, flat), attention_mask=batch.llm.attention_mask, labels=labels
             ).logits
-            return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="sum"), int(
-                (labels != IGNORE).sum()
-            )
+            nll = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+            return nll, batch.num_label_tokens
         labels = batch.llm.labels
         # Logits are only needed where a target token is predicted (one position earlier).
-        target_pos = (labels[:, 1:] != IGNORE).any(0).nonzero().flatten()
-        if target_pos.numel() == 0:  # no target tokens at all: nothing to learn from this batch
+        if batch.llm.target_span is None:  # no target tokens at all: nothing to learn from this batch
             return flat.sum() * 0.0, 0
-        first, last = int(target_pos[0]), int(target_pos[-1]) + 1
+        first, last = batch.llm.target_span
         embeds = self.embed(batch.llm, flat)
         kwargs = {"logits_to_keep": torch.arange(first, last, device=embeds.device)} if self._keep_logits else {}
         if batch.prefix is not None:
@@ -103,7 +110,7 @@ class MMICTModel(nn.Module):
             logits = logits[:, first:last]
         targets = labels[:, first + 1 : last + 1]
         nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
-        return nll, int((targets != IGNORE).sum())
+        return nll, batch.num_label_tokens
 
     def _prefix_cache(self, batch: MMICTBatch, flat: torch.Tensor):
         from ..modules.prefix_cache import DemoPrefixCache

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from .. import backends
 from . import checkpoint as ckpt
 from .batch import BatchBuilder
 from .build import Run, build_run
@@ -37,7 +38,10 @@ def make_optimizer(model, cfg) -> torch.optim.AdamW:
     decay = [p for n, p in named if p.ndim >= 2]
     no_decay = [p for n, p in named if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+    # On a GPU the fused AdamW: one kernel per step and its step counters on the device (the
+    # foreach version reads each parameter's step count on the host).
+    fused = bool(named) and backends.on_gpu(named[0][1])
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=fused or None)
 
 
 def distributed() -> tuple[int, int, int]:
@@ -123,8 +127,9 @@ class Trainer:
         return self.sampler.groups(mine, epoch)
 
     def _autocast(self):
-        if self.device.type == "cuda" and self.cfg.train.bf16:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        # (a simulated GPU, in the compile-only harness, runs the GPU's autocast on CPU tensors)
+        if backends.effective_device_type(self.device.type) == "cuda" and self.cfg.train.bf16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def make_batch(self, step: int):
@@ -148,19 +153,27 @@ class Trainer:
         self.model.train()
         with self._autocast():
             nll, count = (self.ddp or self.model)(batch)
-        stats = torch.tensor([float(count), float(nll.detach())], dtype=torch.float64, device=self.device)
+        # The target count is a host int from the batch; with DDP the global count is summed on the
+        # device. Nothing here reads the GPU: the loss comes back as a device tensor.
         if self.world > 1:
+            stats = torch.stack([torch.tensor(float(count), dtype=torch.float64, device=self.device), nll.detach().double()])
             dist.all_reduce(stats)
-        total_tokens = max(stats[0].item(), 1.0)
+            total_tokens = stats[0].clamp_min(1.0)
+            scale = (self.world / total_tokens).to(nll.dtype)
+            mean_loss = stats[1] / total_tokens
+        else:
+            total_tokens = max(float(count), 1.0)
+            scale = 1.0 / total_tokens
+            mean_loss = nll.detach().double() / total_tokens
         # DDP averages gradients over ranks: scaling by world / global count makes the result
         # the gradient of (global NLL sum / global target tokens), as in one process.
-        (nll * (self.world / total_tokens)).backward()
+        (nll * scale).backward()
         if self.cfg.train.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.last_lr = lr
-        return stats[1].item() / total_tokens
+        return mean_loss
 
     # ------------------------------------------------------------------------------------
     def save(self, step: int) -> None:
@@ -231,11 +244,12 @@ class Trainer:
         while self.step < end:
             batch = pending.result() if pending is not None else None
             pending = prefetch.submit(self.make_batch, self.step + 1) if prefetch and self.step + 1 < end else None
-            loss = self.train_step(self.step, batch)
-            losses.append(loss)
+            loss_t = self.train_step(self.step, batch)  # a device tensor: read only when logged
+            losses.append(loss_t)
             self.step += 1
             seen += t.batch_size
             if self.rank == 0 and (self.step % t.log_every == 0 or self.step == end):
+                loss = float(loss_t)
                 rate = seen / max(time.perf_counter() - tick, 1e-9)
                 row = {"step": self.step, "loss": round(loss, 6), "lr": self.last_lr, "samples_per_s": round(rate, 2)}
                 with open(log_path, "a", encoding="utf-8") as f:
@@ -252,7 +266,7 @@ class Trainer:
         if bar is not None:
             bar.close()
         self.save(self.step)
-        return losses
+        return [float(x) for x in torch.stack(losses).tolist()] if losses else []
 
 
 def train(cfg: RunConfig, resume: bool = True, stop_after: int | None = None) -> list[float]:

@@ -38,6 +38,20 @@ def check_tensor(name: str, t, *, ndim: int | tuple[int, ...] | None = None, dty
     return t
 
 
+def autocast_inputs(*tensors):
+    """Under autocast, the float tensors cast to the autocast dtype (as SDPA does); else unchanged.
+
+    Mixed dtypes are what autocast produces around attention (e.g. a float32 RoPE output beside
+    bfloat16 values), so the ops cast like the attention they replace instead of refusing them.
+    """
+    ref = next((t for t in tensors if isinstance(t, torch.Tensor)), None)
+    if ref is None or not torch.is_autocast_enabled(ref.device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(ref.device.type)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t
+                 for t in tensors)  # fmt: skip
+
+
 def check_same_dtype_device(ref_name: str, ref: torch.Tensor, **others: torch.Tensor) -> None:
     for name, t in others.items():
         if t.dtype != ref.dtype:

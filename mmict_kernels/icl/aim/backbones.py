@@ -38,7 +38,7 @@ class Backbone(nn.Module):
         """(N, ...) images -> (N, n, hidden) LLM input embeddings; ``text_ids`` only for backbones that read a prompt."""
         raise NotImplementedError
 
-    def hidden_states(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def hidden_states(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
         """Every layer's hidden states (embeddings first, the normed top last), as transformers returns them."""
         out = self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, output_hidden_states=True, use_cache=False)
         return out.hidden_states

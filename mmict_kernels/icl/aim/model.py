@@ -130,11 +130,12 @@ class AIMModel(nn.Module):
     def _aggregate_now(self, images: torch.Tensor, texts: list[Sequence[int]]) -> list[torch.Tensor]:
         img = self.backbone.image_tokens(images)  # (M, n, d)
         n = img.shape[1]
-        ids, valid = _right_pad(texts, self.pad_id, img.device)
+        ids, _valid = _right_pad(texts, self.pad_id, img.device)
         embeds = torch.cat([img, self.backbone.embed(ids).to(img.dtype)], dim=1)
-        mask = torch.cat([valid.new_ones(valid.shape[0], n), valid], dim=1)
-        states = self.backbone.hidden_states(embeds, mask)[self.layer]
-        # Right padding and a causal LM: the valid text positions never see the padding.
+        # Right padding and a causal LM: the valid text positions never see the padding, and their
+        # positions are 0..n+len-1 either way; so no mask, which also spares transformers' host-side
+        # check of the mask (a GPU sync).
+        states = self.backbone.hidden_states(embeds, None)[self.layer]
         return [states[i, n : n + len(t)].float().clone() for i, t in enumerate(texts)]
 
     @property
@@ -149,7 +150,7 @@ class AIMModel(nn.Module):
         d = self.backbone.hidden_size
         prefixes = [torch.cat([fused[i] for i in g]) if g else fused_empty(d, dtype, self.proj_device) for g in batch.group_demos]
         lengths = torch.tensor([p.shape[0] for p in prefixes], dtype=torch.int32, device=self.proj_device)
-        width = max(1, int(lengths.max()) if len(prefixes) else 1)  # one masked slot when every group is zero-shot
+        width = max([1] + [p.shape[0] for p in prefixes])  # host ints, no sync; one masked slot when every group is zero-shot
         padded = torch.stack([F.pad(p, (0, 0, 0, width - p.shape[0])) for p in prefixes])
         return padded, lengths
 
@@ -190,7 +191,9 @@ class AIMModel(nn.Module):
             # Zero-shot rows do not depend on the projection; keep the loss differentiable (zero
             # gradient) so a training loop can call backward on any batch.
             loss = loss + 0.0 * sum(p.sum() for p in self.proj.parameters())
-        return loss, int((target != IGNORE).sum())
+        # the target count from the batch's lists (host ints): no sync
+        count = sum(len(a) + (self.eos_id is not None) for a in batch.query_answer)
+        return loss, count
 
     @torch.no_grad()
     def generate(self, batch: AIMBatch, max_new_tokens: int = 4) -> list[list[int]]:

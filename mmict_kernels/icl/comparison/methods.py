@@ -62,7 +62,7 @@ class Stepper:
 
     def __call__(self, step: int) -> float:
         if self.aim is None:
-            return self.trainer.train_step(step)
+            return float(self.trainer.train_step(step))
         t = self.trainer
         batch = aim_batch_to(aim_batch(t.batch_groups(step), t.run.train_set, t.run.train_set, t.builder), t.device)
         for g in self.optimizer.param_groups:

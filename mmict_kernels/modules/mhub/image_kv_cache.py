@@ -69,11 +69,13 @@ class ImageKVCache:
             return self.keys[0].device
         return self.cu_seqlens_k.device if self.cu_seqlens_k is not None else torch.device("cpu")
 
-    def select(self, index) -> "ImageKVCache":
+    def select(self, index, total_tokens: int | None = None) -> "ImageKVCache":
         """A cache whose row ``r`` is this cache's row ``index[r]`` (rows may repeat).
 
         Use it when many rows share an image, e.g. one demonstration image seen by several queries:
         the projections are not recomputed, only the K/V rows are gathered (differentiably).
+        ``total_tokens``: for a packed cache, the selected rows' token count if the caller knows it
+        (e.g. from host-side lengths); otherwise it is read from the device (one host sync).
         """
         device = self.cu_or_key_device()
         index = torch.as_tensor(index, dtype=torch.long, device=device)
@@ -94,7 +96,12 @@ class ImageKVCache:
         lengths = self.lengths()[index]
         starts = self.cu_seqlens_k[:-1].long()[index]
         new_cu = F.pad(torch.cumsum(lengths, 0), (1, 0))
-        total = int(new_cu[-1])  # one sync: the packed size
+        if total_tokens is None:
+            total = int(new_cu[-1])  # one sync: the packed size
+        else:
+            total = int(total_tokens)
+            if C.value_checks_enabled(new_cu):
+                C.expect(new_cu[-1] == total, f"total_tokens: expected the selected rows' token count, got {total}")
         offset_in_row = torch.arange(total, device=device) - torch.repeat_interleave(new_cu[:-1], lengths, output_size=total)
         token = torch.repeat_interleave(starts, lengths, output_size=total) + offset_in_row
         return ImageKVCache(
@@ -166,6 +173,10 @@ def arrange_image_tokens(
         if cu_seqlens.device != device:
             raise ValueError(f"cu_seqlens: expected device {device}, got {cu_seqlens.device}")
         cu = cu_seqlens.to(torch.int32).contiguous()
+        if C.value_checks_enabled(cu) and cu.numel() > 0:  # once per encode (device-side asserts on a GPU)
+            C.expect((cu[0] == 0) & (cu[-1] == image_embeds.shape[0]),
+                     f"cu_seqlens: expected cu_seqlens[0] == 0 and cu_seqlens[-1] == image_embeds.shape[0] = {image_embeds.shape[0]}")
+            C.expect(cu[1:] >= cu[:-1], "cu_seqlens: expected non-decreasing offsets")
         return image_embeds, cu, None, cu.shape[0] - 1
 
     if num_frames is not None:

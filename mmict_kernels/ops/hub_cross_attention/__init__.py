@@ -61,6 +61,7 @@ def hub_cross_attention(
         out (B, Lq, H, D) in q's dtype (and lse if ``return_lse``). A sample with no image
         token gives out = 0 (lse = -inf), never NaN.
     """
+    q, k, v = C.autocast_inputs(q, k, v)
     C.check_tensor("q", q, ndim=4, dtypes=C.FLOAT_DTYPES)
     batch, len_q, heads, head_dim = q.shape
     C.check_head_dim("q", head_dim)

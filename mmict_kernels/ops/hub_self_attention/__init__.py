@@ -51,6 +51,7 @@ def hub_self_attention(
         out (B, L, H, D) in q's dtype (and lse). Padded text rows attend like text rows (as in
         transformers); a row that sees no key gives zeros.
     """
+    q, k, v = C.autocast_inputs(q, k, v)
     C.check_tensor("q", q, ndim=4, dtypes=C.FLOAT_DTYPES)
     batch, seq_len, heads, head_dim = q.shape
     C.check_head_dim("q", head_dim)

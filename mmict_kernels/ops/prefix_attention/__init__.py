@@ -61,6 +61,7 @@ def prefix_attention(
     Returns:
         out (B, Lq, H, D) in q's dtype (and lse). A row with nothing visible gives zeros.
     """
+    q, k, v, prefix_k, prefix_v = C.autocast_inputs(q, k, v, prefix_k, prefix_v)
     C.check_tensor("q", q, ndim=4, dtypes=C.FLOAT_DTYPES)
     batch, len_q, heads, head_dim = q.shape
     C.check_head_dim("q", head_dim)

@@ -398,8 +398,13 @@ def tiles_for(dtype: torch.dtype, head_dim: int, packed_rows: int, backward: boo
     rows = max(16, triton.next_power_of_2(packed_rows))
     if dtype == torch.float32:
         tiles = tk.Tiles(min(32, rows), 16, 8, 1 if backward else 2)
+    elif backward and head_dim == 128:
+        # dK/dV holds a key block's K, V and their float32 gradients: 64 keys x 128 dims spilled
+        # (255 registers, 44/76 B spill stores/loads at llm2048); 32 keys fit in 146 registers.
+        block_m = min(64, rows)
+        tiles = tk.Tiles(block_m, 32, 8 if block_m == 64 else 4, 2)
     elif backward:
-        tiles = tk.Tiles(min(64, rows), 64, 8 if head_dim == 128 else 4, 2)
+        tiles = tk.Tiles(min(64, rows), 64, 4, 2)
     else:
         block_m = min(128, rows)
         tiles = tk.Tiles(block_m, 64, 8 if block_m == 128 else 4, 3)

@@ -1,0 +1,1 @@
+"""Tools that show on a CPU what a GPU would see: compile-only launches, host-sync counts, the GPU scenarios."""
