@@ -41,11 +41,21 @@ from mmict_kernels.icl.aim import AIMBatch, AIMModel, LlavaBackbone  # noqa: E40
 def build_backbone(hidden: int, layers: int, heads: int, kv_heads: int, image_size: int, patch: int, device, dtype):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=image_size,
-                              patch_size=patch)
-    text = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                       num_key_value_heads=kv_heads, vocab_size=1000, max_position_embeddings=8192)
-    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=999, vision_feature_layer=-1, vision_feature_select_strategy="full")
+    vision = CLIPVisionConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=image_size, patch_size=patch
+    )
+    text = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        vocab_size=1000,
+        max_position_embeddings=8192,
+    )
+    cfg = LlavaConfig(
+        vision_config=vision, text_config=text, image_token_id=999, vision_feature_layer=-1, vision_feature_select_strategy="full"
+    )
     torch.manual_seed(0)
     return LlavaForConditionalGeneration(cfg).to(device=device, dtype=dtype).eval()
 
@@ -137,13 +147,18 @@ def main(argv=None):
     gen = torch.Generator().manual_seed(0)
     label = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})"
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+        ).stdout.strip()
     except OSError:
         commit = ""
     rows = []
     own = n_img + args.prompt_len + args.answer_len
     for shots in [int(s) for s in args.shots.split(",")]:
-        b = make_batch(shots, args.queries, args.group_size, args.demo_len, args.prompt_len, args.answer_len, args.image_size, device, gen)
+        b = make_batch(
+            shots, args.queries, args.group_size, args.demo_len, args.prompt_len, args.answer_len, args.image_size, device, gen
+        )
+
         # --- AIM, shared prefix: training step (projection grads) and generation
         def aim_step():
             loss, n = model(b)
@@ -170,20 +185,67 @@ def main(argv=None):
         raw_ctx = shots * (n_img + args.demo_len) + own
         aim_ctx = shots * args.demo_len + own
         mmict_ctx = shots * (args.demo_len + 1) + 32 + args.prompt_len + args.answer_len
-        common = {"shots": shots, "queries": args.queries, "group_size": args.group_size, "image_tokens": n_img, "demo_text_tokens": args.demo_len,
-                  "llm": f"llama h{args.hidden} L{args.layers} H{args.heads}/{args.kv_heads}", "dtype": str(dtype).replace("torch.", ""),
-                  "device": label, "torch": torch.__version__, "commit": commit, "date": datetime.date.today().isoformat()}
-        rows.append({**common, "method": "aim", "context_tokens_per_query": aim_ctx, "kv_bytes_per_query": round(aim_kv),
-                     "peak_gpu_bytes": peak_aim, "train_step_ms_per_query": 1e3 * t_aim / args.queries,
-                     "generate_ms_per_query": 1e3 * t_aim_gen / args.queries})
-        rows.append({**common, "method": "aim_per_row", "context_tokens_per_query": aim_ctx, "kv_bytes_per_query": aim_ctx * per_tok,
-                     "peak_gpu_bytes": None, "train_step_ms_per_query": None, "generate_ms_per_query": None})
-        rows.append({**common, "method": "raw_multimodal", "context_tokens_per_query": raw_ctx, "kv_bytes_per_query": raw_ctx * per_tok,
-                     "peak_gpu_bytes": peak_raw, "train_step_ms_per_query": 1e3 * t_raw / args.queries, "generate_ms_per_query": None})
-        rows.append({**common, "method": "mmict_layout", "context_tokens_per_query": mmict_ctx, "kv_bytes_per_query": mmict_ctx * per_tok,
-                     "peak_gpu_bytes": None, "train_step_ms_per_query": None, "generate_ms_per_query": None})
-        print(f"shots {shots:2d}: context tokens/query aim {aim_ctx}, raw {raw_ctx}, mmict {mmict_ctx}; K/V KiB/query aim(shared) "
-              f"{aim_kv / 1024:.0f}, raw {raw_ctx * per_tok / 1024:.0f}; train ms/query aim {1e3 * t_aim / args.queries:.1f}, raw {1e3 * t_raw / args.queries:.1f}")
+        common = {
+            "shots": shots,
+            "queries": args.queries,
+            "group_size": args.group_size,
+            "image_tokens": n_img,
+            "demo_text_tokens": args.demo_len,
+            "llm": f"llama h{args.hidden} L{args.layers} H{args.heads}/{args.kv_heads}",
+            "dtype": str(dtype).replace("torch.", ""),
+            "device": label,
+            "torch": torch.__version__,
+            "commit": commit,
+            "date": datetime.date.today().isoformat(),
+        }
+        rows.append(
+            {
+                **common,
+                "method": "aim",
+                "context_tokens_per_query": aim_ctx,
+                "kv_bytes_per_query": round(aim_kv),
+                "peak_gpu_bytes": peak_aim,
+                "train_step_ms_per_query": 1e3 * t_aim / args.queries,
+                "generate_ms_per_query": 1e3 * t_aim_gen / args.queries,
+            }
+        )
+        rows.append(
+            {
+                **common,
+                "method": "aim_per_row",
+                "context_tokens_per_query": aim_ctx,
+                "kv_bytes_per_query": aim_ctx * per_tok,
+                "peak_gpu_bytes": None,
+                "train_step_ms_per_query": None,
+                "generate_ms_per_query": None,
+            }
+        )
+        rows.append(
+            {
+                **common,
+                "method": "raw_multimodal",
+                "context_tokens_per_query": raw_ctx,
+                "kv_bytes_per_query": raw_ctx * per_tok,
+                "peak_gpu_bytes": peak_raw,
+                "train_step_ms_per_query": 1e3 * t_raw / args.queries,
+                "generate_ms_per_query": None,
+            }
+        )
+        rows.append(
+            {
+                **common,
+                "method": "mmict_layout",
+                "context_tokens_per_query": mmict_ctx,
+                "kv_bytes_per_query": mmict_ctx * per_tok,
+                "peak_gpu_bytes": None,
+                "train_step_ms_per_query": None,
+                "generate_ms_per_query": None,
+            }
+        )
+        print(
+            f"shots {shots:2d}: context tokens/query aim {aim_ctx}, raw {raw_ctx}, mmict {mmict_ctx}; K/V KiB/query aim(shared) "
+            f"{aim_kv / 1024:.0f}, raw {raw_ctx * per_tok / 1024:.0f}; train ms/query aim {1e3 * t_aim / args.queries:.1f}, raw {1e3 * t_raw / args.queries:.1f}"
+        )
     os.makedirs(args.out, exist_ok=True)
     tag = "cuda" if device.type == "cuda" else "cpu"
     path = os.path.join(args.out, f"aim_efficiency_{tag}.csv")
@@ -206,7 +268,9 @@ def plot(rows, path, label):
         return
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))
     for method in ("raw_multimodal", "mmict_layout", "aim_per_row", "aim"):
-        pts = [(r["shots"], r["kv_bytes_per_query"] / 2**20, r["context_tokens_per_query"]) for r in rows if r["method"] == method]
+        pts = [
+            (r["shots"], r["kv_bytes_per_query"] / 2**20, r["context_tokens_per_query"]) for r in rows if r["method"] == method
+        ]
         ax[0].plot([s for s, _, _ in pts], [m for _, m, _ in pts], marker="o", label=method)
         ax[1].plot([s for s, _, _ in pts], [t for _, _, t in pts], marker="o", label=method)
     ax[0].set(xlabel="shots", ylabel="LLM K/V MiB per query", xscale="log", title="memory per query")

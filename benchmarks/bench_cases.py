@@ -1,4 +1,4 @@
-"""The benchmark cases: shapes (NOTES.md), input sets, and the analytic FLOP / byte counts.
+"""The benchmark cases: shapes (docs/DESIGN.md), input sets, and the analytic FLOP / byte counts.
 
 A case is one op at one shape (and, for hub_self_attention, one mask mode). It knows how
 to build a fresh input set, how to call our op on it, and what the op costs:
@@ -21,7 +21,7 @@ the prefix per row are charged the same counts: they do the same job less effici
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -31,7 +31,7 @@ CROSS, SELF, PREFIX = "hub_cross_attention", "hub_self_attention", "prefix_atten
 OPS = (CROSS, SELF, PREFIX)
 MODES = ("fwd", "bwd", "fwd+bwd")
 
-# Shape presets. GPU presets are the NOTES.md shapes; CPU presets are small enough for the
+# Shape presets. GPU presets are the docs/DESIGN.md shapes; CPU presets are small enough for the
 # Triton interpreter. Each preset lists, per op, the parameters of its case (or a list of cases).
 # A cross-attention case with ``tokens_per_frame`` / ``max_frames`` instead of ``len_k`` is a
 # ragged video batch: sample b has 1..max_frames frames (fixed seed), K/V packed with cu_seqlens_k.
@@ -140,10 +140,16 @@ class Case:
             return dict(q=leaf(b, lq, h, d), k=leaf(b, lk, h, d), v=leaf(b, lk, h, d))
         if self.op == SELF:
             b, length, h, d = p["batch"], p["num_query"] + p["text"], p["heads"], p["head_dim"]
-            return dict(q=leaf(b, length, h, d), k=leaf(b, length, h, d), v=leaf(b, length, h, d), text_lengths=self.text_lengths(device))
+            return dict(
+                q=leaf(b, length, h, d), k=leaf(b, length, h, d), v=leaf(b, length, h, d), text_lengths=self.text_lengths(device)
+            )
         b, lq, lp, h, hkv, d = p["batch"], p["len_q"], p["len_prefix"], p["heads"], p["kv_heads"], p["head_dim"]
         return dict(
-            q=leaf(b, lq, h, d), k=leaf(b, lq, hkv, d), v=leaf(b, lq, hkv, d), prefix_k=leaf(1, lp, hkv, d), prefix_v=leaf(1, lp, hkv, d)
+            q=leaf(b, lq, h, d),
+            k=leaf(b, lq, hkv, d),
+            v=leaf(b, lq, hkv, d),
+            prefix_k=leaf(1, lp, hkv, d),
+            prefix_v=leaf(1, lp, hkv, d),
         )
 
     @staticmethod

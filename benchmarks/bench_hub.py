@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """bench_hub.py: every backend of mmict_kernels against every peer, with floors, CSV and plots.
 
-    python benchmarks/bench_hub.py                 # everything: the NOTES shapes on a GPU, tiny shapes on a CPU
+    python benchmarks/bench_hub.py                 # everything: the production shapes of docs/DESIGN.md on a GPU, tiny shapes on a CPU
     python benchmarks/bench_hub.py --quick         # a short pass (CI runs this on CPU)
     python benchmarks/bench_hub.py --ops prefix_attention --shapes llm4096_gqa --modes fwd,bwd
 
@@ -32,10 +32,14 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="one shape per op, fewer repetitions (CI on CPU: well under 2 minutes)")
     p.add_argument("--ops", default="all", help=f"comma-separated subset of {','.join(OPS)},qformer,mmict_step (default all)")
     p.add_argument(
-        "--shapes", default=None, help=f"comma-separated presets: GPU {','.join(GPU_PRESETS)}; CPU {','.join(CPU_PRESETS)} (default: GPU all, --quick the first; CPU tiny)"
+        "--shapes",
+        default=None,
+        help=f"comma-separated presets: GPU {','.join(GPU_PRESETS)}; CPU {','.join(CPU_PRESETS)} (default: GPU all, --quick the first; CPU tiny)",
     )
     p.add_argument("--dtype", default=None, choices=("bf16", "fp16", "fp32"), help="default bf16 on GPU, fp32 on CPU")
-    p.add_argument("--modes", default=None, help="comma-separated subset of fwd,bwd,fwd+bwd (default all; --quick on CPU: fwd,fwd+bwd)")
+    p.add_argument(
+        "--modes", default=None, help="comma-separated subset of fwd,bwd,fwd+bwd (default all; --quick on CPU: fwd,fwd+bwd)"
+    )
     p.add_argument("--out", default=DEFAULT_OUT, help="directory for the CSV files and plots (rows are appended)")
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     p.add_argument("--no-plot", action="store_true", help="do not draw PNGs after the run")
@@ -88,9 +92,15 @@ def run_op_cases(cases, dtype, modes, device, options, floors, results):
                 out = first_call(prov, fn, x0, device)
                 err = (out.float() - ref32).abs().max().item()
                 if not err <= tol:  # also catches NaN
-                    raise Unavailable(f"output differs from the reference: max abs error {err:.3g} > tolerance {tol:.3g}; not timed")
+                    raise Unavailable(
+                        f"output differs from the reference: max abs error {err:.3g} > tolerance {tol:.3g}; not timed"
+                    )
             except Exception as exc:  # Unavailable, or a peer's own error while setting up (e.g. its mask)
-                why = str(exc) if isinstance(exc, Unavailable) else f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+                why = (
+                    str(exc)
+                    if isinstance(exc, Unavailable)
+                    else f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+                )
                 results.add_skip(Skip(case.op, prov.name, case.shape, dname, why))
                 print(f"   {prov.name:<15} unavailable: {why}")
                 continue
@@ -102,7 +112,19 @@ def run_op_cases(cases, dtype, modes, device, options, floors, results):
                     results.add_skip(Skip(case.op, prov.name, case.shape, dname, reason))
                     print(f"   {prov.name:<15} {mode:<8} {reason}")
                     continue
-                row = make_row(case.op, prov.name, mode, case.shape, dname, timing, peak, case.flops(mode), case.bytes(mode, dtype), floors, prov.ours)
+                row = make_row(
+                    case.op,
+                    prov.name,
+                    mode,
+                    case.shape,
+                    dname,
+                    timing,
+                    peak,
+                    case.flops(mode),
+                    case.bytes(mode, dtype),
+                    floors,
+                    prov.ours,
+                )
                 results.add_row(row)
                 print_row(row)
         del input_sets
@@ -152,7 +174,9 @@ def main(argv=None) -> int:
 
     torch.manual_seed(0)
     env = environment(device, ROOT)
-    print(f"bench_hub on {env['gpu']} | torch {env['torch']} | triton {env['triton']} | CUDA {env['cuda']} | commit {env['commit']} | {env['date']}")
+    print(
+        f"bench_hub on {env['gpu']} | torch {env['torch']} | triton {env['triton']} | CUDA {env['cuda']} | commit {env['commit']} | {env['date']}"
+    )
     if device.type == "cpu":
         print(
             "CPU NUMBERS: wall-clock timings of the PyTorch reference and of the Triton kernels in Triton's CPU interpreter"
@@ -187,7 +211,9 @@ def main(argv=None) -> int:
         if "mmict_step" in wanted and phase != "compiled":
             bench_modules.run_mmict_step(device, dtype, modes, args, floors, results)
 
-    print("\n== summary: our best vs the best peer (peer/ours > 1: we are faster) and vs the floor (floor/ours: share of the floor reached)")
+    print(
+        "\n== summary: our best vs the best peer (peer/ours > 1: we are faster) and vs the floor (floor/ours: share of the floor reached)"
+    )
     if device.type == "cpu":
         print("   (CPU numbers: see above)")
     for line in summarize(results.rows):

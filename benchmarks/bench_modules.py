@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 
 import torch
-
 from bench_measure import measure, timing_config
 from bench_results import Skip, make_row, print_row
 from bench_timing import rotation_count
@@ -115,7 +114,11 @@ def _providers(flavor, hf, device, options):
 
         return build
 
-    result = [("hf-eager", False, hf_with("eager"), False), ("hf-sdpa", False, hf_with("sdpa"), False), ("hf-sdpa-compiled", False, compiled, True)]
+    result = [
+        ("hf-eager", False, hf_with("eager"), False),
+        ("hf-sdpa", False, hf_with("sdpa"), False),
+        ("hf-sdpa-compiled", False, compiled, True),
+    ]
     # "auto" picks per op (on a GPU: cuda where it has a kernel, else triton): the user's default.
     ours = ("torch", "triton", "cuda") + (("auto",) if device.type == "cuda" else ())
     result += [(f"fused-mhub-{b}", True, fused(b), False) for b in ours]
@@ -132,7 +135,9 @@ def run_qformer(device, dtype, modes, options, floors, results) -> None:
         try:
             hf = _build_hf(flavor, shape, device, dtype)
         except Exception as exc:
-            results.add_skip(Skip(op, "all", "-", dname, f"transformers' Q-Former could not be built: {type(exc).__name__}: {exc}"))
+            results.add_skip(
+                Skip(op, "all", "-", dname, f"transformers' Q-Former could not be built: {type(exc).__name__}: {exc}")
+            )
             print(f"\n== {op}: transformers' Q-Former could not be built ({exc})")
             continue
         c = hf.config
@@ -146,13 +151,22 @@ def run_qformer(device, dtype, modes, options, floors, results) -> None:
         flops = {"fwd": flops_fwd, "bwd": flops_both - flops_fwd, "fwd+bwd": flops_both}
         p_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
         io_bytes = sum(t.numel() * t.element_size() for t in x0.values())
-        out_bytes = shape["batch"] * (shape["num_query"] + (shape["text"] if flavor == "instructblip" else 0)) * c.hidden_size * hf.dtype.itemsize
+        out_bytes = (
+            shape["batch"]
+            * (shape["num_query"] + (shape["text"] if flavor == "instructblip" else 0))
+            * c.hidden_size
+            * hf.dtype.itemsize
+        )
         fwd_bytes = p_bytes + io_bytes + out_bytes
         nbytes = {"fwd": fwd_bytes, "bwd": 2 * p_bytes + out_bytes, "fwd+bwd": fwd_bytes + 2 * p_bytes + out_bytes}
         n_sets = rotation_count(io_bytes + 3 * out_bytes, device, cap=8)
         input_sets = [x0] + [_inputs(flavor, hf, shape, device, dtype, s) for s in range(1, n_sets)]
         with torch.no_grad():
-            ref32 = copy.deepcopy(hf).float()(**{k: (t.float() if t.is_floating_point() else t) for k, t in x0.items()}).last_hidden_state
+            ref32 = (
+                copy.deepcopy(hf)
+                .float()(**{k: (t.float() if t.is_floating_point() else t) for k, t in x0.items()})
+                .last_hidden_state
+            )
             ref_err = (hf(**x0).last_hidden_state.float() - ref32).abs().max().item()
         tol = 4 * ref_err + (1e-4 if dtype == torch.float32 else 2e-3)
         print(f"\n== {op} | {label} | {dname} | {n_sets} input set(s) rotated | {flops_fwd / 1e9:.2f} GFLOP fwd")
@@ -164,7 +178,9 @@ def run_qformer(device, dtype, modes, options, floors, results) -> None:
                 out = model(**x0).last_hidden_state.detach()  # with autograd, as timed: a compiled model compiles once
                 err = (out.float() - ref32).abs().max().item()
                 if not err <= tol:
-                    raise RuntimeError(f"output differs from transformers: max abs error {err:.3g} > tolerance {tol:.3g}; not timed")
+                    raise RuntimeError(
+                        f"output differs from transformers: max abs error {err:.3g} > tolerance {tol:.3g}; not timed"
+                    )
             except Exception as exc:
                 reason = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
                 results.add_skip(Skip(op, name, label, dname, reason))
@@ -268,7 +284,9 @@ def run_mmict_step(device, dtype, modes, options, floors, results) -> None:
         print(f"\n== {op}: {reason}")
         return
     cfg = timing_config(device, options.quick)
-    print(f"\n== {op} | {label} | {'GPU model: M-Hub 768x12, LLM 2048x4 (llama)' if device.type == 'cuda' else 'tiny driver model'} | {dname}")
+    print(
+        f"\n== {op} | {label} | {'GPU model: M-Hub 768x12, LLM 2048x4 (llama)' if device.type == 'cuda' else 'tiny driver model'} | {dname}"
+    )
     from bench_timing import bench, peak_extra_memory_mb
 
     for name, ours, provider_model in STEP_PROVIDERS:
@@ -280,7 +298,9 @@ def run_mmict_step(device, dtype, modes, options, floors, results) -> None:
                 params = list(run.model.parameters())
                 trainable = trainer.params
                 weight_bytes = sum(p.numel() * p.element_size() for p in params)
-                train_bytes = weight_bytes + 5 * sum(p.numel() * p.element_size() for p in trainable)  # grad w, then grad r + Adam m, v r/w
+                train_bytes = weight_bytes + 5 * sum(
+                    p.numel() * p.element_size() for p in trainable
+                )  # grad w, then grad r + Adam m, v r/w
                 steps = iter(range(10**9))
 
                 def train(i):

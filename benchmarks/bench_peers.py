@@ -23,12 +23,12 @@ import contextlib
 import dataclasses
 import functools
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-
 from bench_cases import CROSS, SELF, Case
+
 from mmict_kernels import backends, ops
 
 FLASH_ATTN_NOT_INSTALLABLE = (
@@ -115,7 +115,9 @@ def _sdpa(sdpa_backend):
         if case.op == SELF:
             p = case.params
             mask = ops.self_attention_mask(p["num_query"], p["num_query"] + p["text"], example["text_lengths"], case.mask, device)
-            return lambda x: F.scaled_dot_product_attention(_bhld(x["q"]), _bhld(x["k"]), _bhld(x["v"]), attn_mask=mask).transpose(1, 2)
+            return lambda x: F.scaled_dot_product_attention(
+                _bhld(x["q"]), _bhld(x["k"]), _bhld(x["v"]), attn_mask=mask
+            ).transpose(1, 2)
         import inspect
 
         from torch.nn.attention.bias import CausalBias, causal_lower_right
@@ -148,7 +150,7 @@ def _sdpa_context(sdpa_backend):
 # ---------------------------------------------------------------------------------------
 # FlexAttention (compiled once; BlockMask built once per case)
 # ---------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
@@ -314,7 +316,11 @@ def providers() -> list[Provider]:
         ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION),
     ):
         result.append(Provider(name, False, _sdpa(sdpa_backend), _sdpa_context(sdpa_backend)))
-    result += [Provider("flex", False, _flex, compiled=True), Provider("xformers", False, _xformers), Provider("flash-attn", False, _flash_attn)]
+    result += [
+        Provider("flex", False, _flex, compiled=True),
+        Provider("xformers", False, _xformers),
+        Provider("flash-attn", False, _flash_attn),
+    ]
     return result
 
 
@@ -337,5 +343,9 @@ def first_call(provider: Provider, fn: Callable[[dict], torch.Tensor], inputs: d
             # SDPA explains each refused kernel in a warning ("Flash attention does not support ...").
             why = list(dict.fromkeys((str(w.message).strip().splitlines() or [""])[0][:200] for w in caught))[:4]
             detail = f" [{'; '.join(why)}]" if why else ""
-            hint = " (no CPU kernel for this SDPA backend)" if device.type == "cpu" and provider.name in ("sdpa-efficient", "sdpa-cudnn") else ""
+            hint = (
+                " (no CPU kernel for this SDPA backend)"
+                if device.type == "cpu" and provider.name in ("sdpa-efficient", "sdpa-cudnn")
+                else ""
+            )
             raise Unavailable(f"{type(exc).__name__}: {first_line}{hint}{detail}") from None

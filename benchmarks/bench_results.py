@@ -12,7 +12,9 @@ CSV_COLUMNS = [
     "floor_bw_ms", "floor_flops_ms", "gpu", "torch", "triton", "cuda", "commit", "date", "peak_mem_mb",
 ]  # fmt: skip
 # Providers that are mmict_kernels' own (everything else in a results file is a peer).
-OURS = frozenset({"reference", "triton", "cuda", "fused-mhub-torch", "fused-mhub-triton", "fused-mhub-cuda", "fused-mhub-auto", "mmict-fused"})
+OURS = frozenset(
+    {"reference", "triton", "cuda", "fused-mhub-torch", "fused-mhub-triton", "fused-mhub-cuda", "fused-mhub-auto", "mmict-fused"}
+)
 UNAVAILABLE_COLUMNS = ["op", "provider", "shape", "dtype", "reason", "gpu", "torch", "commit", "date"]
 
 
@@ -122,7 +124,10 @@ class Results:
         tag = "cpu" if device_type == "cpu" else slug(env["gpu"])
         self.rows_path = os.path.join(out_dir, f"bench_hub_{tag}.csv")
         self.skips_path = os.path.join(out_dir, f"bench_hub_{tag}_unavailable.csv")
-        self._headers = {self.rows_path: _check_header(self.rows_path, CSV_COLUMNS), self.skips_path: _check_header(self.skips_path, UNAVAILABLE_COLUMNS)}
+        self._headers = {
+            self.rows_path: _check_header(self.rows_path, CSV_COLUMNS),
+            self.skips_path: _check_header(self.skips_path, UNAVAILABLE_COLUMNS),
+        }
         self.env = env
         self.rows: list[Row] = []
         self.skips: list[Skip] = []
@@ -142,17 +147,30 @@ class Results:
             self.rows_path,
             CSV_COLUMNS,
             {
-                "op": r.op, "provider": r.provider, "mode": r.mode, "shape": r.shape, "dtype": r.dtype,
-                "median_ms": _num(r.median_ms), "p20_ms": _num(r.p20_ms), "p80_ms": _num(r.p80_ms),
-                "tflops": _num(r.tflops, 4), "gbps": _num(r.gbps, 4), "floor_bw_ms": _num(r.floor_bw_ms),
-                "floor_flops_ms": _num(r.floor_flops_ms), **{k: env[k] for k in ("gpu", "torch", "triton", "cuda", "commit", "date")},
+                "op": r.op,
+                "provider": r.provider,
+                "mode": r.mode,
+                "shape": r.shape,
+                "dtype": r.dtype,
+                "median_ms": _num(r.median_ms),
+                "p20_ms": _num(r.p20_ms),
+                "p80_ms": _num(r.p80_ms),
+                "tflops": _num(r.tflops, 4),
+                "gbps": _num(r.gbps, 4),
+                "floor_bw_ms": _num(r.floor_bw_ms),
+                "floor_flops_ms": _num(r.floor_flops_ms),
+                **{k: env[k] for k in ("gpu", "torch", "triton", "cuda", "commit", "date")},
                 "peak_mem_mb": _num(r.peak_mem_mb, 5),
             },  # fmt: skip
         )
 
     def add_skip(self, s: Skip) -> None:
         self.skips.append(s)
-        self._append(self.skips_path, UNAVAILABLE_COLUMNS, {**dataclasses.asdict(s), **{k: self.env[k] for k in ("gpu", "torch", "commit", "date")}})
+        self._append(
+            self.skips_path,
+            UNAVAILABLE_COLUMNS,
+            {**dataclasses.asdict(s), **{k: self.env[k] for k in ("gpu", "torch", "commit", "date")}},
+        )
 
 
 def summary_from_csv(path: str) -> list[str]:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU session in one call (NOTES.md section 6): build, test, sanitize, benchmark; a short table last.
+# One GPU session in one call: build, test, sanitize, benchmark; a short table last.
 #
 #   bash benchmarks/gpu_session.sh                 # on the device, from the repository root; results in $OUT
 #   BENCH_ARGS="--quick" bash benchmarks/gpu_session.sh

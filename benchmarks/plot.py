@@ -19,6 +19,7 @@ import re
 import sys
 
 from bench_results import OURS  # noqa: E402  (benchmarks/ is on sys.path: script dir, or bench_hub's)
+
 MODE_ORDER = ("fwd", "bwd", "fwd+bwd", "train_step", "eval_step")
 
 
@@ -65,7 +66,10 @@ def plot_csv(csv_path: str, out_dir: str | None = None) -> list[str]:
             modes = [m for m in MODE_ORDER if any(r["mode"] == m for r in sel)]
             providers = list(dict.fromkeys(r["provider"] for r in sel))
             fig, axes = plt.subplots(
-                len(shapes), len(modes), figsize=(5.2 * len(modes), 0.35 * len(providers) * len(shapes) + 1.6 * len(shapes)), squeeze=False
+                len(shapes),
+                len(modes),
+                figsize=(5.2 * len(modes), 0.35 * len(providers) * len(shapes) + 1.6 * len(shapes)),
+                squeeze=False,
             )
             for i, shape in enumerate(shapes):
                 for j, mode in enumerate(modes):

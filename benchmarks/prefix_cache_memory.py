@@ -124,6 +124,7 @@ def measure(model, rows: int, prefix_len: int, prompt_len: int, new_tokens: int,
 
 def _timed(fn, device, repeats: int) -> dict:
     """Median / p20 / p80 milliseconds of ``fn`` after one warm-up call."""
+
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -171,7 +172,9 @@ def time_paths(model, rows: int, prefix_len: int, prompt_len: int, new_tokens: i
     @torch.no_grad()
     def generate_expanded():
         embeds = torch.cat([demo.expand(rows, -1, -1), model.get_input_embeddings()(prompts)], dim=1)
-        return model.generate(inputs_embeds=embeds, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        return model.generate(
+            inputs_embeds=embeds, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0
+        )
 
     shape = f"B{rows} Lp{prefix_len} L{prompt_len}"
     out = []
@@ -209,15 +212,23 @@ def main():
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.manual_seed(0)
     config = LlamaConfig(
-        hidden_size=args.hidden, intermediate_size=2 * args.hidden, num_hidden_layers=args.layers,
-        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, head_dim=args.head_dim,
-        vocab_size=1000, attn_implementation="sdpa",
+        hidden_size=args.hidden,
+        intermediate_size=2 * args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        head_dim=args.head_dim,
+        vocab_size=1000,
+        attn_implementation="sdpa",
     )
     model = LlamaForCausalLM(config).to(device, dtype).eval()
     info = dict(
         model=f"llama-random L{args.layers} H{args.heads} Hkv{args.kv_heads} D{args.head_dim} hidden{args.hidden}",
-        dtype=args.dtype, device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        torch=torch.__version__, transformers=transformers.__version__, commit=_git_commit(),
+        dtype=args.dtype,
+        device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        commit=_git_commit(),
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
     )
     rows_out, time_rows = [], []

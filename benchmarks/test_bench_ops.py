@@ -15,15 +15,17 @@ import types
 
 import pytest
 import torch
-
 from bench_cases import CPU_PRESETS, GPU_PRESETS, OPS, PREFIX, SELF, build_cases
 from bench_peers import Unavailable, first_call, providers
+
 from mmict_kernels import ops
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 DTYPE = torch.bfloat16 if CUDA else torch.float32
-CASES = build_cases(list(OPS), GPU_PRESETS, ["image_qa", "llm4096_gqa"]) if CUDA else build_cases(list(OPS), CPU_PRESETS, ["tiny"])
+CASES = (
+    build_cases(list(OPS), GPU_PRESETS, ["image_qa", "llm4096_gqa"]) if CUDA else build_cases(list(OPS), CPU_PRESETS, ["tiny"])
+)
 PROVIDERS = [p for p in providers() if p.ours or p.name in (("sdpa-flash", "sdpa-cudnn") if CUDA else ("sdpa-math",))]
 SLOW = {"triton"} if not CUDA else set()  # the interpreter takes ~1 s per launch: few rounds
 
@@ -38,7 +40,9 @@ def _case_id(case):
 def test_op(benchmark, case, provider, mode):
     inputs = case.make_inputs(DTYPE, DEVICE, seed=0)
     try:
-        fn = provider.build(case, inputs, DEVICE, types.SimpleNamespace(quick=True, no_compile=False, in_phase=lambda compiled: True))
+        fn = provider.build(
+            case, inputs, DEVICE, types.SimpleNamespace(quick=True, no_compile=False, in_phase=lambda compiled: True)
+        )
         first_call(provider, fn, inputs, DEVICE)
     except Unavailable as why:
         pytest.skip(str(why))
@@ -65,7 +69,9 @@ def test_op(benchmark, case, provider, mode):
 # ---------------------------------------------------------------------------------------
 # The analytic cost model of bench_hub.py (run without --benchmark-only)
 # ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("case", build_cases(list(OPS), {**GPU_PRESETS, **CPU_PRESETS}, [*GPU_PRESETS, *CPU_PRESETS]), ids=_case_id)
+@pytest.mark.parametrize(
+    "case", build_cases(list(OPS), {**GPU_PRESETS, **CPU_PRESETS}, [*GPU_PRESETS, *CPU_PRESETS]), ids=_case_id
+)
 def test_visible_pairs_match_the_masks(case):
     """The closed-form pair counts behind the FLOP numbers equal the reference masks' counts."""
     p, cpu = case.params, torch.device("cpu")
@@ -95,7 +101,9 @@ def test_results_files_round_trip(tmp_path):
     results = Results(str(tmp_path), env, "cpu")
     floors = Floors(bandwidth_bytes_per_s=1e9, matmul_flops_per_s=1e12, copy_bytes=0, matmul_n=0)
     for provider, ours, ms in (("triton", True, 2.0), ("sdpa-flash", False, 3.0)):
-        results.add_row(make_row("hub_cross_attention", provider, "fwd", "s", "float32", Timing(ms, ms, ms, 1), None, 1e9, 1e6, floors, ours))
+        results.add_row(
+            make_row("hub_cross_attention", provider, "fwd", "s", "float32", Timing(ms, ms, ms, 1), None, 1e9, 1e6, floors, ours)
+        )
     results.add_skip(Skip("hub_cross_attention", "xformers", "s", "float32", "not importable"))
     table = "\n".join(summary_from_csv(results.rows_path))
     assert "triton 2.0000 ms" in table and "sdpa-flash 3.0000 ms" in table and "1.50x" in table

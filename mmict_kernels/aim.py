@@ -23,7 +23,9 @@ def parse_value(text: str):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m mmict_kernels.aim", description=__doc__.split("\n")[0])
     p.add_argument("--config", help="YAML file of AIMConfig fields (default: the built-in tiny setup)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config fields, e.g. --set steps=50 shots=4")
+    p.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config fields, e.g. --set steps=50 shots=4"
+    )
     args = p.parse_args(argv)
     values = {}
     if args.config:

@@ -28,7 +28,7 @@ import functools
 import importlib
 import os
 import sys
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
@@ -139,7 +139,7 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _triton_import_error() -> str | None:
     try:
         import triton  # noqa: F401
@@ -149,7 +149,7 @@ def _triton_import_error() -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cuda_extension_error() -> str | None:
     try:
         importlib.import_module("mmict_kernels._C")
@@ -218,7 +218,7 @@ def _cuda_environment(device_type: str) -> str | None:
         return (
             f"mmict_kernels._C was built for {built}, which cannot run on this GPU (compute capability "
             f"{capability[0]}.{capability[1]}; the extension embeds no PTX): rebuild with "
-            f"MMICT_KERNELS_CUDA_ARCHS=\"{capability[0]}{capability[1]}\" pip install -e . --no-build-isolation"
+            f'MMICT_KERNELS_CUDA_ARCHS="{capability[0]}{capability[1]}" pip install -e . --no-build-isolation'
         )
     return None
 
@@ -364,7 +364,11 @@ def module_choice(op: str, backend: str, device_type: str, dtype: torch.dtype, h
 
 def available_backends(op: str, *, device_type: str, dtype: torch.dtype, head_dim: int, dropout: bool = False) -> list[str]:
     """The backends that can run ``op`` on such inputs, in auto order."""
-    return [b for b, why in explain(op, device_type=device_type, dtype=dtype, head_dim=head_dim, dropout=dropout).items() if why is None]
+    return [
+        b
+        for b, why in explain(op, device_type=device_type, dtype=dtype, head_dim=head_dim, dropout=dropout).items()
+        if why is None
+    ]
 
 
 def registered_ops() -> Iterable[str]:

@@ -15,8 +15,9 @@ from . import backends
 USER_ERRORS = (FileNotFoundError, ValueError)
 
 
-def add_override_arguments(p: argparse.ArgumentParser, *, backend: bool = True,
-                           set_help: str = "override a config value (repeatable)") -> None:
+def add_override_arguments(
+    p: argparse.ArgumentParser, *, backend: bool = True, set_help: str = "override a config value (repeatable)"
+) -> None:
     """``--set`` (repeatable) and, with ``backend``, ``--backend`` for the M-Hub and the prefix cache."""
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help=set_help)
     if backend:

@@ -50,9 +50,20 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    flags = {"run_config": args.run_config, "methods": args.methods, "samplings": args.sampling, "eval_demos": args.demos,
-             "train_demos": args.train_demos, "train_per_count": args.per_count, "steps": args.steps,
-             "timing_steps": args.timing_steps, "eval_limit": args.eval_limit, "device": args.device, "threads": args.threads, "output": args.out}
+    flags = {
+        "run_config": args.run_config,
+        "methods": args.methods,
+        "samplings": args.sampling,
+        "eval_demos": args.demos,
+        "train_demos": args.train_demos,
+        "train_per_count": args.per_count,
+        "steps": args.steps,
+        "timing_steps": args.timing_steps,
+        "eval_limit": args.eval_limit,
+        "device": args.device,
+        "threads": args.threads,
+        "output": args.out,
+    }
     try:
         cc = load_compare_config(args.config, flags)
         if args.set:

@@ -18,7 +18,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m mmict_kernels.evaluate", description=__doc__.splitlines()[0])
     p.add_argument("--run", help="a training output folder (its config.yaml, tokenizer and newest checkpoint are used)")
     p.add_argument("--config", help="config YAML (default: <run>/config.yaml)")
-    p.add_argument("--checkpoint", help="trainable.safetensors or a checkpoint folder (default: newest in <run>); 'none': untrained")
+    p.add_argument(
+        "--checkpoint", help="trainable.safetensors or a checkpoint folder (default: newest in <run>); 'none': untrained"
+    )
     add_override_arguments(p)
     p.add_argument("--demos", type=int, nargs="+", help="numbers of demonstrations to evaluate with (eval.demo_counts)")
     p.add_argument("--sampling", choices=STRATEGIES, help="demos.sampling")
@@ -43,7 +45,9 @@ def main(argv=None) -> int:
         if args.run and not os.path.isdir(args.run):
             raise FileNotFoundError(f"run folder not found: {args.run}")
         cfg = load_config(config_path, overrides)
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else torch.device(args.device)
+        device = (
+            torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else torch.device(args.device)
+        )
         tokenizer_dir = os.path.join(args.run, "tokenizer") if args.run else None
         run = build_run(cfg, device=device, tokenizer_dir=tokenizer_dir)
         path = args.checkpoint or (ckpt.latest_checkpoint(args.run) if args.run else None)
@@ -55,11 +59,20 @@ def main(argv=None) -> int:
         e = cfg.eval
         output = args.output or e.output or (os.path.join(args.run, "eval.json") if args.run else None)
         evaluate(
-            run, demo_counts=tuple(args.demos if args.demos is not None else e.demo_counts), sampling=cfg.demos.sampling,
-            output=output, group_size=cfg.demos.group_size, batch_size=e.batch_size, num_beams=e.num_beams,
-            max_new_tokens=e.max_new_tokens, min_new_tokens=e.min_new_tokens, generation_lengths=e.generation_lengths,
-            seed=cfg.data.seed, device=device,
-            use_prefix_cache=cfg.model.use_prefix_cache, limit=args.limit,
+            run,
+            demo_counts=tuple(args.demos if args.demos is not None else e.demo_counts),
+            sampling=cfg.demos.sampling,
+            output=output,
+            group_size=cfg.demos.group_size,
+            batch_size=e.batch_size,
+            num_beams=e.num_beams,
+            max_new_tokens=e.max_new_tokens,
+            min_new_tokens=e.min_new_tokens,
+            generation_lengths=e.generation_lengths,
+            seed=cfg.data.seed,
+            device=device,
+            use_prefix_cache=cfg.model.use_prefix_cache,
+            limit=args.limit,
         )
     except USER_ERRORS as exc:
         return user_error(exc)

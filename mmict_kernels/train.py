@@ -28,11 +28,14 @@ def main(argv=None) -> int:
     from .icl.config import load_config
     from .icl.training import Trainer
 
-    overrides = config_overrides(args, {
-        "train.output_dir": args.output_dir or None,
-        "train.max_steps": args.max_steps,
-        "train.progress": "false" if args.no_progress else None,
-    })
+    overrides = config_overrides(
+        args,
+        {
+            "train.output_dir": args.output_dir or None,
+            "train.max_steps": args.max_steps,
+            "train.progress": "false" if args.no_progress else None,
+        },
+    )
     try:
         cfg = load_config(args.config, overrides)
         trainer = Trainer(cfg)

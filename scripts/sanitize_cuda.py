@@ -33,7 +33,7 @@ def main(dev: str = "cuda") -> int:
     for dtype in (torch.float16, torch.bfloat16):
         for head_dim in (64, 128):
 
-            def rnd(*shape):
+            def rnd(*shape, dtype=dtype):
                 return torch.randn(*shape, device=dev, dtype=dtype, requires_grad=True)
 
             # hub cross-attention, dense with a zero-length sample and a partial key block

@@ -8,7 +8,7 @@ positions (visual-guided textual features); a query turn's text is its prompt on
 features are the outputs at the QUERY positions (textual-guided visual features). A turn that
 several groups share and an image that several turns share are computed once.
 
-The LLM sequence of one query (published layout, ``seeds/mmict-official-code-facts.md``)::
+The LLM sequence of one query (the published layout, as the authors' code KDEGroup/MMICT builds it)::
 
     [demo 1 text feats][SEP] ... [demo N text feats][SEP][query feats][prompt tokens][target tokens]
 
@@ -47,7 +47,7 @@ class Packed:
     feat_sources: torch.Tensor | None = None  # (N,) int64 their M-Hub output rows (feat_index at those positions)
     target_span: tuple[int, int] | None = None  # [first, last) columns whose next token is a target; None: no target
 
-    def to(self, device, non_blocking: bool = True) -> "Packed":
+    def to(self, device, non_blocking: bool = True) -> Packed:
         # (not dataclasses.astuple: it deep-copies every tensor)
         fields = (getattr(self, f.name) for f in dataclasses.fields(self))
         return Packed(*(t.to(device, non_blocking=non_blocking) if isinstance(t, torch.Tensor) else t for t in fields))
@@ -74,7 +74,7 @@ class MMICTBatch:
     image_cu_seqlens: torch.Tensor | None = None  # (I + 1,) int32
     turn_image_tokens: int | None = None
 
-    def to(self, device) -> "MMICTBatch":
+    def to(self, device) -> MMICTBatch:
         moved = {}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
@@ -130,12 +130,23 @@ class BatchBuilder:
     only) returns each group's demonstrations once as a prefix instead of repeating them per row.
     """
 
-    def __init__(self, mhub_tokenizer, llm_tokenizer, num_query_tokens: int, separator: str, llm_family: str,
-                 max_text_tokens: int = 32, mode: str = "train", shared_prefix: bool = False):
+    def __init__(
+        self,
+        mhub_tokenizer,
+        llm_tokenizer,
+        num_query_tokens: int,
+        separator: str,
+        llm_family: str,
+        max_text_tokens: int = 32,
+        mode: str = "train",
+        shared_prefix: bool = False,
+    ):
         if mode not in ("train", "generate"):
             raise ValueError(f"mode: expected 'train' or 'generate', got {mode!r}")
         if shared_prefix and llm_family != "decoder":
-            raise ValueError("shared_prefix: only a decoder-only LLM can share a demonstration prefix (a T5 encoder is bidirectional)")
+            raise ValueError(
+                "shared_prefix: only a decoder-only LLM can share a demonstration prefix (a T5 encoder is bidirectional)"
+            )
         self.mtok, self.ltok, self.nq = mhub_tokenizer, llm_tokenizer, num_query_tokens
         self.sep_id = llm_tokenizer.convert_tokens_to_ids(separator)
         if self.sep_id is None or self.sep_id == llm_tokenizer.unk_token_id:
@@ -258,7 +269,20 @@ class BatchBuilder:
             prefix = pack([(*demo_part(d), []) for d in group_demo_turns], self.pad_id, False, with_labels=False)
             prefix_ids = torch.tensor([gi for gi, _ in rows], dtype=torch.long)
         return MMICTBatch(
-            images, image_mask, torch.tensor(turn_img_key, dtype=torch.long), turn_ids, turn_mask, llm, decoder, prefix,
-            prefix_ids, [q for _, q in rows], [query_ds[q].answers or (query_ds[q].answer,) for _, q in rows],
-            [query_ds[q].task for _, q in rows], num_labels, image_token_index, image_cu_seqlens, turn_image_tokens,
+            images,
+            image_mask,
+            torch.tensor(turn_img_key, dtype=torch.long),
+            turn_ids,
+            turn_mask,
+            llm,
+            decoder,
+            prefix,
+            prefix_ids,
+            [q for _, q in rows],
+            [query_ds[q].answers or (query_ds[q].answer,) for _, q in rows],
+            [query_ds[q].task for _, q in rows],
+            num_labels,
+            image_token_index,
+            image_cu_seqlens,
+            turn_image_tokens,
         )

@@ -54,7 +54,9 @@ def _tokenizers(cfg: RunConfig, texts: list[str], saved: str | None):
     return mtok, ltok, word
 
 
-def build_run(cfg: RunConfig, *, splits=("train", "eval"), device: str | torch.device = "cpu", tokenizer_dir: str | None = None) -> Run:
+def build_run(
+    cfg: RunConfig, *, splits=("train", "eval"), device: str | torch.device = "cpu", tokenizer_dir: str | None = None
+) -> Run:
     """Everything a run needs. ``tokenizer_dir``: a saved word tokenizer to reuse (evaluation)."""
     m = cfg.model
     encoder = build_vision_encoder(m, seed=m.init_seed)
@@ -65,8 +67,16 @@ def build_run(cfg: RunConfig, *, splits=("train", "eval"), device: str | torch.d
     llm = build_llm(m.llm_family, m.llm_type, m.llm_checkpoint, m.llm_config, ltok, m.separator, seed=m.init_seed + 1)
     llm.to(getattr(torch, m.llm_dtype))  # frozen: low precision storage is enough
     width = vision_width(encoder)
-    mhub = build_mhub(m.mhub_config, m.mhub_checkpoint, m.num_query_tokens, len(mtok), width, seed=m.init_seed + 2,
-                      impl=m.mhub_impl, backend=m.backend)
+    mhub = build_mhub(
+        m.mhub_config,
+        m.mhub_checkpoint,
+        m.num_query_tokens,
+        len(mtok),
+        width,
+        seed=m.init_seed + 2,
+        impl=m.mhub_impl,
+        backend=m.backend,
+    )
     ln_vision = torch.nn.LayerNorm(width, eps=getattr(encoder.config, "layer_norm_eps", 1e-5))
     norm = final_norm(encoder)
     if norm is not None:  # BLIP-2's ln_vision starts as the encoder's own final norm

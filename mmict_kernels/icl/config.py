@@ -208,7 +208,9 @@ def validate(cfg: RunConfig) -> None:
     if t.batch_size < 1:
         raise ValueError(f"train.batch_size: expected >= 1, got {t.batch_size}")
     if d.sampling == "one-to-many" and t.batch_size % d.group_size:
-        raise ValueError(f"train.batch_size ({t.batch_size}) must be a multiple of demos.group_size ({d.group_size}) for one-to-many")
+        raise ValueError(
+            f"train.batch_size ({t.batch_size}) must be a multiple of demos.group_size ({d.group_size}) for one-to-many"
+        )
     if t.lr_schedule_unit not in ("step", "epoch"):
         raise ValueError(f"train.lr_schedule_unit: expected 'step' or 'epoch', got {t.lr_schedule_unit!r}")
     check_generation_lengths(cfg.eval.generation_lengths, "eval.generation_lengths")
@@ -222,8 +224,14 @@ def check_generation_lengths(lengths, where: str = "generation_lengths") -> dict
         raise ValueError(f"{where}: expected a mapping {{task or kind: [min, max]}}, got {type(lengths).__name__}")
     out = {}
     for key, value in lengths.items():
-        ok = isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        ok = (
+            isinstance(value, (list, tuple))
+            and len(value) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        )
         if not ok or not 0 <= value[0] <= value[1] or value[1] < 1:
-            raise ValueError(f"{where}.{key}: expected [min_new_tokens, max_new_tokens] with 0 <= min <= max and max >= 1, got {value!r}")
+            raise ValueError(
+                f"{where}.{key}: expected [min_new_tokens, max_new_tokens] with 0 <= min <= max and max >= 1, got {value!r}"
+            )
         out[str(key)] = (int(value[0]), int(value[1]))
     return out

@@ -162,11 +162,20 @@ def load_image(path: str, size: int, where: str) -> np.ndarray:
         except Exception as exc:
             raise ValueError(f"image file {path} (referenced by {where}) cannot be read: {exc}") from exc
         if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
-            raise ValueError(f"image file {path} (referenced by {where}): expected a (H, W, 3) uint8 array, got {arr.dtype} {arr.shape}")
+            raise ValueError(
+                f"image file {path} (referenced by {where}): expected a (H, W, 3) uint8 array, got {arr.dtype} {arr.shape}"
+            )
         if arr.shape[:2] != (size, size):
-            arr = torch.nn.functional.interpolate(
-                torch.from_numpy(arr).permute(2, 0, 1)[None].float(), size=(size, size), mode="bilinear", antialias=True
-            )[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
+            arr = (
+                torch.nn.functional.interpolate(
+                    torch.from_numpy(arr).permute(2, 0, 1)[None].float(), size=(size, size), mode="bilinear", antialias=True
+                )[0]
+                .permute(1, 2, 0)
+                .round()
+                .clamp(0, 255)
+                .to(torch.uint8)
+                .numpy()
+            )
         return arr
     try:
         from PIL import Image, UnidentifiedImageError

@@ -14,15 +14,44 @@ import torch
 
 # Tiny LLMs for the embedded data (the paper's: FlanT5-XL, OPT-2.7b/6.7b).
 TINY_LLM = {
-    "llama": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "initializer_range": 0.2,
-              "num_key_value_heads": 2, "max_position_embeddings": 512},
-    "opt": {"hidden_size": 64, "ffn_dim": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "word_embed_proj_dim": 64, "init_std": 0.2,
-            "max_position_embeddings": 512},
-    "qwen2": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "initializer_range": 0.2,
-              "num_key_value_heads": 2, "max_position_embeddings": 512},
+    "llama": {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "initializer_range": 0.2,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+    },
+    "opt": {
+        "hidden_size": 64,
+        "ffn_dim": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "word_embed_proj_dim": 64,
+        "init_std": 0.2,
+        "max_position_embeddings": 512,
+    },
+    "qwen2": {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "initializer_range": 0.2,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+    },
     # Untied output head: T5's tied head rescales by d_model ** -0.5, too flat for a frozen random model.
-    "t5": {"d_model": 64, "d_kv": 16, "d_ff": 128, "num_layers": 2, "num_decoder_layers": 2, "num_heads": 4,
-           "dropout_rate": 0.0, "tie_word_embeddings": False},
+    "t5": {
+        "d_model": 64,
+        "d_kv": 16,
+        "d_ff": 128,
+        "num_layers": 2,
+        "num_decoder_layers": 2,
+        "num_heads": 4,
+        "dropout_rate": 0.0,
+        "tie_word_embeddings": False,
+    },
 }
 
 
@@ -37,7 +66,11 @@ def build_llm(family: str, llm_type: str, checkpoint: str | None, llm_config: di
             raise FileNotFoundError(f"model.llm_checkpoint: folder not found: {checkpoint}")
         llm = auto.from_pretrained(checkpoint)
     else:
-        special = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id}
+        special = {
+            "pad_token_id": tokenizer.pad_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+        }
         if family == "encoder-decoder":
             special["decoder_start_token_id"] = tokenizer.pad_token_id
         values = {**TINY_LLM.get(llm_type, {}), **llm_config, "vocab_size": len(tokenizer), **special}

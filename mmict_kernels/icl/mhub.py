@@ -64,7 +64,7 @@ def _load_instructblip_qformer(folder: str):
     for path in files:
         for key, value in load_file(path).items():
             if key.startswith("qformer."):
-                qformer_state[key[len("qformer."):]] = value
+                qformer_state[key[len("qformer.") :]] = value
             elif key == "query_tokens":
                 query_tokens = value
     if query_tokens is None or not qformer_state:
@@ -76,8 +76,16 @@ def _load_instructblip_qformer(folder: str):
     return qformer, query_tokens
 
 
-def build_mhub(mhub_config: dict, checkpoint: str | None, num_query_tokens: int, vocab_size: int, encoder_width: int,
-               seed: int = 0, impl: str = "fused", backend: str = "auto") -> nn.Module:
+def build_mhub(
+    mhub_config: dict,
+    checkpoint: str | None,
+    num_query_tokens: int,
+    vocab_size: int,
+    encoder_width: int,
+    seed: int = 0,
+    impl: str = "fused",
+    backend: str = "auto",
+) -> nn.Module:
     from transformers import InstructBlipQFormerConfig, InstructBlipQFormerModel
 
     if checkpoint:
@@ -108,4 +116,6 @@ def build_mhub(mhub_config: dict, checkpoint: str | None, num_query_tokens: int,
 
 def describe(mhub: nn.Module) -> str:
     cfg = mhub.config
-    return json.dumps({k: getattr(cfg, k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads") if hasattr(cfg, k)})
+    return json.dumps(
+        {k: getattr(cfg, k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads") if hasattr(cfg, k)}
+    )

@@ -23,8 +23,16 @@ from .batch import IGNORE, MMICTBatch, Packed
 
 
 class MMICTModel(nn.Module):
-    def __init__(self, mhub: nn.Module, llm: nn.Module, vision_width: int, llm_family: str, num_query_tokens: int,
-                 ln_vision: nn.LayerNorm | None = None, prefix_backend: str = "auto"):
+    def __init__(
+        self,
+        mhub: nn.Module,
+        llm: nn.Module,
+        vision_width: int,
+        llm_family: str,
+        num_query_tokens: int,
+        ln_vision: nn.LayerNorm | None = None,
+        prefix_backend: str = "auto",
+    ):
         super().__init__()
         self.ln_vision = ln_vision if ln_vision is not None else nn.LayerNorm(vision_width)
         self.mhub = mhub
@@ -130,8 +138,15 @@ class MMICTModel(nn.Module):
 
     # ------------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, batch: MMICTBatch, max_new_tokens: int = 10, min_new_tokens: int = 1, num_beams: int = 1,
-                 eos_token_id: int | None = None, pad_token_id: int | None = None) -> torch.Tensor:
+    def generate(
+        self,
+        batch: MMICTBatch,
+        max_new_tokens: int = 10,
+        min_new_tokens: int = 1,
+        num_beams: int = 1,
+        eos_token_id: int | None = None,
+        pad_token_id: int | None = None,
+    ) -> torch.Tensor:
         """(B, T) new tokens after each row's context (left-padded batch from a "generate" BatchBuilder)."""
         flat = self.mhub_outputs(batch).flatten(0, 1)
         embeds = self.embed(batch.llm, flat)
@@ -142,8 +157,14 @@ class MMICTModel(nn.Module):
                 raise ValueError("num_beams: the shared-prefix generation is greedy (num_beams=1)")
             cache = self._prefix_cache(batch, flat)
             return generate_with_prefix(
-                self.llm, cache, inputs_embeds=embeds, attention_mask=batch.llm.attention_mask, prefix_ids=batch.prefix_ids,
-                max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                self.llm,
+                cache,
+                inputs_embeds=embeds,
+                attention_mask=batch.llm.attention_mask,
+                prefix_ids=batch.prefix_ids,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=eos_token_id,
+                pad_token_id=pad_token_id,
             )
         out = self.llm.generate(
             inputs_embeds=embeds,

@@ -30,7 +30,9 @@ def _rng(*key: int) -> np.random.Generator:
     return np.random.default_rng([int(k) & 0xFFFFFFFF for k in key])
 
 
-def epoch_groups(tasks: list[str], strategy: str, group_size: int, seed: int, epoch: int, shuffle: bool = True) -> list[list[int]]:
+def epoch_groups(
+    tasks: list[str], strategy: str, group_size: int, seed: int, epoch: int, shuffle: bool = True
+) -> list[list[int]]:
     """The epoch's query order, as groups (one-to-many: same-task groups of ``group_size``; leftovers dropped)."""
     n = len(tasks)
     order = _rng(seed, epoch, 0xE0).permutation(n) if shuffle else np.arange(n)

@@ -31,7 +31,9 @@ def lr_at(step: int, total: int, cfg, steps_per_epoch: int | None = None, *, war
     warm_step = step + warmup_offset
     if getattr(cfg, "lr_schedule_unit", "step") == "epoch":
         if not steps_per_epoch or steps_per_epoch < 1:
-            raise ValueError(f"steps_per_epoch: lr_schedule_unit 'epoch' needs a positive steps_per_epoch, got {steps_per_epoch!r}")
+            raise ValueError(
+                f"steps_per_epoch: lr_schedule_unit 'epoch' needs a positive steps_per_epoch, got {steps_per_epoch!r}"
+            )
         epoch = step // steps_per_epoch
         if epoch == 0:
             warm = start_lr + (lr - start_lr) * warm_step / max(warmup_steps, 1)

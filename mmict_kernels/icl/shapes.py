@@ -84,7 +84,13 @@ def make_shapes(num: int, tasks=("color", "shape", "what_color", "what_shape"), 
         task = tasks[i % len(tasks)]
         images.append(draw_shape(rng, color, shape, image_size))
         records.append(
-            {"image": i, "task": task, "prompt": PROMPTS[task], "answer": answer_for(task, color, shape), "label": f"{color} {shape}"}
+            {
+                "image": i,
+                "task": task,
+                "prompt": PROMPTS[task],
+                "answer": answer_for(task, color, shape),
+                "label": f"{color} {shape}",
+            }
         )
     return records, np.stack(images)
 

@@ -101,8 +101,16 @@ class Trainer:
         self.total_steps = t.max_steps if t.max_steps is not None else max(1, int(t.epochs * self.steps_per_epoch))
         m = cfg.model
         shared = d.sampling == "one-to-many" and d.num_demos > 0 and m.llm_family == "decoder" and m.use_prefix_cache
-        self.builder = (builder_cls or BatchBuilder)(self.run.mhub_tokenizer, self.run.llm_tokenizer, m.num_query_tokens, m.separator,
-                                    m.llm_family, cfg.data.max_text_tokens, mode="train", shared_prefix=shared)
+        self.builder = (builder_cls or BatchBuilder)(
+            self.run.mhub_tokenizer,
+            self.run.llm_tokenizer,
+            m.num_query_tokens,
+            m.separator,
+            m.llm_family,
+            cfg.data.max_text_tokens,
+            mode="train",
+            shared_prefix=shared,
+        )
         self.optimizer = make_optimizer(self.model, t)
         self.params = self.model.trainable_parameters()
         self.step = 0
@@ -183,13 +191,20 @@ class Trainer:
             holder = [staging]
             dist.broadcast_object_list(holder, src=0)
             staging = holder[0]
-        rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
+        rng = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+        }
         ckpt.atomic_torch_save(rng, os.path.join(staging, f"rng-rank{self.rank}.pt"))
         if self.rank == 0:
             meta = {"step": str(step), "world_size": str(self.world), "llm_fingerprint": fingerprint(self.model.llm)}
-            ckpt.atomic_save_file(self.model.trainable_state_dict(), os.path.join(staging, "trainable.safetensors"), metadata=meta)
-            ckpt.atomic_torch_save({"step": step, "optimizer": self.optimizer.state_dict(), "world_size": self.world},
-                                   os.path.join(staging, "state.pt"))
+            ckpt.atomic_save_file(
+                self.model.trainable_state_dict(), os.path.join(staging, "trainable.safetensors"), metadata=meta
+            )
+            ckpt.atomic_torch_save(
+                {"step": step, "optimizer": self.optimizer.state_dict(), "world_size": self.world},
+                os.path.join(staging, "state.pt"),
+            )
         if self.world > 1:
             dist.barrier()
         if self.rank == 0:

@@ -31,8 +31,14 @@ _PIXEL_STATS = {
 # A tiny encoder for the embedded data: 32 px images, 8 px patches -> 16 patch tokens (+ CLS).
 # initializer_range: BLIP-2's config default (1e-10, meant for loading weights) would make random
 # features ~1e-9, which the LayerNorm after the encoder turns into noise; 0.2 keeps the image in them.
-TINY_VISION = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "patch_size": 8,
-               "initializer_range": 0.2}
+TINY_VISION = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "patch_size": 8,
+    "initializer_range": 0.2,
+}
 
 
 def build_vision_encoder(cfg: ModelConfig, seed: int = 0) -> torch.nn.Module:
@@ -76,10 +82,12 @@ def _vision_tower_of_full_model(folder: str, config_name: str, model_cls):
     encoder = model_cls(getattr(transformers, config_name)(**vision_config))
     state = {}
     for file in sorted(glob.glob(os.path.join(folder, "*.safetensors"))):
-        state.update({k[len("vision_model."):]: v for k, v in load_file(file).items() if k.startswith("vision_model.")})
+        state.update({k[len("vision_model.") :]: v for k, v in load_file(file).items() if k.startswith("vision_model.")})
     missing, unexpected = encoder.load_state_dict(state, strict=False)
     if missing or unexpected or not state:
-        raise ValueError(f"model.vision_checkpoint {folder}: vision_model.* weights do not fit: missing {missing[:8]}, unexpected {unexpected[:8]}")
+        raise ValueError(
+            f"model.vision_checkpoint {folder}: vision_model.* weights do not fit: missing {missing[:8]}, unexpected {unexpected[:8]}"
+        )
     return encoder
 
 

@@ -15,11 +15,11 @@ Rules every op and backend follows:
   kernels, so no input makes a kernel read or write outside its tensors.
 """
 
-from .hub_cross_attention import hub_cross_attention, hub_cross_attention_reference
-from .hub_self_attention import MASK_MODES, canonical_mask, hub_self_attention, hub_self_attention_reference, self_attention_mask
 from .checks import skip_value_checks
 from .fused_epilogue import bias_dropout_add_layernorm, bias_gelu, dropout_keep_mask, fused_kv_linear, fused_qkv_linear
-from .prefix_attention import prefix_attention, prefix_attention_mask, prefix_attention_reference
+from .hub_cross_attn import hub_cross_attention, hub_cross_attention_reference
+from .hub_self_attn import MASK_MODES, canonical_mask, hub_self_attention, hub_self_attention_reference, self_attention_mask
+from .prefix_attn import prefix_attention, prefix_attention_mask, prefix_attention_reference
 
 __all__ = [
     "hub_cross_attention",

@@ -28,7 +28,7 @@ import contextlib
 import dataclasses
 import functools
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import triton
@@ -88,7 +88,9 @@ def check_attention_inputs(op: str, q: torch.Tensor) -> None:
         names = sorted(str(d).replace("torch.", "") for d in caps.dtypes)
         raise TypeError(f"q: the Triton {op} supports dtypes {names}, got {str(q.dtype).replace('torch.', '')}")
     if q.shape[-1] not in caps.head_dims:
-        raise ValueError(f"q: the Triton {op} supports head dims {sorted(caps.head_dims)}, got {q.shape[-1]}; use backend='torch'")
+        raise ValueError(
+            f"q: the Triton {op} supports head dims {sorted(caps.head_dims)}, got {q.shape[-1]}; use backend='torch'"
+        )
 
 
 # ---------------------------------------------------------------------------------------
@@ -148,7 +150,7 @@ def targets_gpu(device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and backends.simulated_gpu() is not None)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cuda_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
@@ -193,6 +195,22 @@ def cdiv(a: int, b: int) -> int:
 
 
 __all__ = [
-    "LOG2E", "LN2", "INV_SQRT2", "INV_SQRT_2PI", "INTERPRETING", "dot", "cast", "dot_precision", "check_attention_inputs",
-    "Tiles", "force_tiles", "apply_forced", "targets_gpu", "num_sms", "strides", "pointer_or", "draw_seed", "cdiv",
+    "LOG2E",
+    "LN2",
+    "INV_SQRT2",
+    "INV_SQRT_2PI",
+    "INTERPRETING",
+    "dot",
+    "cast",
+    "dot_precision",
+    "check_attention_inputs",
+    "Tiles",
+    "force_tiles",
+    "apply_forced",
+    "targets_gpu",
+    "num_sms",
+    "strides",
+    "pointer_or",
+    "draw_seed",
+    "cdiv",
 ]

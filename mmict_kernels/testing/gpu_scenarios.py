@@ -1,6 +1,6 @@
 """The GPU paths of the public API at production shapes, compiled without a GPU.
 
-Each scenario runs a public op or module exactly as a user would on a GPU (the NOTES shapes:
+Each scenario runs a public op or module exactly as a user would on a GPU (the production shapes of docs/DESIGN.md:
 M-Hub 768 x 12 heads on 257 x 1408 image tokens, 32 queries + 32 text; the LLM presets
 ``llm2048`` and ``llm4096_gqa``), under :func:`~mmict_kernels.testing.compile_only.compile_only`:
 every Triton kernel it launches compiles for the GPU target, nothing executes, and

@@ -50,7 +50,9 @@ class LlavaBackbone(Backbone):
     def __init__(self, model: nn.Module):
         super().__init__()
         if not hasattr(model, "get_image_features"):
-            raise TypeError(f"model: expected a transformers LLaVA-style model with get_image_features, got {type(model).__name__}")
+            raise TypeError(
+                f"model: expected a transformers LLaVA-style model with get_image_features, got {type(model).__name__}"
+            )
         self.lm = model
         self.requires_grad_(False).eval()
 
@@ -76,7 +78,9 @@ class MMICTBackbone(Backbone):
             if not hasattr(mmict_model, attr):
                 raise TypeError(f"mmict_model: expected an MMICTModel (missing {attr!r}), got {type(mmict_model).__name__}")
         if getattr(mmict_model.llm.config, "is_encoder_decoder", False):
-            raise ValueError("mmict_model: AIM needs a decoder-only LLM (its fused tokens are a causal prefix); got an encoder-decoder")
+            raise ValueError(
+                "mmict_model: AIM needs a decoder-only LLM (its fused tokens are a causal prefix); got an encoder-decoder"
+            )
         self.ln_vision, self.mhub, self.fc, self.lm = mmict_model.ln_vision, mmict_model.mhub, mmict_model.proj, mmict_model.llm
         self.num_query_tokens = mmict_model.num_query_tokens
         self.requires_grad_(False).eval()

@@ -34,8 +34,8 @@ import os
 import time
 import uuid
 import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 from safetensors import safe_open
@@ -137,8 +137,11 @@ class DemonstrationBank:
         except FileNotFoundError:
             return {"version": INDEX_VERSION, "entries": {}}
         except (ValueError, json.JSONDecodeError) as exc:
-            warnings.warn(f"demonstration bank index {self.index_path} is unreadable ({exc}); rebuilding it from the "
-                          "shard files", DemoBankWarning, stacklevel=3)
+            warnings.warn(
+                f"demonstration bank index {self.index_path} is unreadable ({exc}); rebuilding it from the shard files",
+                DemoBankWarning,
+                stacklevel=3,
+            )
             return self._rebuild_index()
 
     def _rebuild_index(self) -> dict:
@@ -149,11 +152,18 @@ class DemonstrationBank:
                 with safe_open(str(path), framework="pt") as fh:
                     for key in fh.keys():
                         t = fh.get_tensor(key)
-                        entries[key] = {"shard": path.name, "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", ""),
-                                        "sha256": _tensor_sha256(t), "nbytes": t.numel() * t.element_size(),
-                                        "used": path.stat().st_mtime}
+                        entries[key] = {
+                            "shard": path.name,
+                            "shape": list(t.shape),
+                            "dtype": str(t.dtype).replace("torch.", ""),
+                            "sha256": _tensor_sha256(t),
+                            "nbytes": t.numel() * t.element_size(),
+                            "used": path.stat().st_mtime,
+                        }
             except Exception as exc:
-                warnings.warn(f"demonstration bank: skipping unreadable shard {path} ({type(exc).__name__})", DemoBankWarning, stacklevel=4)
+                warnings.warn(
+                    f"demonstration bank: skipping unreadable shard {path} ({type(exc).__name__})", DemoBankWarning, stacklevel=4
+                )
         return {"version": INDEX_VERSION, "entries": entries}
 
     def _write_index(self, index: dict) -> None:
@@ -208,8 +218,12 @@ class DemonstrationBank:
                     bad[key] = f"{path} is unreadable ({type(exc).__name__}: {exc})"
         if bad:
             first = next(iter(bad.values()))
-            warnings.warn(f"demonstration bank: {len(bad)} corrupt entr{'y' if len(bad) == 1 else 'ies'} dropped and to be "
-                          f"recomputed ({first})", DemoBankWarning, stacklevel=2)
+            warnings.warn(
+                f"demonstration bank: {len(bad)} corrupt entr{'y' if len(bad) == 1 else 'ies'} dropped and to be "
+                f"recomputed ({first})",
+                DemoBankWarning,
+                stacklevel=2,
+            )
             self.recomputed_corrupt += len(bad)
             with self._locked():
                 index_now = self._read_index()

@@ -55,7 +55,7 @@ class AIMConfig:
     eval_shots: tuple = (0, 2)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "AIMConfig":
+    def from_dict(cls, values: dict) -> AIMConfig:
         cfg = dataclass_from_dict(cls, values, "AIM config")
         if cfg.sampling == LEGACY_ONE_TO_MANY:
             cfg.sampling = "one-to-many"

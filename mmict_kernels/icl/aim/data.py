@@ -62,8 +62,13 @@ def _pixels(images: np.ndarray) -> torch.Tensor:
 
 def shapes_data(num: int, tasks, seed: int, image_size: int, tok) -> AIMData:
     records, images = shapes_mod.make_shapes(num, tuple(tasks), seed=seed, image_size=image_size)
-    return AIMData(_pixels(images), [r["task"] for r in records], [encode(tok, r["prompt"]) for r in records],
-                   [encode(tok, r["answer"]) for r in records], [r["answer"] for r in records])
+    return AIMData(
+        _pixels(images),
+        [r["task"] for r in records],
+        [encode(tok, r["prompt"]) for r in records],
+        [encode(tok, r["answer"]) for r in records],
+        [r["answer"] for r in records],
+    )
 
 
 def jsonl_data(path: str, image_root: str | None, image_size: int, tok) -> AIMData:
@@ -76,8 +81,13 @@ def jsonl_data(path: str, image_root: str | None, image_size: int, tok) -> AIMDa
             raise ValueError(f"data file {path}, line {lineno}: AIM takes single images ('image'), not 'frames'")
         images.append(load_image(os.path.join(root, r["image"]), image_size, f"{path}, line {lineno}"))
     recs = [r for _, r in records]
-    return AIMData(_pixels(np.stack(images)), [r.get("task", "default") for r in recs], [encode(tok, r["prompt"]) for r in recs],
-                   [encode(tok, r["answer"]) for r in recs], [r["answer"] for r in recs])
+    return AIMData(
+        _pixels(np.stack(images)),
+        [r.get("task", "default") for r in recs],
+        [encode(tok, r["prompt"]) for r in recs],
+        [encode(tok, r["answer"]) for r in recs],
+        [r["answer"] for r in recs],
+    )
 
 
 def sample_groups(queries: AIMData, pool: AIMData, query_idx: list[int], shots: int, group_size: int, rng, same_pool: bool):

@@ -24,7 +24,7 @@ separator between demonstrations, and the text of a demonstration is the caller'
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -74,14 +74,25 @@ class AIMModel(nn.Module):
         pad_id, eos_id: token ids of the LLM's vocabulary.
     """
 
-    def __init__(self, backbone: Backbone, *, layer: int = -1, projection: str = "linear", bank: DemonstrationBank | None = None,
-                 backend: str = "auto", pad_id: int = 0, eos_id: int | None = None):
+    def __init__(
+        self,
+        backbone: Backbone,
+        *,
+        layer: int = -1,
+        projection: str = "linear",
+        bank: DemonstrationBank | None = None,
+        backend: str = "auto",
+        pad_id: int = 0,
+        eos_id: int | None = None,
+    ):
         super().__init__()
         if projection not in ("linear", "mlp"):
             raise ValueError(f"projection: expected 'linear' or 'mlp', got {projection!r}")
         num_states = backbone.lm.config.get_text_config().num_hidden_layers + 1
         if not -num_states <= layer < num_states:
-            raise ValueError(f"layer: expected an index into the {num_states} hidden states (-{num_states} .. {num_states - 1}), got {layer}")
+            raise ValueError(
+                f"layer: expected an index into the {num_states} hidden states (-{num_states} .. {num_states - 1}), got {layer}"
+            )
         self.backbone = backbone.requires_grad_(False).eval()
         d = backbone.hidden_size
         if projection == "linear":
@@ -172,9 +183,9 @@ class AIMModel(nn.Module):
         embeds = img.new_zeros(len(rows), width, img.shape[-1])
         mask = torch.zeros(len(rows), width, dtype=torch.long, device=device)
         lab = torch.full((len(rows), width), IGNORE, dtype=torch.long, device=device)
-        for b, (r, l) in enumerate(zip(rows, labels)):
+        for b, (r, target) in enumerate(zip(rows, labels)):
             sl = slice(width - r.shape[0], width) if left_pad else slice(0, r.shape[0])  # generation pads on the left
-            embeds[b, sl], mask[b, sl], lab[b, sl] = r, 1, l
+            embeds[b, sl], mask[b, sl], lab[b, sl] = r, 1, target
         return embeds, mask, lab
 
     # ------------------------------------------------------------------------------------------
@@ -182,11 +193,14 @@ class AIMModel(nn.Module):
         """(sum of the answer tokens' NLL, number of answer tokens)."""
         cache = self._cache(batch)
         embeds, mask, labels = self._query_rows(batch, with_answer=True, left_pad=False)
-        logits = forward_with_prefix(self.backbone.lm, cache, inputs_embeds=embeds, attention_mask=mask,
-                                     prefix_ids=batch.query_group.to(embeds.device)).logits
+        logits = forward_with_prefix(
+            self.backbone.lm, cache, inputs_embeds=embeds, attention_mask=mask, prefix_ids=batch.query_group.to(embeds.device)
+        ).logits
         # logits at t predict token t + 1 of the row's own sequence
         target = labels[:, 1:]
-        loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE, reduction="sum")
+        loss = F.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE, reduction="sum"
+        )
         if not any(batch.group_demos) and torch.is_grad_enabled():
             # Zero-shot rows do not depend on the projection; keep the loss differentiable (zero
             # gradient) so a training loop can call backward on any batch.
@@ -200,9 +214,17 @@ class AIMModel(nn.Module):
         """Greedy answers (token ids, up to the first eos) for every query of ``batch``."""
         cache = self._cache(batch)
         embeds, mask, _ = self._query_rows(batch, with_answer=False, left_pad=True)
-        new = generate_with_prefix(self.backbone.lm, cache, inputs_embeds=embeds, attention_mask=mask,
-                                   prefix_ids=batch.query_group.to(embeds.device), max_new_tokens=max_new_tokens,
-                                   eos_token_id=self.eos_id, pad_token_id=self.pad_id, backend=self.backend)
+        new = generate_with_prefix(
+            self.backbone.lm,
+            cache,
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            prefix_ids=batch.query_group.to(embeds.device),
+            max_new_tokens=max_new_tokens,
+            eos_token_id=self.eos_id,
+            pad_token_id=self.pad_id,
+            backend=self.backend,
+        )
         out = []
         for row in new.tolist():
             out.append(row[: row.index(self.eos_id)] if self.eos_id is not None and self.eos_id in row else row)

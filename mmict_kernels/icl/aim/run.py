@@ -36,18 +36,38 @@ def build_llava(cfg: AIMConfig, vocab_size: int) -> nn.Module:
         if not os.path.isdir(cfg.checkpoint):
             raise FileNotFoundError(f"backbone checkpoint folder not found: {cfg.checkpoint}")
         return LlavaForConditionalGeneration.from_pretrained(cfg.checkpoint)
-    vision = CLIPVisionConfig(hidden_size=cfg.vision_hidden, intermediate_size=2 * cfg.vision_hidden, num_hidden_layers=2,
-                              num_attention_heads=4, image_size=cfg.image_size, patch_size=cfg.patch_size)
-    text = LlamaConfig(hidden_size=cfg.hidden_size, intermediate_size=2 * cfg.hidden_size, num_hidden_layers=cfg.num_layers,
-                       num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads, vocab_size=vocab_size + 1,
-                       max_position_embeddings=1024, pad_token_id=0)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=vocab_size, vision_feature_layer=-1,
-                         vision_feature_select_strategy="full")
+    vision = CLIPVisionConfig(
+        hidden_size=cfg.vision_hidden,
+        intermediate_size=2 * cfg.vision_hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+    )
+    text = LlamaConfig(
+        hidden_size=cfg.hidden_size,
+        intermediate_size=2 * cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        vocab_size=vocab_size + 1,
+        max_position_embeddings=1024,
+        pad_token_id=0,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=vocab_size,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+    )
     torch.manual_seed(cfg.seed)
     return LlavaForConditionalGeneration(config)
 
 
-def warm_up_backbone(llava: nn.Module, explicit: AIMData, in_context: AIMData, cfg: AIMConfig, eos_id: int, log=print) -> list[float]:
+def warm_up_backbone(
+    llava: nn.Module, explicit: AIMData, in_context: AIMData, cfg: AIMConfig, eos_id: int, log=print
+) -> list[float]:
     """Fine-tune the WHOLE tiny backbone; it stands in for the pretrained MLLM AIM assumes.
 
     Each step mixes zero-shot explicit questions (``explicit``: it learns to read images) and
@@ -67,7 +87,9 @@ def warm_up_backbone(llava: nn.Module, explicit: AIMData, in_context: AIMData, c
         loss, n = model(build_batch(explicit, explicit, [[int(i)] for i in idx], [[] for _ in idx]))
         if cfg.shots and len(in_context):
             q = rng.choice(len(in_context), size=min(16, len(in_context)), replace=False).tolist()
-            loss_icl, n_icl = model(make_batch(in_context, in_context, q, cfg.shots, cfg.group_size, rng, "one-to-many", same_pool=True))
+            loss_icl, n_icl = model(
+                make_batch(in_context, in_context, q, cfg.shots, cfg.group_size, rng, "one-to-many", same_pool=True)
+            )
             loss, n = loss + loss_icl, n + n_icl
         loss = loss / max(n, 1)
         opt.zero_grad(set_to_none=True)
@@ -135,7 +157,12 @@ def evaluate_aim(model: AIMModel, queries: AIMData, pool: AIMData, shots: int, c
             t = per_task.setdefault(queries.tasks[q], [0, 0])
             t[0] += ok
             t[1] += 1
-    return {"shots": shots, "accuracy": correct / max(total, 1), "n": total, "per_task": {k: v[0] / v[1] for k, v in per_task.items()}}
+    return {
+        "shots": shots,
+        "accuracy": correct / max(total, 1),
+        "n": total,
+        "per_task": {k: v[0] / v[1] for k, v in per_task.items()},
+    }
 
 
 def run(cfg: AIMConfig, log=print) -> dict:
@@ -148,21 +175,41 @@ def run(cfg: AIMConfig, log=print) -> dict:
     llava = build_llava(cfg, len(tok)).to(device)
 
     def data(source, num, tasks, seed):
-        d = shapes_data(num, tasks, seed, cfg.image_size, tok) if source == "shapes" else jsonl_data(source, cfg.image_root, cfg.image_size, tok)
+        d = (
+            shapes_data(num, tasks, seed, cfg.image_size, tok)
+            if source == "shapes"
+            else jsonl_data(source, cfg.image_root, cfg.image_size, tok)
+        )
         d.pixels = d.pixels.to(device)
         return d
 
     if not cfg.checkpoint and cfg.warmup_backbone_steps:
         # its own images (another seed): the warm-up never sees the AIM run's training or eval data
-        warm_up_backbone(llava, data("shapes", cfg.train_examples, cfg.backbone_tasks, cfg.seed + 10),
-                         data("shapes", cfg.train_examples, cfg.tasks, cfg.seed + 20), cfg, eos, log)
+        warm_up_backbone(
+            llava,
+            data("shapes", cfg.train_examples, cfg.backbone_tasks, cfg.seed + 10),
+            data("shapes", cfg.train_examples, cfg.tasks, cfg.seed + 20),
+            cfg,
+            eos,
+            log,
+        )
     train = data(cfg.train_data, cfg.train_examples, cfg.tasks, cfg.seed)
     evals = data(cfg.eval_data, cfg.eval_examples, cfg.tasks, cfg.seed + 100)
     bank = DemonstrationBank(cfg.bank_dir or os.path.join(cfg.out, "bank"), max_bytes=cfg.bank_max_bytes)
-    model = AIMModel(LlavaBackbone(llava), layer=cfg.layer, projection=cfg.projection, bank=bank, backend=cfg.backend,
-                     pad_id=tok.pad_token_id, eos_id=eos)
+    model = AIMModel(
+        LlavaBackbone(llava),
+        layer=cfg.layer,
+        projection=cfg.projection,
+        bank=bank,
+        backend=cfg.backend,
+        pad_id=tok.pad_token_id,
+        eos_id=eos,
+    )
     before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
-    results = {"config": dataclasses.asdict(cfg), "eval_before": [evaluate_aim(model, evals, train, s, cfg, tok) for s in cfg.eval_shots]}
+    results = {
+        "config": dataclasses.asdict(cfg),
+        "eval_before": [evaluate_aim(model, evals, train, s, cfg, tok) for s in cfg.eval_shots],
+    }
     losses = train_aim(model, train, cfg, log)
     results["train_losses"] = losses
     results["eval"] = [evaluate_aim(model, evals, train, s, cfg, tok) for s in cfg.eval_shots]
@@ -170,7 +217,9 @@ def run(cfg: AIMConfig, log=print) -> dict:
     results["backbone_unchanged"] = all(torch.equal(before[k], v) for k, v in model.backbone.state_dict().items())
     from safetensors.torch import save_file
 
-    save_file({k: v.contiguous() for k, v in model.trainable_state_dict().items()}, os.path.join(cfg.out, "aim_projection.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in model.trainable_state_dict().items()}, os.path.join(cfg.out, "aim_projection.safetensors")
+    )
     with open(os.path.join(cfg.out, "results.json"), "w") as fh:
         json.dump(results, fh, indent=1)
     log(format_table(results))
@@ -182,6 +231,8 @@ def format_table(results: dict) -> str:
     for before, after in zip(results["eval_before"], results["eval"]):
         per = ", ".join(f"{k} {v:.2f}" for k, v in after["per_task"].items())
         lines.append(f"{after['shots']} | {before['accuracy']:.3f} | {after['accuracy']:.3f} | {per}")
-    lines.append(f"demonstration bank: hit rate {results['bank']['hit_rate']:.2f}, {results['bank']['entries']} entries; "
-                 f"backbone unchanged: {results['backbone_unchanged']}")
+    lines.append(
+        f"demonstration bank: hit rate {results['bank']['hit_rate']:.2f}, {results['bank']['entries']} entries; "
+        f"backbone unchanged: {results['backbone_unchanged']}"
+    )
     return "\n".join(lines)

@@ -23,8 +23,18 @@ def _aim_context_lengths(batch, num_query_tokens: int) -> tuple[list[int], int]:
 
 
 @torch.no_grad()
-def predict(base_run, method: str, model, num_demos: int, sampling: str, device, max_new_tokens: int, limit: int | None,
-            batch_size: int = 64, seed: int = 0):
+def predict(
+    base_run,
+    method: str,
+    model,
+    num_demos: int,
+    sampling: str,
+    device,
+    max_new_tokens: int,
+    limit: int | None,
+    batch_size: int = 64,
+    seed: int = 0,
+):
     """Records (as ``evaluation.predict`` gives them) and context sizes for every evaluation query.
 
     The query order, groups and demonstrations are ``evaluation.predict``'s (same seed), so every
@@ -35,16 +45,27 @@ def predict(base_run, method: str, model, num_demos: int, sampling: str, device,
     cfg, m = base_run.cfg, base_run.cfg.model
     if method != "aim":
         records, ctx, computed = driver_predict(
-            dataclasses.replace(base_run, model=model), num_demos, sampling=sampling, group_size=cfg.demos.group_size,
-            batch_size=batch_size, max_new_tokens=max_new_tokens, seed=seed, device=device, use_prefix_cache=m.use_prefix_cache,
-            limit=limit, builder_cls=builder_class(method), return_context_lengths=True)
+            dataclasses.replace(base_run, model=model),
+            num_demos,
+            sampling=sampling,
+            group_size=cfg.demos.group_size,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+            device=device,
+            use_prefix_cache=m.use_prefix_cache,
+            limit=limit,
+            builder_cls=builder_class(method),
+            return_context_lengths=True,
+        )
         return records, _mean_context(ctx, computed)
 
     queries, pool, tok = base_run.eval_set, base_run.train_set, base_run.llm_tokenizer
     sampler = DemoSampler(pool, queries, num_demos, sampling, cfg.demos.same_task, seed=seed)
     # Only its tokenisation is used (aim_batch): the layout options do not matter.
-    builder = BatchBuilder(base_run.mhub_tokenizer, tok, m.num_query_tokens, m.separator, m.llm_family, cfg.data.max_text_tokens,
-                           mode="generate")
+    builder = BatchBuilder(
+        base_run.mhub_tokenizer, tok, m.num_query_tokens, m.separator, m.llm_family, cfg.data.max_text_tokens, mode="generate"
+    )
     order = evaluation_groups(queries, sampling, cfg.demos.group_size, seed, limit)  # the driver's queries, in its order
     model.eval()
     records, ctx, computed = [], [], 0
@@ -56,8 +77,14 @@ def predict(base_run, method: str, model, num_demos: int, sampling: str, device,
         computed += n
         for q, ids in zip(batch.query_ids, outs):
             ex = queries[q]
-            records.append({"query": q, "task": ex.task, "prediction": tok.decode(ids, skip_special_tokens=True).strip(),
-                            "answers": list(ex.answers or (ex.answer,))})
+            records.append(
+                {
+                    "query": q,
+                    "task": ex.task,
+                    "prediction": tok.decode(ids, skip_special_tokens=True).strip(),
+                    "answers": list(ex.answers or (ex.answer,)),
+                }
+            )
     return records, _mean_context(ctx, computed)
 
 

@@ -32,7 +32,7 @@ class CompareConfig:
     output: str = "benchmarks/results/compare_shapes"  # <output>.json and <output>.csv; "" writes nothing
 
     @classmethod
-    def from_dict(cls, values: dict) -> "CompareConfig":
+    def from_dict(cls, values: dict) -> CompareConfig:
         cfg = dataclass_from_dict(cls, values, "compare config")
         bad = [m for m in cfg.methods if m not in METHODS]
         if bad or not cfg.methods:

@@ -69,8 +69,12 @@ def measure_step(stepper: Stepper, steps: int) -> dict:
         mem, kind = probe.total, "cpu: tensors saved for backward"
     # Wall time is what a user waits; CPU time (all threads of this process) is what a step costs
     # when other processes share the cores (wall time then mostly measures them).
-    return {"step_ms": 1000 * statistics.median(times[1:] or times), "step_cpu_ms": 1000 * statistics.median(cpu_times[1:] or cpu_times),
-            "mem_mb": mem / 2**20, "mem_kind": kind}
+    return {
+        "step_ms": 1000 * statistics.median(times[1:] or times),
+        "step_cpu_ms": 1000 * statistics.median(cpu_times[1:] or cpu_times),
+        "mem_mb": mem / 2**20,
+        "mem_kind": kind,
+    }
 
 
 def machine(device) -> dict:
@@ -81,8 +85,16 @@ def machine(device) -> dict:
     except OSError:
         pass
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+                cwd=os.path.dirname(os.path.abspath(__file__)),
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         commit = None
     return {

@@ -42,8 +42,13 @@ def build_aim(backbone_model, base_run, bank_dir: str | None):
     """AIM on a frozen copy of ``backbone_model`` (an MMICT model), with a bank in ``bank_dir`` (None: no bank)."""
     tok = base_run.llm_tokenizer
     bank = DemonstrationBank(bank_dir) if bank_dir else None
-    return AIMModel(MMICTBackbone(fresh_model(backbone_model)), bank=bank, backend=base_run.cfg.model.backend,
-                    pad_id=tok.pad_token_id, eos_id=tok.eos_token_id)
+    return AIMModel(
+        MMICTBackbone(fresh_model(backbone_model)),
+        bank=bank,
+        backend=base_run.cfg.model.backend,
+        pad_id=tok.pad_token_id,
+        eos_id=tok.eos_token_id,
+    )
 
 
 class Stepper:

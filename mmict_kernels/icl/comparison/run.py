@@ -26,8 +26,10 @@ def _plan(cc: CompareConfig, llm_family: str, log) -> list[tuple[str, str, int, 
     plan = []
     for method in cc.methods:
         if method == "aim" and llm_family != "decoder":
-            log("AIM skipped: its fused demonstration tokens are a causal prefix of a decoder-only LLM; "
-                f"this run's LLM is {llm_family!r} (docs/COMPARE.md)")
+            log(
+                "AIM skipped: its fused demonstration tokens are a causal prefix of a decoder-only LLM; "
+                f"this run's LLM is {llm_family!r} (docs/COMPARE.md)"
+            )
             continue
         if method == "finetune":  # the query alone: no demonstrations, so no sampling strategy
             plan.append((method, "-", 0, [0]))
@@ -40,7 +42,10 @@ def _plan(cc: CompareConfig, llm_family: str, log) -> list[tuple[str, str, int, 
     return plan
 
 
-def run_comparison(cc: CompareConfig, log=functools.partial(print, flush=True)) -> dict:
+_PRINT = functools.partial(print, flush=True)
+
+
+def run_comparison(cc: CompareConfig, log=_PRINT) -> dict:
     """Train, time and evaluate every planned model; the result holds the rows, the machine and both configs."""
     device = pick_device(cc.device, 0)
     if cc.threads:
@@ -75,13 +80,28 @@ def run_comparison(cc: CompareConfig, log=functools.partial(print, flush=True)) 
                     stepper = _stepper(base_run, method, sampling_run, k, cc.timing_steps, src, bank)
                     timing_cache[key] = measure_step(stepper, cc.timing_steps)
                 records, ctx = predict(base_run, method, model, k, sampling_run, device, cc.max_new_tokens, cc.eval_limit)
-                row = {"method": LABELS[method], "sampling": sampling, "train_demos": train_k, "eval_demos": k,
-                       **summarize(records, cc.caption_bleu_n), **ctx, **timing_cache[key], "trainable_params": trainable,
-                       "final_loss": sum(losses[-10:]) / len(losses[-10:]), "train_s": train_s}
+                row = {
+                    "method": LABELS[method],
+                    "sampling": sampling,
+                    "train_demos": train_k,
+                    "eval_demos": k,
+                    **summarize(records, cc.caption_bleu_n),
+                    **ctx,
+                    **timing_cache[key],
+                    "trainable_params": trainable,
+                    "final_loss": sum(losses[-10:]) / len(losses[-10:]),
+                    "train_s": train_s,
+                }
                 rows.append(row)
                 log(format_row(row))
-    return {"machine": machine(device), "config": dataclasses.asdict(cc), "run_config": base_cfg.to_dict(), "rows": rows,
-            "wall_s": time.perf_counter() - t_start, "caption_metric": f"BLEU-{cc.caption_bleu_n}"}
+    return {
+        "machine": machine(device),
+        "config": dataclasses.asdict(cc),
+        "run_config": base_cfg.to_dict(),
+        "rows": rows,
+        "wall_s": time.perf_counter() - t_start,
+        "caption_metric": f"BLEU-{cc.caption_bleu_n}",
+    }
 
 
 def _stepper(base_run, method, sampling, k, steps, src_model, bank_dir):

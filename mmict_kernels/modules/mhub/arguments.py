@@ -25,7 +25,12 @@ FLAVORS = ("blip2", "instructblip")
 POSITIONAL = {
     "blip2": ("query_embeds", "query_length", "attention_mask", "encoder_hidden_states", "encoder_attention_mask"),
     "instructblip": (
-        "input_ids", "attention_mask", "position_ids", "query_embeds", "encoder_hidden_states", "encoder_attention_mask",
+        "input_ids",
+        "attention_mask",
+        "position_ids",
+        "query_embeds",
+        "encoder_hidden_states",
+        "encoder_attention_mask",
     ),
 }
 # FusedMHub's own keyword arguments, on top of the flavor's positional ones.

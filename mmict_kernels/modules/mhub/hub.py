@@ -146,7 +146,7 @@ class FusedMHub(nn.Module):
     # -----------------------------------------------------------------------------------------
     @property
     def backend(self) -> str:
-        """"auto", "cuda", "triton" or "torch": the attention ops' (and fused epilogues') backend."""
+        """ "auto", "cuda", "triton" or "torch": the attention ops' (and fused epilogues') backend."""
         return self._backend
 
     @backend.setter
@@ -395,8 +395,18 @@ class FusedMHub(nn.Module):
         return cache
 
     def _run(
-        self, *, masks, input_ids, position_ids, query_embeds, query_length, attention_mask, encoder_hidden_states,
-        encoder_attention_mask, image_kv, output_hidden_states,
+        self,
+        *,
+        masks,
+        input_ids,
+        position_ids,
+        query_embeds,
+        query_length,
+        attention_mask,
+        encoder_hidden_states,
+        encoder_attention_mask,
+        image_kv,
+        output_hidden_states,
     ):
         has_image = encoder_hidden_states is not None or image_kv is not None
         check_flavor_arguments(self.flavor, input_ids, position_ids, query_length)
@@ -410,8 +420,12 @@ class FusedMHub(nn.Module):
             check_query_embeds(query_embeds, self.hidden_size)
 
         check_devices(
-            self._param_device(), input_ids=input_ids, position_ids=position_ids, query_embeds=query_embeds,
-            attention_mask=attention_mask, encoder_hidden_states=encoder_hidden_states,
+            self._param_device(),
+            input_ids=input_ids,
+            position_ids=position_ids,
+            query_embeds=query_embeds,
+            attention_mask=attention_mask,
+            encoder_hidden_states=encoder_hidden_states,
             encoder_attention_mask=encoder_attention_mask,
         )
         hidden = self._embed(input_ids, position_ids, query_embeds)
@@ -523,7 +537,12 @@ class FusedMHub(nn.Module):
             q = q.view(num_objectives, batch, nq, heads, dim).transpose(0, 1).reshape(batch, num_objectives * nq, heads, dim)
         k, v = cache.kv(layer.layer_idx)
         out = ops.hub_cross_attention(
-            q, k, v, cache.cu_seqlens_k, backend=self._op_backend("hub_cross_attention", q), seqlens_k=cache.seqlens_k,
+            q,
+            k,
+            v,
+            cache.cu_seqlens_k,
+            backend=self._op_backend("hub_cross_attention", q),
+            seqlens_k=cache.seqlens_k,
             dropout_p=self._dropout_p(),
         )
         if num_objectives > 1:

@@ -1,6 +1,6 @@
 """Image K/V cache: every cross-attention layer's keys and values, computed once per image set.
 
-At BLIP-2's default shape the image K/V projections are the largest cost of a Q-Former pass (NOTES §1:
+At BLIP-2's default shape the image K/V projections are the largest cost of a Q-Former pass (docs/DESIGN.md:
 ~6.7 of ~12.6 GFLOP per image). They depend on the image alone, so one :class:`ImageKVCache` serves
 any number of later passes: other text, other objectives (ITC / ITM / ITG), or a demonstration
 image shared by many queries. The cache keeps the autograd graph: gradients of every pass that
@@ -69,7 +69,7 @@ class ImageKVCache:
             return self.keys[0].device
         return self.cu_seqlens_k.device if self.cu_seqlens_k is not None else torch.device("cpu")
 
-    def select(self, index, total_tokens: int | None = None) -> "ImageKVCache":
+    def select(self, index, total_tokens: int | None = None) -> ImageKVCache:
         """A cache whose row ``r`` is this cache's row ``index[r]`` (rows may repeat).
 
         Use it when many rows share an image, e.g. one demonstration image seen by several queries:
@@ -113,7 +113,7 @@ class ImageKVCache:
             index.numel(),
         )
 
-    def detach(self) -> "ImageKVCache":
+    def detach(self) -> ImageKVCache:
         """The same K/V without autograd history (e.g. frozen images at evaluation)."""
         return dataclasses.replace(self, keys=tuple(k.detach() for k in self.keys), values=tuple(v.detach() for v in self.values))
 
@@ -174,8 +174,10 @@ def arrange_image_tokens(
             raise ValueError(f"cu_seqlens: expected device {device}, got {cu_seqlens.device}")
         cu = cu_seqlens.to(torch.int32).contiguous()
         if C.value_checks_enabled(cu) and cu.numel() > 0:  # once per encode (device-side asserts on a GPU)
-            C.expect((cu[0] == 0) & (cu[-1] == image_embeds.shape[0]),
-                     f"cu_seqlens: expected cu_seqlens[0] == 0 and cu_seqlens[-1] == image_embeds.shape[0] = {image_embeds.shape[0]}")
+            C.expect(
+                (cu[0] == 0) & (cu[-1] == image_embeds.shape[0]),
+                f"cu_seqlens: expected cu_seqlens[0] == 0 and cu_seqlens[-1] == image_embeds.shape[0] = {image_embeds.shape[0]}",
+            )
             C.expect(cu[1:] >= cu[:-1], "cu_seqlens: expected non-decreasing offsets")
         return image_embeds, cu, None, cu.shape[0] - 1
 
@@ -191,7 +193,10 @@ def arrange_image_tokens(
         total_frames, per_frame, _ = image_embeds.shape
         if C.value_checks_enabled(frames):
             C.check_range("num_frames", frames, 0, total_frames, "frame counts")
-            C.expect(frames.sum() == total_frames, f"num_frames: expected frame counts summing to image_embeds.shape[0] = {total_frames}")
+            C.expect(
+                frames.sum() == total_frames,
+                f"num_frames: expected frame counts summing to image_embeds.shape[0] = {total_frames}",
+            )
         cu = F.pad(torch.cumsum(frames.long() * per_frame, 0), (1, 0)).to(torch.int32)
         return image_embeds.reshape(total_frames * per_frame, image_embeds.shape[-1]), cu, None, frames.shape[0]
 

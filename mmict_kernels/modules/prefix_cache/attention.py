@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 
 from ...ops.checks import skip_value_checks
-from ...ops.prefix_attention import prefix_attention
+from ...ops.prefix_attn import prefix_attention
 
 ATTENTION_NAME = "mmict_prefix"
 
@@ -101,7 +101,9 @@ _UNSUPPORTED_KWARGS = ("softcap", "s_aux", "sinks", "position_bias")
 def _refuse_unsupported(kwargs: dict, total_keys: int) -> None:
     for name in _UNSUPPORTED_KWARGS:
         if kwargs.get(name) is not None:
-            raise NotImplementedError(f"{ATTENTION_NAME} attention: the model passes `{name}`, which prefix attention does not support")
+            raise NotImplementedError(
+                f"{ATTENTION_NAME} attention: the model passes `{name}`, which prefix attention does not support"
+            )
     window = kwargs.get("sliding_window")
     if window is not None and total_keys > window:
         raise NotImplementedError(
@@ -136,7 +138,9 @@ def prefix_cache_attention(
         )
     layer = getattr(module, "layer_idx", None)
     if not isinstance(layer, int):
-        raise RuntimeError(f"{ATTENTION_NAME} attention: {type(module).__name__} has no integer `layer_idx`; cannot find its cached prefix")
+        raise RuntimeError(
+            f"{ATTENTION_NAME} attention: {type(module).__name__} has no integer `layer_idx`; cannot find its cached prefix"
+        )
     state.layers_called += 1
     q = query.transpose(1, 2)  # (B, Lq, H, D): the layout prefix_attention takes (a view, no copy)
     k = key.transpose(1, 2)

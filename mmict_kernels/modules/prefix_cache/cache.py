@@ -24,7 +24,7 @@ Equivalence: row b gives the logits the stock model gives on the sequence
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -61,7 +61,7 @@ class DemoPrefixCache:
         demo_lengths: torch.Tensor | Sequence[int] | None = None,
         *,
         backend: str = "auto",
-    ) -> "DemoPrefixCache":
+    ) -> DemoPrefixCache:
         """Run ``model`` over the demonstrations once and keep each layer's K/V.
 
         In training, build a fresh cache every step (the demonstration embeddings change); its
@@ -120,7 +120,9 @@ class DemoPrefixCache:
     def layer(self, idx: int, *, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(prefix_k, prefix_v) of layer ``idx``, checked against the layer that asks for them."""
         if not 0 <= idx < self.num_layers:
-            raise ValueError(f"cache: holds {self.num_layers} layers, the model asked for layer {idx} (built from another model?)")
+            raise ValueError(
+                f"cache: holds {self.num_layers} layers, the model asked for layer {idx} (built from another model?)"
+            )
         prefix_k, prefix_v = self.keys[idx], self.values[idx]
         if prefix_k.shape[2] != num_kv_heads or prefix_k.shape[3] != head_dim:
             raise ValueError(
@@ -140,7 +142,9 @@ class DemoPrefixCache:
         C.check_index_tensor("prefix_ids", prefix_ids, shape=(batch,), dtypes=(torch.int64, torch.int32), device=device)
         prefix_ids = prefix_ids.to(torch.int64)
         if C.value_checks_enabled(prefix_ids):
-            C.check_range("prefix_ids", prefix_ids, 0, self.num_groups - 1, f"group indices (the cache holds G = {self.num_groups} groups)")
+            C.check_range(
+                "prefix_ids", prefix_ids, 0, self.num_groups - 1, f"group indices (the cache holds G = {self.num_groups} groups)"
+            )
         return prefix_ids
 
     def nbytes(self) -> int:
@@ -151,11 +155,9 @@ class DemoPrefixCache:
         """Bytes the same prefixes would take copied once per row (what concatenation holds)."""
         return self.nbytes() // self.num_groups * int(prefix_ids.numel())
 
-    def detach(self) -> "DemoPrefixCache":
+    def detach(self) -> DemoPrefixCache:
         """The same K/V without the autograd graph (for evaluation that reuses a training cache)."""
-        return dataclasses.replace(
-            self, keys=tuple(k.detach() for k in self.keys), values=tuple(v.detach() for v in self.values)
-        )
+        return dataclasses.replace(self, keys=tuple(k.detach() for k in self.keys), values=tuple(v.detach() for v in self.values))
 
 
 # ------------------------------------------------------------------------------------------

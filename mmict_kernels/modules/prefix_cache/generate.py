@@ -21,7 +21,9 @@ from .cache import DemoPrefixCache
 from .rows import call_rows, prepare_rows
 
 
-def _pick_next_token(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None, top_p: float | None, generator):
+def _pick_next_token(
+    logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None, top_p: float | None, generator
+):
     """(B, V) logits -> (B,) tokens. Sampling filters in transformers' order: temperature, top-k, top-p."""
     if not do_sample:
         return logits.argmax(-1)
@@ -120,7 +122,9 @@ def generate_with_prefix(
     if row_cache is None:
         row_cache = RowKVCache(length + max_new_tokens)
     elif row_cache.capacity < length + max_new_tokens or row_cache.lengths:
-        raise ValueError(f"row_cache: expected an empty RowKVCache of capacity >= {length + max_new_tokens} (prompt + new tokens)")
+        raise ValueError(
+            f"row_cache: expected an empty RowKVCache of capacity >= {length + max_new_tokens} (prompt + new tokens)"
+        )
     state = PrefixCallState(
         cache=cache, prefix_ids=prefix_ids, seqlens_k=seqlens_k, row_kv=row_cache, backend=backend or cache.backend
     )

@@ -25,7 +25,10 @@ def prepare_rows(model, cache, input_ids, inputs_embeds, attention_mask, prefix_
     prefix_ids = cache.check_prefix_ids(prefix_ids, batch, embeds.device)
     row_prefix_lengths = cache.prefix_lengths[prefix_ids].to(torch.int64)
     if left_padded and attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] == length:
-        C.expect(attention_mask[:, -1] != 0, "attention_mask: generation needs LEFT-padded prompts (every row's last position must be a token)")
+        C.expect(
+            attention_mask[:, -1] != 0,
+            "attention_mask: generation needs LEFT-padded prompts (every row's last position must be a token)",
+        )
     seqlens_k, position_ids = rows_layout(attention_mask, row_prefix_lengths, batch, length)
     return embeds, prefix_ids, row_prefix_lengths, seqlens_k, position_ids
 
@@ -44,7 +47,9 @@ def rows_layout(attention_mask: torch.Tensor | None, row_prefix_lengths: torch.T
     else:
         C.check_tensor("attention_mask", attention_mask, ndim=2)
         if tuple(attention_mask.shape) != (batch, length):
-            raise ValueError(f"attention_mask: expected shape ({batch}, {length}) like the rows' tokens, got {tuple(attention_mask.shape)}")
+            raise ValueError(
+                f"attention_mask: expected shape ({batch}, {length}) like the rows' tokens, got {tuple(attention_mask.shape)}"
+            )
         mask = attention_mask.to(device=device, dtype=torch.int32)
         if C.value_checks_enabled(mask):  # device-side asserts on a GPU: no host sync
             C.expect((mask == 0) | (mask == 1), "attention_mask: expected values 0 (padding) and 1 (token)")

@@ -28,7 +28,9 @@ from .reference import bias_dropout_add_layernorm_reference, bias_gelu_reference
 LAYERNORM_OP = "bias_dropout_add_layernorm"
 GELU_OP = "bias_gelu"
 backends.register(LAYERNORM_OP, "torch", __name__ + ".reference", "bias_dropout_add_layernorm_reference", backends.REFERENCE)
-backends.register(LAYERNORM_OP, "triton", __name__ + ".triton_layernorm", "bias_dropout_add_layernorm_triton", backends.TRITON_ELEMENTWISE)
+backends.register(
+    LAYERNORM_OP, "triton", __name__ + ".triton_layernorm", "bias_dropout_add_layernorm_triton", backends.TRITON_ELEMENTWISE
+)
 backends.register(GELU_OP, "torch", __name__ + ".reference", "bias_gelu_reference", backends.REFERENCE)
 backends.register(GELU_OP, "triton", __name__ + ".triton_gelu", "bias_gelu_triton", backends.TRITON_ELEMENTWISE)
 

@@ -15,8 +15,6 @@ The weight, ln_bias and bias gradients are column sums over rows: each program a
 its rows in float32 and writes one partial row; torch sums the partials (deterministic).
 """
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
@@ -27,9 +25,21 @@ from .triton_common import num_partials, num_warps_for, row_block
 
 @triton.jit
 def _bdaln_fwd_kernel(
-    X, BIAS, RES, W, LNB, SEED, OUT, MEAN, RSTD,
-    n_cols, eps, dropout_p, keep_scale,
-    HAS_DROPOUT: tl.constexpr, BLOCK: tl.constexpr,
+    X,
+    BIAS,
+    RES,
+    W,
+    LNB,
+    SEED,
+    OUT,
+    MEAN,
+    RSTD,
+    n_cols,
+    eps,
+    dropout_p,
+    keep_scale,
+    HAS_DROPOUT: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
@@ -54,9 +64,24 @@ def _bdaln_fwd_kernel(
 
 @triton.jit
 def _bdaln_bwd_kernel(
-    DOUT, X, BIAS, RES, W, SEED, MEAN, RSTD, DX, DRES, PARTIALS,
-    n_rows, n_cols, rows_per_program, dropout_p, keep_scale,
-    HAS_DROPOUT: tl.constexpr, BLOCK: tl.constexpr,
+    DOUT,
+    X,
+    BIAS,
+    RES,
+    W,
+    SEED,
+    MEAN,
+    RSTD,
+    DX,
+    DRES,
+    PARTIALS,
+    n_rows,
+    n_cols,
+    rows_per_program,
+    dropout_p,
+    keep_scale,
+    HAS_DROPOUT: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
@@ -111,7 +136,7 @@ def _fwd_op(
     residual: torch.Tensor,
     weight: torch.Tensor,
     ln_bias: torch.Tensor,
-    seed: Optional[torch.Tensor],
+    seed: torch.Tensor | None,
     eps: float,
     dropout_p: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -124,9 +149,22 @@ def _fwd_op(
         block = row_block(n_cols)
         has_dropout, keep_scale = _dropout_args(dropout_p)
         _bdaln_fwd_kernel[(n_rows,)](
-            x, bias, residual, weight, ln_bias, seed if has_dropout else x, out, mean, rstd,
-            n_cols, eps, dropout_p, keep_scale,
-            HAS_DROPOUT=has_dropout, BLOCK=block, num_warps=num_warps_for(block),
+            x,
+            bias,
+            residual,
+            weight,
+            ln_bias,
+            seed if has_dropout else x,
+            out,
+            mean,
+            rstd,
+            n_cols,
+            eps,
+            dropout_p,
+            keep_scale,
+            HAS_DROPOUT=has_dropout,
+            BLOCK=block,
+            num_warps=num_warps_for(block),
         )
     return out, mean, rstd
 
@@ -144,7 +182,7 @@ def _bwd_op(
     bias: torch.Tensor,
     residual: torch.Tensor,
     weight: torch.Tensor,
-    seed: Optional[torch.Tensor],
+    seed: torch.Tensor | None,
     mean: torch.Tensor,
     rstd: torch.Tensor,
     dropout_p: float,
@@ -163,10 +201,25 @@ def _bwd_op(
     partials = torch.empty(3, programs, n_cols, dtype=torch.float32, device=x.device)
     block = row_block(n_cols)
     _bdaln_bwd_kernel[(programs,)](
-        dout, x, bias, residual, weight, seed if has_dropout else x, mean, rstd,
-        dx if has_dropout else dresidual, dresidual, partials,
-        n_rows, n_cols, rows_per_program, dropout_p, keep_scale,
-        HAS_DROPOUT=has_dropout, BLOCK=block, num_warps=num_warps_for(block),
+        dout,
+        x,
+        bias,
+        residual,
+        weight,
+        seed if has_dropout else x,
+        mean,
+        rstd,
+        dx if has_dropout else dresidual,
+        dresidual,
+        partials,
+        n_rows,
+        n_cols,
+        rows_per_program,
+        dropout_p,
+        keep_scale,
+        HAS_DROPOUT=has_dropout,
+        BLOCK=block,
+        num_warps=num_warps_for(block),
     )
     return dresidual, dx, partials.sum(dim=1)
 

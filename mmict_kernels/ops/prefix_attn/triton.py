@@ -1,0 +1,985 @@
+"""Triton kernels for demo-prefix attention, forward and backward, as torch.library custom ops.
+
+Each row ``b`` attends to [prefix of its group ``prefix_ids[b]`` ; its own keys] in ONE
+online-softmax pass: the kernel walks the group's prefix blocks (read in place from the
+(G, Lp, Hkv, D) cache, never gathered, concatenated or repeated per row or per head) and
+then the row's own key blocks, merging both into the same running max / sum.
+
+Layout of the work:
+
+* Grouped-query attention is handled by *packing*: the query heads that share one K/V head
+  are interleaved into the rows of one M tile (packed row ``r`` = query ``r // GQ``, head
+  ``hkv * GQ + r % GQ``). Every K/V block is then loaded once for all of its query heads,
+  and a decode step (Lq = 1) still fills a 16-row tile with GQ heads instead of one row.
+* Masks are computed from indices, never loaded: prefix key ``j`` is visible iff
+  ``j < prefix_lengths[g]``; own key ``j`` iff ``j >= Lk - seqlens_k[b]`` (left padding)
+  and, when causal, ``j <= i + Lk - Lq`` (bottom-right aligned). Own-key blocks that are
+  entirely masked (left padding, above the diagonal) and prefix blocks past the group's
+  length are never visited.
+* Backward is FlashAttention-2 style: probabilities are recomputed from the saved
+  log-sum-exp, ``delta = rowsum(out * dout)`` is precomputed, one kernel gives dq
+  (loop over key blocks) and one gives dk/dv (loop over the packed query rows, which also
+  sums over the query heads sharing a K/V head, without atomics).
+* Prefix gradients must be summed over every row of a group. Default: each
+  (row, kv head, prefix block) program adds its share into a float32 buffer with atomics:
+  fast, but the order of the additions varies, so dprefix_k / dprefix_v are NOT bitwise
+  reproducible (they agree to float32 rounding). ``deterministic=True``: each program
+  writes its share to a per-row float32 buffer and a second kernel sums the rows of each
+  group in row order, so every result is bitwise identical from run to run (costs
+  B x Lp x Hkv x D x 4 bytes per tensor of scratch). dq, dk and dv never use atomics.
+
+Precision follows the reference: matmuls on the input dtype with float32 accumulation
+(float32 inputs use IEEE float32 dots, not TF32), softmax in float32, probabilities cast
+to the input dtype before the PV product. A query that sees no key at all gives out = 0,
+lse = -inf and zero gradients. Supported: float16, bfloat16, float32; head dims 32, 64,
+128 (the front-end's backend registry refuses anything else). ``lse`` is not differentiated
+(the package-wide rule). No dropout. No double backward.
+
+Bounds: a group id outside [0, G) reads no prefix, lengths are clamped into the tensors: with
+value checks off, no input makes a kernel read or write outside its tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import triton_toolkit as tk
+from ..triton_toolkit import LN2, LOG2E, cast, dot
+
+
+# ---------------------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------------------
+@triton.jit
+def _group_of_row(PREFIX_IDS, PREFIX_LENS, b, num_groups, len_p, HAS_PLEN: tl.constexpr):
+    """(group g of row b, its valid prefix tokens), both clamped into the cache: a group id
+    outside [0, G) reads no prefix (length 0) and lengths are clamped to [0, Lp], so no value a
+    caller passes with value checks off makes a kernel read or write outside its tensors."""
+    g = tl.load(PREFIX_IDS + b)
+    valid = (g >= 0) & (g < num_groups)
+    g = tl.where(valid, g, 0)
+    if HAS_PLEN:
+        plen = tl.minimum(tl.maximum(tl.load(PREFIX_LENS + g), 0), len_p)
+    else:
+        plen = len_p + g * 0
+    return g, tl.where(valid, plen, 0)
+
+
+@triton.jit
+def _own_start(SEQLENS, b, len_k, HAS_SEQLENS: tl.constexpr):
+    """First valid own key of row b: left padding, so the first len_k - seqlens_k[b] keys are invalid."""
+    if HAS_SEQLENS:
+        own_lo = len_k - tl.minimum(tl.maximum(tl.load(SEQLENS + b), 0), len_k)
+    else:
+        own_lo = 0
+    return own_lo
+
+
+@triton.jit
+def _fwd_key_range(
+    acc,
+    m_i,
+    l_i,
+    q,
+    k_base,
+    v_base,
+    stride_kn,
+    stride_vn,
+    n_begin,
+    n_end,
+    lo,
+    hi,
+    diag,
+    i_pos,
+    offs_n,
+    offs_d,
+    qk_scale,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Online softmax over key blocks [n_begin, n_end): key j visible iff lo <= j < hi and j <= i + diag.
+
+    m_i is kept in base-2 units of the scaled scores (qk_scale includes log2(e)).
+    """
+    for n0 in range(n_begin, n_end, BLOCK_N):
+        cols = n0 + offs_n
+        in_range = (cols >= lo) & (cols < hi)
+        k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=in_range[:, None], other=0.0)
+        s = dot(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
+        visible = in_range[None, :] & (cols[None, :] <= i_pos[:, None] + diag)
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row that has seen nothing yet keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_ref[:, None])
+        alpha = tl.math.exp2(m_i - m_ref)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=in_range[:, None], other=0.0)
+        acc = dot(cast(p, v.dtype), v, acc * alpha[:, None], DOT_PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _prefix_attn_fwd_kernel(
+    Q,
+    K,
+    V,
+    PK,
+    PV,
+    PREFIX_IDS,
+    PREFIX_LENS,
+    SEQLENS,
+    OUT,
+    LSE,
+    sqb,
+    sqm,
+    sqh,
+    skb,
+    skn,
+    skh,
+    svb,
+    svn,
+    svh,
+    spkg,
+    spkn,
+    spkh,
+    spvg,
+    spvn,
+    spvh,
+    len_q,
+    len_k,
+    len_p,
+    num_groups,
+    heads,
+    qk_scale,
+    GQ: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_PLEN: tl.constexpr,
+    HAS_SEQLENS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)  # B * Hkv on axis 0: CUDA caps axes 1 and 2 at 65535 programs
+    pid_m = tl.program_id(1)
+    kv_heads = heads // GQ
+    b = (pid_bh // kv_heads).to(tl.int64)
+    hkv = pid_bh % kv_heads
+    g, plen = _group_of_row(PREFIX_IDS, PREFIX_LENS, b, num_groups, len_p, HAS_PLEN)
+    own_lo = _own_start(SEQLENS, b, len_k, HAS_SEQLENS)
+
+    # Packed GQA rows: row r is query r // GQ of head hkv * GQ + r % GQ.
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_valid = rows < len_q * GQ
+    i_pos = rows // GQ
+    h = hkv * GQ + rows % GQ
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + b * sqb + i_pos[:, None] * sqm + h[:, None] * sqh + offs_d[None, :], mask=row_valid[:, None], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+
+    # 1) the group's shared prefix, read in place: fully visible up to its length (diag = Lp never binds).
+    acc, m_i, l_i = _fwd_key_range(
+        acc,
+        m_i,
+        l_i,
+        q,
+        PK + g * spkg + hkv * spkh,
+        PV + g * spvg + hkv * spvh,
+        spkn,
+        spvn,
+        0,
+        plen,
+        0,
+        plen,
+        len_p,
+        i_pos,
+        offs_n,
+        offs_d,
+        qk_scale,
+        BLOCK_N,
+        DOT_PRECISION,
+    )
+    # 2) the row's own keys: start at the first block holding a valid (non-padding) key and,
+    #    when causal, stop after the last key the tile's last query can see.
+    if CAUSAL:
+        diag = len_k - len_q
+        last_i = tl.minimum(len_q - 1, (pid_m * BLOCK_M + BLOCK_M - 1) // GQ)
+        n_end = tl.minimum(len_k, last_i + diag + 1)
+    else:
+        diag = len_k
+        n_end = len_k
+    n_begin = (own_lo // BLOCK_N) * BLOCK_N
+    acc, m_i, l_i = _fwd_key_range(
+        acc,
+        m_i,
+        l_i,
+        q,
+        K + b * skb + hkv * skh,
+        V + b * svb + hkv * svh,
+        skn,
+        svn,
+        n_begin,
+        n_end,
+        own_lo,
+        len_k,
+        diag,
+        i_pos,
+        offs_n,
+        offs_d,
+        qk_scale,
+        BLOCK_N,
+        DOT_PRECISION,
+    )
+
+    empty = l_i == 0.0  # nothing visible: out 0, lse -inf
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)  # base 2 -> natural log
+    out_off = ((b * len_q + i_pos) * heads + h) * HEAD_DIM  # OUT is contiguous (B, Lq, H, D)
+    tl.store(OUT + out_off[:, None] + offs_d[None, :], cast(out, OUT.dtype.element_ty), mask=row_valid[:, None])
+    tl.store(LSE + (b * heads + h) * len_q + i_pos, lse, mask=row_valid)  # LSE is contiguous (B, H, Lq)
+
+
+# ---------------------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------------------
+@triton.jit
+def _bwd_delta_kernel(
+    OUT,
+    DO,
+    DELTA,
+    sdb,
+    sdm,
+    sdh,
+    len_q,
+    heads,
+    HEAD_DIM: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """delta[b, h, i] = sum_d out * dout: the softmax-backward row term."""
+    pid_bh = tl.program_id(0)
+    b = (pid_bh // heads).to(tl.int64)
+    h = pid_bh % heads
+    i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    valid = i < len_q
+    offs_d = tl.arange(0, HEAD_DIM)
+    out_rows = ((b * len_q + i) * heads + h) * HEAD_DIM  # OUT is contiguous (B, Lq, H, D)
+    o = tl.load(OUT + out_rows[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+    do = tl.load(DO + b * sdb + h * sdh + i[:, None] * sdm + offs_d[None, :], mask=valid[:, None], other=0.0)
+    delta = tl.sum(o * do.to(tl.float32), 1)
+    tl.store(DELTA + (b * heads + h) * len_q + i, delta, mask=valid)
+
+
+@triton.jit
+def _load_lse2(LSE, off, mask):
+    """lse in base-2 units; -inf (row sees nothing) becomes 0 so that exp2(masked - lse) stays 0."""
+    lse = tl.load(LSE + off, mask=mask, other=0.0)
+    return tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
+
+
+@triton.jit
+def _dq_key_range(
+    dq,
+    q,
+    do,
+    lse2,
+    delta,
+    k_base,
+    v_base,
+    stride_kn,
+    stride_vn,
+    n_begin,
+    n_end,
+    lo,
+    hi,
+    diag,
+    i_pos,
+    offs_n,
+    offs_d,
+    qk_scale,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    for n0 in range(n_begin, n_end, BLOCK_N):
+        cols = n0 + offs_n
+        in_range = (cols >= lo) & (cols < hi)
+        k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=in_range[:, None], other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=in_range[:, None], other=0.0)
+        s = dot(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
+        visible = in_range[None, :] & (cols[None, :] <= i_pos[:, None] + diag)
+        p = tl.where(visible, tl.math.exp2(s - lse2[:, None]), 0.0)
+        dp = dot(do, tl.trans(v), None, DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = dot(cast(ds, k.dtype), k, dq, DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _prefix_attn_bwd_dq_kernel(
+    Q,
+    K,
+    V,
+    PK,
+    PV,
+    PREFIX_IDS,
+    PREFIX_LENS,
+    SEQLENS,
+    DO,
+    LSE,
+    DELTA,
+    DQ,
+    sqb,
+    sqm,
+    sqh,
+    skb,
+    skn,
+    skh,
+    svb,
+    svn,
+    svh,
+    spkg,
+    spkn,
+    spkh,
+    spvg,
+    spvn,
+    spvh,
+    sdb,
+    sdm,
+    sdh,
+    len_q,
+    len_k,
+    len_p,
+    num_groups,
+    heads,
+    qk_scale,
+    sm_scale,
+    GQ: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_PLEN: tl.constexpr,
+    HAS_SEQLENS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)  # B * Hkv on axis 0: CUDA caps axes 1 and 2 at 65535 programs
+    pid_m = tl.program_id(1)
+    kv_heads = heads // GQ
+    b = (pid_bh // kv_heads).to(tl.int64)
+    hkv = pid_bh % kv_heads
+    g, plen = _group_of_row(PREFIX_IDS, PREFIX_LENS, b, num_groups, len_p, HAS_PLEN)
+    own_lo = _own_start(SEQLENS, b, len_k, HAS_SEQLENS)
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_valid = rows < len_q * GQ
+    i_pos = rows // GQ
+    h = hkv * GQ + rows % GQ
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + b * sqb + i_pos[:, None] * sqm + h[:, None] * sqh + offs_d[None, :], mask=row_valid[:, None], other=0.0)
+    do = tl.load(DO + b * sdb + i_pos[:, None] * sdm + h[:, None] * sdh + offs_d[None, :], mask=row_valid[:, None], other=0.0)
+    row_off = (b * heads + h) * len_q + i_pos
+    lse2 = _load_lse2(LSE, row_off, row_valid)
+    delta = tl.load(DELTA + row_off, mask=row_valid, other=0.0)
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    dq = _dq_key_range(
+        dq,
+        q,
+        do,
+        lse2,
+        delta,
+        PK + g * spkg + hkv * spkh,
+        PV + g * spvg + hkv * spvh,
+        spkn,
+        spvn,
+        0,
+        plen,
+        0,
+        plen,
+        len_p,
+        i_pos,
+        offs_n,
+        offs_d,
+        qk_scale,
+        BLOCK_N,
+        DOT_PRECISION,
+    )
+    if CAUSAL:
+        diag = len_k - len_q
+        last_i = tl.minimum(len_q - 1, (pid_m * BLOCK_M + BLOCK_M - 1) // GQ)
+        n_end = tl.minimum(len_k, last_i + diag + 1)
+    else:
+        diag = len_k
+        n_end = len_k
+    dq = _dq_key_range(
+        dq,
+        q,
+        do,
+        lse2,
+        delta,
+        K + b * skb + hkv * skh,
+        V + b * svb + hkv * svh,
+        skn,
+        svn,
+        (own_lo // BLOCK_N) * BLOCK_N,
+        n_end,
+        own_lo,
+        len_k,
+        diag,
+        i_pos,
+        offs_n,
+        offs_d,
+        qk_scale,
+        BLOCK_N,
+        DOT_PRECISION,
+    )
+    dq_off = ((b * len_q + i_pos) * heads + h) * HEAD_DIM  # DQ is contiguous (B, Lq, H, D)
+    tl.store(DQ + dq_off[:, None] + offs_d[None, :], cast(dq * sm_scale, DQ.dtype.element_ty), mask=row_valid[:, None])
+
+
+@triton.jit
+def _dkdv_query_range(
+    k,
+    v,
+    cols,
+    in_range,
+    Q,
+    DO,
+    LSE,
+    DELTA,
+    b,
+    hkv,
+    sqb,
+    sqm,
+    sqh,
+    sdb,
+    sdm,
+    sdh,
+    m_begin,
+    m_end,
+    len_q,
+    heads,
+    diag,
+    qk_scale,
+    GQ: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """dk, dv (unscaled dk) of one key block over packed query rows [m_begin, m_end) of row b.
+
+    Works on transposed scores (keys x queries) so no probability tile is ever transposed.
+    """
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    for m0 in range(m_begin, m_end, BLOCK_M):
+        rows = m0 + offs_m
+        row_valid = rows < len_q * GQ
+        i_pos = rows // GQ
+        h = hkv * GQ + rows % GQ
+        q = tl.load(Q + b * sqb + i_pos[:, None] * sqm + h[:, None] * sqh + offs_d[None, :], mask=row_valid[:, None], other=0.0)
+        do = tl.load(DO + b * sdb + i_pos[:, None] * sdm + h[:, None] * sdh + offs_d[None, :], mask=row_valid[:, None], other=0.0)
+        row_off = (b * heads + h) * len_q + i_pos
+        lse2 = _load_lse2(LSE, row_off, row_valid)
+        delta = tl.load(DELTA + row_off, mask=row_valid, other=0.0)
+        s_t = dot(k, tl.trans(q), None, DOT_PRECISION) * qk_scale
+        visible = in_range[:, None] & row_valid[None, :] & (cols[:, None] <= i_pos[None, :] + diag)
+        p_t = tl.where(visible, tl.math.exp2(s_t - lse2[None, :]), 0.0)
+        dv = dot(cast(p_t, do.dtype), do, dv, DOT_PRECISION)
+        dp_t = dot(v, tl.trans(do), None, DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = dot(cast(ds_t, q.dtype), q, dk, DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _prefix_attn_bwd_dkdv_kernel(
+    Q,
+    K,
+    V,
+    PK,
+    PV,
+    PREFIX_IDS,
+    PREFIX_LENS,
+    SEQLENS,
+    DO,
+    LSE,
+    DELTA,
+    DK,
+    DV,
+    DPK,
+    DPV,
+    sqb,
+    sqm,
+    sqh,
+    skb,
+    skn,
+    skh,
+    svb,
+    svn,
+    svh,
+    spkg,
+    spkn,
+    spkh,
+    spvg,
+    spvn,
+    spvh,
+    sdb,
+    sdm,
+    sdh,
+    len_q,
+    len_k,
+    len_p,
+    num_groups,
+    heads,
+    n_prefix_blocks,
+    qk_scale,
+    sm_scale,
+    GQ: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_PLEN: tl.constexpr,
+    HAS_SEQLENS: tl.constexpr,
+    DETERMINISTIC: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One program per (key block, row, kv head): the first n_prefix_blocks key blocks are the
+    group's prefix (this row's share of its gradient), the rest are the row's own keys."""
+    pid_bh = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    kv_heads = heads // GQ
+    b = (pid_bh // kv_heads).to(tl.int64)
+    hkv = pid_bh % kv_heads
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    n_rows = len_q * GQ
+    kv_row = kv_heads * HEAD_DIM  # DK/DV/DPK/DPV are contiguous (.., L, Hkv, D)
+
+    if pid_n < n_prefix_blocks:
+        g, plen = _group_of_row(PREFIX_IDS, PREFIX_LENS, b, num_groups, len_p, HAS_PLEN)
+        n0 = pid_n * BLOCK_N
+        cols = n0 + offs_n
+        in_range = cols < plen
+        k = tl.load(PK + g * spkg + hkv * spkh + cols[:, None] * spkn + offs_d[None, :], mask=in_range[:, None], other=0.0)
+        v = tl.load(PV + g * spvg + hkv * spvh + cols[:, None] * spvn + offs_d[None, :], mask=in_range[:, None], other=0.0)
+        m_end = tl.where(n0 < plen, n_rows, 0)  # a block past the group's prefix length has no gradient
+        dk, dv = _dkdv_query_range(
+            k,
+            v,
+            cols,
+            in_range,
+            Q,
+            DO,
+            LSE,
+            DELTA,
+            b,
+            hkv,
+            sqb,
+            sqm,
+            sqh,
+            sdb,
+            sdm,
+            sdh,
+            0,
+            m_end,
+            len_q,
+            heads,
+            len_p,
+            qk_scale,
+            GQ,
+            HEAD_DIM,
+            BLOCK_M,
+            BLOCK_N,
+            DOT_PRECISION,
+        )
+        dk = dk * sm_scale
+        if DETERMINISTIC:
+            # This row's share goes to its own slot (B, Lp, Hkv, D); _sum_rows_by_group_kernel adds
+            # the rows of each group in row order. Every column < Lp is written (zeros past plen).
+            off = (b * len_p + cols)[:, None] * kv_row + hkv * HEAD_DIM + offs_d[None, :]
+            tl.store(DPK + off, dk, mask=(cols < len_p)[:, None])
+            tl.store(DPV + off, dv, mask=(cols < len_p)[:, None])
+        else:
+            off = (g * len_p + cols)[:, None] * kv_row + hkv * HEAD_DIM + offs_d[None, :]
+            tl.atomic_add(DPK + off, dk, mask=in_range[:, None])
+            tl.atomic_add(DPV + off, dv, mask=in_range[:, None])
+    else:
+        own_lo = _own_start(SEQLENS, b, len_k, HAS_SEQLENS)
+        n0 = (pid_n - n_prefix_blocks) * BLOCK_N
+        cols = n0 + offs_n
+        in_range = (cols >= own_lo) & (cols < len_k)
+        k = tl.load(K + b * skb + hkv * skh + cols[:, None] * skn + offs_d[None, :], mask=in_range[:, None], other=0.0)
+        v = tl.load(V + b * svb + hkv * svh + cols[:, None] * svn + offs_d[None, :], mask=in_range[:, None], other=0.0)
+        if CAUSAL:
+            diag = len_k - len_q
+            first_i = tl.maximum(n0 - diag, 0)  # earlier queries cannot see this block
+            m_begin = ((first_i * GQ) // BLOCK_M) * BLOCK_M
+        else:
+            diag = len_k
+            m_begin = 0
+        m_end = tl.where(n0 + BLOCK_N <= own_lo, 0, n_rows)  # all left padding: skip
+        dk, dv = _dkdv_query_range(
+            k,
+            v,
+            cols,
+            in_range,
+            Q,
+            DO,
+            LSE,
+            DELTA,
+            b,
+            hkv,
+            sqb,
+            sqm,
+            sqh,
+            sdb,
+            sdm,
+            sdh,
+            m_begin,
+            m_end,
+            len_q,
+            heads,
+            diag,
+            qk_scale,
+            GQ,
+            HEAD_DIM,
+            BLOCK_M,
+            BLOCK_N,
+            DOT_PRECISION,
+        )
+        off = (b * len_k + cols)[:, None] * kv_row + hkv * HEAD_DIM + offs_d[None, :]
+        tl.store(DK + off, cast(dk * sm_scale, DK.dtype.element_ty), mask=(cols < len_k)[:, None])
+        tl.store(DV + off, cast(dv, DV.dtype.element_ty), mask=(cols < len_k)[:, None])
+
+
+@triton.jit
+def _sum_rows_by_group_kernel(PART, PREFIX_IDS, OUT, batch, row_numel, BLOCK: tl.constexpr):
+    """OUT[g] = sum over b with prefix_ids[b] == g of PART[b], always added in increasing b."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    g = tl.program_id(1)
+    acc = tl.zeros([BLOCK], tl.float32)
+    part = PART + offs
+    for b in range(0, batch):
+        limit = tl.where(tl.load(PREFIX_IDS + b) == g, row_numel, 0)  # rows of other groups load nothing
+        acc += tl.load(part, mask=offs < limit, other=0.0)
+        part += row_numel  # pointer walk: no b * row_numel product to overflow int32
+    tl.store(OUT + g.to(tl.int64) * row_numel + offs, cast(acc, OUT.dtype.element_ty), mask=offs < row_numel)
+
+
+# ---------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------
+def tiles_for(dtype: torch.dtype, head_dim: int, packed_rows: int, backward: bool) -> tk.Tiles:
+    """Tiles of the attention kernels (the delta and group-sum kernels use their own 1-D blocks).
+
+    Chosen by compiling every kernel for sm_90 (the compile-only harness, ``mmict_kernels.testing``)
+    and reading ptxas' register use: the largest tiles with no register spills (not timed on a GPU
+    yet). The M tile shrinks to the packed rows for short decode rows (min 16, the smallest
+    tl.dot). float32 (IEEE dots run on FMA units, operands live in registers) needs much smaller
+    tiles than 16-bit MMA. Tests shrink them with :func:`~mmict_kernels.ops.triton_toolkit.force_tiles`.
+    """
+    rows = max(16, triton.next_power_of_2(packed_rows))
+    if dtype == torch.float32:
+        tiles = tk.Tiles(min(32, rows), 16, 8, 1 if backward else 2)
+    elif backward and head_dim == 128:
+        # dK/dV holds a key block's K, V and their float32 gradients: 64 keys x 128 dims spilled
+        # (255 registers, 44/76 B spill stores/loads at llm2048); 32 keys fit in 146 registers.
+        block_m = min(64, rows)
+        tiles = tk.Tiles(block_m, 32, 8 if block_m == 64 else 4, 2)
+    elif backward:
+        tiles = tk.Tiles(min(64, rows), 64, 4, 2)
+    else:
+        block_m = min(128, rows)
+        tiles = tk.Tiles(block_m, 64, 8 if block_m == 128 else 4, 3)
+    return tk.apply_forced(tiles)
+
+
+DELTA_ROWS = 64  # rows per program of the delta kernel
+GROUP_SUM_BLOCK = 1024  # elements per program of the deterministic group sum
+
+
+def _fwd(q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lengths, seqlens_k, causal, scale):
+    tk.check_attention_inputs("prefix_attention", q)
+    batch, len_q, heads, head_dim = q.shape
+    len_k, kv_heads = k.shape[1], k.shape[2]
+    num_groups, len_p = prefix_k.shape[0], prefix_k.shape[1]
+    gq = heads // kv_heads
+    out = torch.empty((batch, len_q, heads, head_dim), dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, heads, len_q), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    tiles = tiles_for(q.dtype, head_dim, len_q * gq, backward=False)
+    grid = (batch * kv_heads, triton.cdiv(len_q * gq, tiles.block_m))
+    _prefix_attn_fwd_kernel[grid](
+        q,
+        k,
+        v,
+        prefix_k,
+        prefix_v,
+        prefix_ids,
+        tk.pointer_or(prefix_lengths, prefix_ids),
+        tk.pointer_or(seqlens_k, prefix_ids),  # placeholders are never read
+        out,
+        lse,
+        *tk.strides(q),
+        *tk.strides(k),
+        *tk.strides(v),
+        *tk.strides(prefix_k),
+        *tk.strides(prefix_v),
+        len_q,
+        len_k,
+        len_p,
+        num_groups,
+        heads,
+        scale * LOG2E.value,
+        GQ=gq,
+        HEAD_DIM=head_dim,
+        BLOCK_M=tiles.block_m,
+        BLOCK_N=tiles.block_n,
+        CAUSAL=causal,
+        HAS_PLEN=prefix_lengths is not None,
+        HAS_SEQLENS=seqlens_k is not None,
+        DOT_PRECISION=tk.dot_precision(q.dtype),
+        **tiles.launch(),
+    )
+    return out, lse
+
+
+def _bwd(dout, q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lengths, seqlens_k, out, lse, causal, scale, deterministic):
+    batch, len_q, heads, head_dim = q.shape
+    len_k, kv_heads = k.shape[1], k.shape[2]
+    num_groups, len_p = prefix_k.shape[0], prefix_k.shape[1]
+    gq = heads // kv_heads
+    dev = q.device
+    dq = torch.empty((batch, len_q, heads, head_dim), dtype=q.dtype, device=dev)
+    dk = torch.empty((batch, len_k, kv_heads, head_dim), dtype=k.dtype, device=dev)
+    dv = torch.empty_like(dk)
+    prefix_shape = (num_groups, len_p, kv_heads, head_dim)
+    if batch * kv_heads * head_dim == 0 or len_q == 0:
+        # No query: nothing flows anywhere.
+        z = lambda shape, dt: torch.zeros(shape, dtype=dt, device=dev)  # noqa: E731
+        return dq, z(dk.shape, k.dtype), z(dv.shape, v.dtype), z(prefix_shape, prefix_k.dtype), z(prefix_shape, prefix_v.dtype)
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()
+
+    delta = torch.empty((batch, heads, len_q), dtype=torch.float32, device=dev)
+    _bwd_delta_kernel[(batch * heads, triton.cdiv(len_q, DELTA_ROWS))](
+        out,
+        dout,
+        delta,
+        *tk.strides(dout),
+        len_q,
+        heads,
+        HEAD_DIM=head_dim,
+        BLOCK=DELTA_ROWS,
+        num_warps=4,
+    )
+
+    plen_arg, seqlens_arg = tk.pointer_or(prefix_lengths, prefix_ids), tk.pointer_or(seqlens_k, prefix_ids)
+    strides = (*tk.strides(q), *tk.strides(k), *tk.strides(v), *tk.strides(prefix_k), *tk.strides(prefix_v), *tk.strides(dout))
+    tiles = tiles_for(q.dtype, head_dim, len_q * gq, backward=True)
+    flags = dict(
+        GQ=gq,
+        HEAD_DIM=head_dim,
+        BLOCK_M=tiles.block_m,
+        BLOCK_N=tiles.block_n,
+        CAUSAL=causal,
+        HAS_PLEN=prefix_lengths is not None,
+        HAS_SEQLENS=seqlens_k is not None,
+        DOT_PRECISION=tk.dot_precision(q.dtype),
+        **tiles.launch(),
+    )
+    qk_scale = scale * LOG2E.value
+
+    _prefix_attn_bwd_dq_kernel[(batch * kv_heads, triton.cdiv(len_q * gq, tiles.block_m))](
+        q,
+        k,
+        v,
+        prefix_k,
+        prefix_v,
+        prefix_ids,
+        plen_arg,
+        seqlens_arg,
+        dout,
+        lse,
+        delta,
+        dq,
+        *strides,
+        len_q,
+        len_k,
+        len_p,
+        num_groups,
+        heads,
+        qk_scale,
+        scale,
+        **flags,
+    )
+
+    # Prefix gradients accumulate in float32: per group with atomics, or per row then summed in order.
+    scratch_rows = batch if deterministic else num_groups
+    alloc = torch.empty if deterministic else torch.zeros  # the per-row kernel writes every element
+    dpk32 = alloc((scratch_rows, len_p, kv_heads, head_dim), dtype=torch.float32, device=dev)
+    dpv32 = alloc((scratch_rows, len_p, kv_heads, head_dim), dtype=torch.float32, device=dev)
+    n_prefix_blocks = triton.cdiv(len_p, tiles.block_n)
+    grid = (batch * kv_heads, n_prefix_blocks + triton.cdiv(len_k, tiles.block_n))
+    if grid[1] > 0:
+        _prefix_attn_bwd_dkdv_kernel[grid](
+            q,
+            k,
+            v,
+            prefix_k,
+            prefix_v,
+            prefix_ids,
+            plen_arg,
+            seqlens_arg,
+            dout,
+            lse,
+            delta,
+            dk,
+            dv,
+            dpk32,
+            dpv32,
+            *strides,
+            len_q,
+            len_k,
+            len_p,
+            num_groups,
+            heads,
+            n_prefix_blocks,
+            qk_scale,
+            scale,
+            DETERMINISTIC=deterministic,
+            **flags,
+        )
+
+    if deterministic:
+        dpk = torch.empty(prefix_shape, dtype=prefix_k.dtype, device=dev)
+        dpv = torch.empty(prefix_shape, dtype=prefix_v.dtype, device=dev)
+        row_numel = len_p * kv_heads * head_dim
+        if row_numel > 0:
+            reduce_grid = (triton.cdiv(row_numel, GROUP_SUM_BLOCK), num_groups)
+            _sum_rows_by_group_kernel[reduce_grid](dpk32, prefix_ids, dpk, batch, row_numel, BLOCK=GROUP_SUM_BLOCK)
+            _sum_rows_by_group_kernel[reduce_grid](dpv32, prefix_ids, dpv, batch, row_numel, BLOCK=GROUP_SUM_BLOCK)
+    else:
+        dpk, dpv = dpk32.to(prefix_k.dtype), dpv32.to(prefix_v.dtype)
+    return dq, dk, dv, dpk, dpv
+
+
+# ---------------------------------------------------------------------------------------
+# torch.library custom ops (opaque to torch.compile; fake kernels give the shapes)
+# ---------------------------------------------------------------------------------------
+@torch.library.custom_op("mmict::prefix_attention_triton_fwd", mutates_args=())
+def prefix_attention_triton_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: torch.Tensor,
+    prefix_v: torch.Tensor,
+    prefix_ids: torch.Tensor,
+    prefix_lengths: torch.Tensor | None,
+    seqlens_k: torch.Tensor | None,
+    causal: bool,
+    scale: float,
+    deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse). ``deterministic`` only matters to the backward (it is an input so autograd sees it)."""
+    return _fwd(q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lengths, seqlens_k, causal, scale)
+
+
+@prefix_attention_triton_fwd.register_fake
+def _(q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lengths, seqlens_k, causal, scale, deterministic):
+    batch, len_q, heads, head_dim = q.shape
+    return q.new_empty((batch, len_q, heads, head_dim)), q.new_empty((batch, heads, len_q), dtype=torch.float32)
+
+
+@torch.library.custom_op("mmict::prefix_attention_triton_bwd", mutates_args=())
+def prefix_attention_triton_bwd(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: torch.Tensor,
+    prefix_v: torch.Tensor,
+    prefix_ids: torch.Tensor,
+    prefix_lengths: torch.Tensor | None,
+    seqlens_k: torch.Tensor | None,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    causal: bool,
+    scale: float,
+    deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dprefix_k, dprefix_v); dprefix_* summed over the rows of each group."""
+    return _bwd(dout, q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lengths, seqlens_k, out, lse, causal, scale, deterministic)
+
+
+@prefix_attention_triton_bwd.register_fake
+def _(dout, q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lengths, seqlens_k, out, lse, causal, scale, deterministic):
+    return (
+        q.new_empty(q.shape),
+        k.new_empty(k.shape),
+        v.new_empty(v.shape),
+        prefix_k.new_empty(prefix_k.shape),
+        prefix_v.new_empty(prefix_v.shape),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lengths, seqlens_k, causal, scale, deterministic = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lengths, seqlens_k, out, lse)
+    ctx.causal, ctx.scale, ctx.deterministic = causal, scale, deterministic
+    ctx.mark_non_differentiable(lse)  # a statistic, as on every backend (ops/__init__.py)
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lengths, seqlens_k, out, lse = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv, dpk, dpv = prefix_attention_triton_bwd(
+        dout,
+        q,
+        k,
+        v,
+        prefix_k,
+        prefix_v,
+        prefix_ids,
+        prefix_lengths,
+        seqlens_k,
+        out,
+        lse,
+        ctx.causal,
+        ctx.scale,
+        ctx.deterministic,
+    )
+    return dq, dk, dv, dpk, dpv, None, None, None, None, None, None
+
+
+prefix_attention_triton_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def prefix_attention_triton(q, k, v, prefix_k, prefix_v, prefix_ids, causal, scale, prefix_lengths, seqlens_k, deterministic):
+    """Backend entry point for :func:`mmict_kernels.ops.prefix_attention` (inputs already validated).
+
+    Returns (out (B, Lq, H, D) in q's dtype, lse (B, H, Lq) float32). Differentiable w.r.t. q, k,
+    v, prefix_k, prefix_v (lse is a statistic, not differentiated). With ``deterministic=False`` the prefix gradients
+    are summed with float32 atomics (not bitwise reproducible); ``True`` makes every gradient
+    bitwise reproducible.
+    """
+    return prefix_attention_triton_fwd(
+        q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lengths, seqlens_k, bool(causal), float(scale), bool(deterministic)
+    )
