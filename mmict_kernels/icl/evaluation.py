@@ -96,7 +96,8 @@ def predict(run: Run, num_demos: int, sampling: str = "random", group_size: int 
 
 
 def score(records: list[dict]) -> dict:
-    """Per task and overall: n, exact match, VQA accuracy, BLEU-4 (all in %)."""
+    """Per task and overall: n, exact match, VQA accuracy (in %); a caption task also gets ``captions``, its
+    :func:`metrics.caption_metrics` (pycocoevalcap's BLEU-1..4, METEOR, ROUGE-L, CIDEr, SPICE on their own scale)."""
     by_task: dict[str, list[dict]] = {}
     for r in records:
         by_task.setdefault(r["task"], []).append(r)
@@ -106,8 +107,11 @@ def score(records: list[dict]) -> dict:
             "n": len(rs),
             "exact_match": 100 * sum(metrics.exact_match(r["prediction"], r["answers"]) for r in rs) / max(len(rs), 1),
             "vqa_accuracy": 100 * sum(metrics.vqa_accuracy(r["prediction"], r["answers"]) for r in rs) / max(len(rs), 1),
-            "bleu4": 100 * metrics.corpus_bleu([r["prediction"] for r in rs], [r["answers"] for r in rs]),
         }
+        if task != "all" and task_kind(task, rs[0].get("kind")) == "caption":
+            out[task]["captions"] = metrics.caption_metrics(
+                {i: r["prediction"] for i, r in enumerate(rs)}, {i: r["answers"] for i, r in enumerate(rs)}
+            )
     return out
 
 
@@ -130,8 +134,15 @@ def evaluate(run: Run, demo_counts=(0, 2), sampling: str = "random", output: str
 
 
 def format_table(results: dict) -> str:
-    lines = [f"sampling: {results['sampling']}", f"{'demos':>5}  {'task':<12} {'n':>5} {'exact':>7} {'vqa_acc':>8} {'bleu4':>7}"]
+    """One line per demonstration count and task; CIDEr x 100 as papers print it ("-" for non-caption tasks)."""
+    lines = [f"sampling: {results['sampling']}", f"{'demos':>5}  {'task':<12} {'n':>5} {'exact':>7} {'vqa_acc':>8} {'CIDEr':>7}"]
+    approximate = False
     for k, res in results["by_num_demos"].items():
         for task, s in res["scores"].items():
-            lines.append(f"{k:>5}  {task:<12} {s['n']:>5} {s['exact_match']:7.1f} {s['vqa_accuracy']:8.1f} {s['bleu4']:7.1f}")
+            captions = s.get("captions") or {}
+            cider = f"{100 * captions['CIDEr']:7.1f}" if captions.get("CIDEr") is not None else f"{'-':>7}"
+            approximate |= captions.get("tokenizer", metrics.TOKENIZER_PTB) != metrics.TOKENIZER_PTB
+            lines.append(f"{k:>5}  {task:<12} {s['n']:>5} {s['exact_match']:7.1f} {s['vqa_accuracy']:8.1f} {cider}")
+    if approximate:
+        lines.append(f"caption tokens: {metrics.TOKENIZER_PYTHON}")
     return "\n".join(lines)
