@@ -1,7 +1,8 @@
 """AIM on the command line: ``python -m mmict_kernels.aim [--config configs/aim_shapes.yaml] [--set key=value ...]``.
 
-Builds (or loads) the frozen LLaVA backbone, trains AIM's projection on the embedded shapes data
-with a demonstration bank, evaluates with and without demonstrations, prints a table and writes
+Builds (or loads) the frozen backbone (LLaVA, LLaVA-NeXT, Qwen2-VL or Qwen2.5-VL), trains AIM's
+projection on the embedded shapes data or the user's own JSONL data (images and videos) with a
+demonstration bank, evaluates with and without demonstrations, prints a table and writes
 ``<out>/results.json`` and ``<out>/aim_projection.safetensors``. See docs/AIM.md.
 """
 

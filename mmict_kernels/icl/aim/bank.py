@@ -65,11 +65,18 @@ def module_fingerprint(module: torch.nn.Module) -> str:
     return h.hexdigest()[:32]
 
 
-def demonstration_key(image: torch.Tensor | bytes, text_ids: Sequence[int] | torch.Tensor, fingerprint: str, layer: int) -> str:
-    """Key of one demonstration's aggregation: its content, the backbone and the layer read."""
+def demonstration_key(image, text_ids: Sequence[int] | torch.Tensor, fingerprint: str, layer: int) -> str:
+    """Key of one demonstration's aggregation: its content, the backbone and the layer read.
+
+    ``image``: a tensor (pixels or encoder features), raw bytes, or an ``icl.aim.visual.VisualInput``
+    (an image or video in a backbone's pixel format; its digest covers the pixels and the sizes or
+    patch grid that change what the backbone reads).
+    """
     h = hashlib.sha256()
     h.update(f"fp={fingerprint};layer={layer};".encode())
-    if isinstance(image, torch.Tensor):
+    if hasattr(image, "digest") and hasattr(image, "pixel_values"):
+        h.update(b"visual;" + image.digest())
+    elif isinstance(image, torch.Tensor):
         h.update(f"img{tuple(image.shape)}{image.dtype};".encode())
         h.update(_tensor_sha256(image.float() if image.dtype == torch.bfloat16 else image).encode())
     else:

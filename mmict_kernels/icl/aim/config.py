@@ -10,6 +10,8 @@ from ..config import dataclass_from_dict
 SAMPLINGS = ("one-to-many", "random")
 # What AIM's config called one-to-many before it took the driver's spelling; still read, as one-to-many.
 LEGACY_ONE_TO_MANY = "one_to_many"
+# backbone: "auto" is the checkpoint's own architecture, or the tiny LLaVA without a checkpoint.
+BACKBONES = ("auto", "llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
 
 
 @dataclasses.dataclass
@@ -18,24 +20,25 @@ class AIMConfig:
     seed: int = 0
     device: str = "auto"
     # backbone
-    checkpoint: str | None = None  # a local LlavaForConditionalGeneration folder; else the tiny config below
+    backbone: str = "auto"  # llava | llava_next | qwen2_vl | qwen2_5_vl (tiny, from the fields below) | auto
+    checkpoint: str | None = None  # a local LLaVA / LLaVA-NeXT / Qwen2-VL / Qwen2.5-VL folder; else a tiny model
     hidden_size: int = 64
     num_layers: int = 2
     num_heads: int = 4
     num_kv_heads: int = 2
     vision_hidden: int = 32
-    image_size: int = 32
+    image_size: int = 32  # LLaVA: input size; LLaVA-NeXT: tile size; Qwen2-VL: largest image side; shapes: drawn size
     patch_size: int = 8
-    warmup_backbone_steps: int = 300  # tiny backbone only: fine-tune on the explicit tasks, then freeze
+    warmup_backbone_steps: int = 300  # tiny backbone only: fine-tune on the run's data, then freeze
     warmup_backbone_lr: float = 3e-3
-    # data: "shapes" (embedded) or a JSONL file (docs/DRIVER.md format: image, prompt, answer, task)
+    # data: "shapes" (embedded) or a JSONL file (docs/DRIVER.md format: image or frames, prompt, answer, task)
     train_data: str = "shapes"
     eval_data: str = "shapes"
     image_root: str | None = None  # image paths in the JSONL are relative to it (default: the file's folder)
-    train_examples: int = 800
+    train_examples: int = 800  # shapes only (a JSONL file gives all its records)
     eval_examples: int = 200
-    tasks: tuple = ("what_color", "what_shape")
-    backbone_tasks: tuple = ("color", "shape")  # the warm-up's zero-shot questions
+    tasks: tuple | None = None  # shapes: default (what_color, what_shape); JSONL: keep these tasks (default all)
+    backbone_tasks: tuple = ("color", "shape")  # shapes warm-up's zero-shot questions
     # AIM
     shots: int = 2
     sampling: str = "one-to-many"  # or "random" (one demonstration set per query)
@@ -53,6 +56,7 @@ class AIMConfig:
     grad_clip: float = 1.0
     backend: str = "auto"
     eval_shots: tuple = (0, 2)
+    max_new_tokens: int | None = None  # generated at evaluation; default: the longest eval answer + eos
 
     @classmethod
     def from_dict(cls, values: dict) -> AIMConfig:
@@ -61,6 +65,8 @@ class AIMConfig:
             cfg.sampling = "one-to-many"
         if cfg.sampling not in SAMPLINGS:
             raise ValueError(f"sampling: expected 'one-to-many' or 'random', got {cfg.sampling!r}")
+        if cfg.backbone not in BACKBONES:
+            raise ValueError(f"backbone: expected one of {BACKBONES}, got {cfg.backbone!r}")
         if cfg.shots < 0 or cfg.group_size < 1 or cfg.batch_queries < 1:
             raise ValueError("shots >= 0, group_size >= 1 and batch_queries >= 1 are required")
         return cfg

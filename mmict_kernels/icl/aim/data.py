@@ -1,9 +1,15 @@
-"""AIM's data: images as pixel tensors, prompts and answers as token ids, and the batches of one step.
+"""AIM's data: images and videos in the backbone's format, prompts and answers as token ids, and one step's batches.
 
-Two sources: the embedded shapes data (``shapes``) or a JSONL file of ``image``, ``prompt``,
-``answer`` (and optional ``task``) records. A batch is groups of same-task queries that share
-their demonstrations (one-to-many), or groups of one query (random); demonstrations are drawn from
-the pool's same task and, in training, never from the group's own queries.
+Two sources: the embedded shapes data (``shapes``) or a JSONL file in the driver's format
+(docs/DRIVER.md): ``image`` (a path) or ``frames`` (a video: a list of frame paths), ``prompt``,
+``answer``, optional ``task`` and, for videos, optional ``fps`` (the frames' sampling rate, which
+Qwen2.5-VL's time positions use). Every image and video goes through the backbone's own
+preprocessing (:meth:`~mmict_kernels.icl.aim.backbones.Backbone.preprocess`): LLaVA-NeXT tiles
+each image (a video's frames read as images); Qwen2-VL reads a video as a video.
+
+A batch is groups of same-task queries that share their demonstrations (one-to-many), or groups
+of one query (random); demonstrations are drawn from the pool's same task and, in training, never
+from the group's own queries.
 """
 
 from __future__ import annotations
@@ -15,17 +21,20 @@ import numpy as np
 import torch
 
 from .. import shapes as shapes_mod
-from ..data import load_image, read_jsonl
+from ..data import read_jsonl
 from ..tokenizer import build_word_tokenizer
+from .backbones import Backbone
 from .config import AIMConfig
 from .model import AIMBatch
+from .visual import VisualInput
 
-PIXEL_MEAN, PIXEL_STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+# What the embedded data asks when the config names no tasks: only demonstrations resolve "what is this ?".
+SHAPES_TASKS = ("what_color", "what_shape")
 
 
 @dataclasses.dataclass
 class AIMData:
-    pixels: torch.Tensor  # (N, 3, S, S)
+    visuals: list[VisualInput]  # one image or video per example, in the backbone's format
     tasks: list[str]
     prompts: list[list[int]]
     answers: list[list[int]]
@@ -37,6 +46,9 @@ class AIMData:
     def by_task(self) -> dict[str, np.ndarray]:
         t = np.array(self.tasks)
         return {task: np.flatnonzero(t == task) for task in sorted(set(self.tasks))}
+
+    def to(self, device) -> AIMData:
+        return dataclasses.replace(self, visuals=[v.to(device) for v in self.visuals])
 
 
 def make_tokenizer(cfg: AIMConfig):
@@ -55,15 +67,10 @@ def encode(tok, text: str) -> list[int]:
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
-def _pixels(images: np.ndarray) -> torch.Tensor:
-    x = torch.from_numpy(np.ascontiguousarray(images)).float().div(255).permute(0, 3, 1, 2)
-    return (x - torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1)) / torch.tensor(PIXEL_STD).view(1, 3, 1, 1)
-
-
-def shapes_data(num: int, tasks, seed: int, image_size: int, tok) -> AIMData:
-    records, images = shapes_mod.make_shapes(num, tuple(tasks), seed=seed, image_size=image_size)
+def shapes_data(num: int, tasks, seed: int, image_size: int, tok, backbone: Backbone) -> AIMData:
+    records, images = shapes_mod.make_shapes(num, tuple(tasks or SHAPES_TASKS), seed=seed, image_size=image_size)
     return AIMData(
-        _pixels(images),
+        [backbone.preprocess([image]) for image in images],
         [r["task"] for r in records],
         [encode(tok, r["prompt"]) for r in records],
         [encode(tok, r["answer"]) for r in records],
@@ -71,18 +78,60 @@ def shapes_data(num: int, tasks, seed: int, image_size: int, tok) -> AIMData:
     )
 
 
-def jsonl_data(path: str, image_root: str | None, image_size: int, tok) -> AIMData:
-    """Own data: one JSON object per line with ``image``, ``prompt``, ``answer`` (optional ``task``)."""
+def read_frame(path: str, where: str) -> np.ndarray:
+    """(H, W, 3) uint8 at the file's own size (the backbone's processor resizes or tiles it).
+
+    ``.npy`` arrays (H, W, 3) uint8, or any image Pillow reads.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image file not found: {path} (referenced by {where})")
+    if path.endswith(".npy"):
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except Exception as exc:
+            raise ValueError(f"image file {path} (referenced by {where}) cannot be read: {exc}") from exc
+        if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
+            raise ValueError(
+                f"image file {path} (referenced by {where}): expected a (H, W, 3) uint8 array, got {arr.dtype} {arr.shape}"
+            )
+        return arr
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"image file {path} (referenced by {where}) cannot be read: {exc}") from exc
+
+
+def jsonl_data(path: str, image_root: str | None, tok, backbone: Backbone, tasks=None) -> AIMData:
+    """Own data: one JSON object per line with ``image`` or ``frames``, ``prompt``, ``answer`` (optional ``task``, ``fps``).
+
+    ``tasks``: keep only these tasks' records (each must occur); None keeps every record.
+    """
     root = image_root or os.path.dirname(os.path.abspath(path))
     records = read_jsonl(path)
-    images = []
+    if tasks:
+        present = {r.get("task", "default") for _, r in records}
+        missing = [t for t in tasks if t not in present]
+        if missing:
+            raise ValueError(f"tasks: {missing} do not occur in {path} (its tasks: {sorted(present)})")
+        records = [(n, r) for n, r in records if r.get("task", "default") in tasks]
+    visuals = []
     for lineno, r in records:
-        if "frames" in r:
-            raise ValueError(f"data file {path}, line {lineno}: AIM takes single images ('image'), not 'frames'")
-        images.append(load_image(os.path.join(root, r["image"]), image_size, f"{path}, line {lineno}"))
+        where = f"{path}, line {lineno}"
+        paths = r["frames"] if "frames" in r else [r["image"]]
+        frames = [read_frame(os.path.join(root, p), where) for p in paths]
+        fps = r.get("fps")
+        if fps is not None and (not isinstance(fps, (int, float)) or fps <= 0):
+            raise ValueError(f"data file {where}: 'fps' must be a positive number, got {fps!r}")
+        try:
+            visuals.append(backbone.preprocess(frames, "video" if "frames" in r else "image", fps=fps))
+        except ValueError as exc:
+            raise ValueError(f"data file {where}: {exc}") from exc
     recs = [r for _, r in records]
     return AIMData(
-        _pixels(np.stack(images)),
+        visuals,
         [r.get("task", "default") for r in recs],
         [encode(tok, r["prompt"]) for r in recs],
         [encode(tok, r["answer"]) for r in recs],
@@ -100,7 +149,7 @@ def sample_groups(queries: AIMData, pool: AIMData, query_idx: list[int], shots: 
     for task, members in by_task.items():
         for start in range(0, len(members), group_size):
             group = members[start : start + group_size]
-            cands = by_task_pool[task]
+            cands = by_task_pool.get(task, np.zeros(0, dtype=np.int64))
             if same_pool:
                 cands = cands[~np.isin(cands, group)]
             if len(cands) < shots:
@@ -116,10 +165,10 @@ def build_batch(queries: AIMData, pool: AIMData, groups: list[list[int]], group_
     q_idx = [q for g in groups for q in g]
     q_group = [gi for gi, g in enumerate(groups) for _ in g]
     return AIMBatch(
-        demo_images=pool.pixels[distinct] if distinct else None,
+        demo_images=[pool.visuals[d] for d in distinct] if distinct else None,
         demo_text=[pool.prompts[d] + pool.answers[d] for d in distinct],
         group_demos=[[where[d] for d in g] for g in group_demos],
-        query_images=queries.pixels[q_idx],
+        query_images=[queries.visuals[q] for q in q_idx],
         query_group=torch.tensor(q_group, dtype=torch.long),
         query_prompt=[queries.prompts[q] for q in q_idx],
         query_answer=[queries.answers[q] for q in q_idx],

@@ -1,12 +1,14 @@
 """AIM end to end: backbone, data, demonstration sampling, training, evaluation, efficiency.
 
 ``python -m mmict_kernels.aim --config configs/aim_shapes.yaml`` runs it on the embedded shapes
-data on a CPU in minutes (see docs/AIM.md). The backbone is a transformers LLaVA model: a local
-checkpoint folder (``backbone.checkpoint``), or a tiny one built from a config. A random-weight
-MLLM cannot read images, so for the tiny one a short *backbone warm-up* first fine-tunes it on
-the explicit questions ("what color is the shape ?", "what shape is it ?"); it stands in for a
-pretrained MLLM and is then frozen. AIM then trains only its projection on the ambiguous tasks
-("what is this ?"): only the demonstrations say whether a colour or a shape is asked for.
+data on a CPU in minutes (see docs/AIM.md). The backbone is a transformers LLaVA, LLaVA-NeXT,
+Qwen2-VL or Qwen2.5-VL model: a local checkpoint folder (``checkpoint``), or a tiny one built
+from a config (``backbone``). A random-weight MLLM cannot read images, so a tiny one first gets a
+short *backbone warm-up* on the run's training data (the embedded data's explicit questions
+"what color is the shape ?", "what shape is it ?", or the user's own JSONL data); it stands in for
+a pretrained MLLM and is then frozen. AIM then trains only its projection; on the embedded data
+the tasks are ambiguous ("what is this ?"): only the demonstrations say whether a colour or a
+shape is asked for.
 """
 
 from __future__ import annotations
@@ -18,64 +20,73 @@ import time
 
 import numpy as np
 import torch
-from torch import nn
 
 from ..metrics import exact_match
 from ..schedule import lr_at
-from .backbones import LlavaBackbone
+from .backbones import Backbone, backbone_for, default_processor
 from .bank import DemonstrationBank
 from .config import AIMConfig
 from .data import AIMData, build_batch, jsonl_data, make_batch, make_tokenizer, shapes_data
 from .model import AIMModel
+from .tiny import TinyShape, tiny_model
+
+# A checkpoint's config.model_type -> (backbone family, transformers model class).
+CHECKPOINT_MODELS = {
+    "llava": "LlavaForConditionalGeneration",
+    "llava_next": "LlavaNextForConditionalGeneration",
+    "qwen2_vl": "Qwen2VLForConditionalGeneration",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+}
 
 
-def build_llava(cfg: AIMConfig, vocab_size: int) -> nn.Module:
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+def load_checkpoint(folder: str, backbone: str = "auto") -> Backbone:
+    """A local checkpoint folder (model + its image processor) as an AIM backbone."""
+    import transformers
 
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"checkpoint: backbone checkpoint folder not found: {folder}")
+    model_type = transformers.AutoConfig.from_pretrained(folder).model_type
+    if model_type not in CHECKPOINT_MODELS:
+        raise ValueError(f"checkpoint: {folder} holds a {model_type!r} model; AIM reads {sorted(CHECKPOINT_MODELS)}")
+    if backbone not in ("auto", model_type):
+        raise ValueError(f"backbone: {backbone!r} was asked for, but checkpoint {folder} is a {model_type!r} model")
+    model = getattr(transformers, CHECKPOINT_MODELS[model_type]).from_pretrained(folder)
+    try:
+        processor = transformers.AutoImageProcessor.from_pretrained(folder)
+    except (OSError, ValueError):
+        if model_type != "llava":  # LLaVA 1.5 can resize by itself; tiling and patching need the processor
+            raise FileNotFoundError(f"checkpoint: no image processor in {folder} (preprocessor_config.json)") from None
+        processor = None
+    return backbone_for(model.eval(), processor)
+
+
+def build_backbone(cfg: AIMConfig, vocab_size: int) -> Backbone:
+    """The checkpoint's backbone, or a tiny random-weight one of ``cfg.backbone`` (LLaVA for "auto")."""
     if cfg.checkpoint:
-        if not os.path.isdir(cfg.checkpoint):
-            raise FileNotFoundError(f"backbone checkpoint folder not found: {cfg.checkpoint}")
-        return LlavaForConditionalGeneration.from_pretrained(cfg.checkpoint)
-    vision = CLIPVisionConfig(
-        hidden_size=cfg.vision_hidden,
-        intermediate_size=2 * cfg.vision_hidden,
-        num_hidden_layers=2,
-        num_attention_heads=4,
+        return load_checkpoint(cfg.checkpoint, cfg.backbone)
+    shape = TinyShape(
+        hidden_size=cfg.hidden_size,
+        num_layers=cfg.num_layers,
+        num_heads=cfg.num_heads,
+        num_kv_heads=cfg.num_kv_heads,
+        vision_hidden=cfg.vision_hidden,
         image_size=cfg.image_size,
         patch_size=cfg.patch_size,
     )
-    text = LlamaConfig(
-        hidden_size=cfg.hidden_size,
-        intermediate_size=2 * cfg.hidden_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads,
-        vocab_size=vocab_size + 1,
-        max_position_embeddings=1024,
-        pad_token_id=0,
-    )
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=vocab_size,
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="full",
-    )
-    torch.manual_seed(cfg.seed)
-    return LlavaForConditionalGeneration(config)
+    model = tiny_model("llava" if cfg.backbone == "auto" else cfg.backbone, vocab_size, shape, seed=cfg.seed)
+    return backbone_for(model, default_processor(model, cfg.image_size))
 
 
 def warm_up_backbone(
-    llava: nn.Module, explicit: AIMData, in_context: AIMData, cfg: AIMConfig, eos_id: int, log=print
+    backbone: Backbone, explicit: AIMData, in_context: AIMData, cfg: AIMConfig, eos_id: int, log=print
 ) -> list[float]:
     """Fine-tune the WHOLE tiny backbone; it stands in for the pretrained MLLM AIM assumes.
 
-    Each step mixes zero-shot explicit questions (``explicit``: it learns to read images) and
+    Each step mixes zero-shot questions (``explicit``: it learns to read images) and
     ``cfg.shots``-shot rows of the in-context tasks (``in_context``), whose demonstrations reach it
     as its own identity-projected states (it learns to use in-context examples, as pretrained
     MLLMs do). The warm-up's demonstrations never enter the AIM run's bank or projection.
     """
-    backbone = LlavaBackbone(llava)
     model = AIMModel(backbone, layer=cfg.layer, eos_id=eos_id, backend=cfg.backend)  # identity projection, kept fixed here
     model.proj.requires_grad_(False)
     backbone.requires_grad_(True).train()
@@ -142,14 +153,18 @@ def train_aim(model: AIMModel, train: AIMData, cfg: AIMConfig, log=print) -> lis
 
 @torch.no_grad()
 def evaluate_aim(model: AIMModel, queries: AIMData, pool: AIMData, shots: int, cfg: AIMConfig, tok) -> dict:
-    """Exact-match accuracy of greedy answers; demonstrations fixed per group of same-task queries."""
+    """Exact-match accuracy of greedy answers; demonstrations fixed per group of same-task queries.
+
+    Up to the longest reference answer (+ its eos) is generated (``max_new_tokens``, when set, instead).
+    """
     rng = np.random.default_rng(cfg.seed + 3)
+    new_tokens = cfg.max_new_tokens or max(len(a) for a in queries.answers) + 1
     correct, total, per_task = 0, 0, {}
     order = list(range(len(queries)))
     for start in range(0, len(order), 64):
         idx = order[start : start + 64]
         batch = make_batch(queries, pool, idx, shots, cfg.group_size, rng, "one-to-many", same_pool=False)
-        answers = model.generate(batch, max_new_tokens=3)
+        answers = model.generate(batch, max_new_tokens=new_tokens)
         for q, ids in zip(batch.query_ids, answers):
             ok = exact_match(tok.decode(ids, skip_special_tokens=True), [queries.answer_text[q]]) == 1.0
             correct += ok
@@ -172,32 +187,32 @@ def run(cfg: AIMConfig, log=print) -> dict:
     tok = make_tokenizer(cfg)
     eos = tok.eos_token_id
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
-    llava = build_llava(cfg, len(tok)).to(device)
+    backbone = build_backbone(cfg, len(tok)).to(device)
 
     def data(source, num, tasks, seed):
-        d = (
-            shapes_data(num, tasks, seed, cfg.image_size, tok)
-            if source == "shapes"
-            else jsonl_data(source, cfg.image_root, cfg.image_size, tok)
-        )
-        d.pixels = d.pixels.to(device)
-        return d
+        if source == "shapes":
+            d = shapes_data(num, tasks, seed, cfg.image_size, tok, backbone)
+        else:
+            d = jsonl_data(source, cfg.image_root, tok, backbone, tasks)
+        return d.to(device)
 
-    if not cfg.checkpoint and cfg.warmup_backbone_steps:
-        # its own images (another seed): the warm-up never sees the AIM run's training or eval data
-        warm_up_backbone(
-            llava,
-            data("shapes", cfg.train_examples, cfg.backbone_tasks, cfg.seed + 10),
-            data("shapes", cfg.train_examples, cfg.tasks, cfg.seed + 20),
-            cfg,
-            eos,
-            log,
-        )
     train = data(cfg.train_data, cfg.train_examples, cfg.tasks, cfg.seed)
     evals = data(cfg.eval_data, cfg.eval_examples, cfg.tasks, cfg.seed + 100)
+    warmup_source = None
+    if not cfg.checkpoint and cfg.warmup_backbone_steps:
+        if cfg.train_data == "shapes":
+            # its own images (other seeds): the warm-up never sees the AIM run's training or eval data
+            warmup_source = "shapes (own seeds)"
+            explicit = data("shapes", cfg.train_examples, cfg.backbone_tasks, cfg.seed + 10)
+            in_context = data("shapes", cfg.train_examples, cfg.tasks, cfg.seed + 20)
+        else:
+            # the user's own training data: zero-shot rows teach reading its images, few-shot rows using context
+            warmup_source = cfg.train_data
+            explicit = in_context = train
+        warm_up_backbone(backbone, explicit, in_context, cfg, eos, log)
     bank = DemonstrationBank(cfg.bank_dir or os.path.join(cfg.out, "bank"), max_bytes=cfg.bank_max_bytes)
     model = AIMModel(
-        LlavaBackbone(llava),
+        backbone,
         layer=cfg.layer,
         projection=cfg.projection,
         bank=bank,
@@ -208,6 +223,8 @@ def run(cfg: AIMConfig, log=print) -> dict:
     before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     results = {
         "config": dataclasses.asdict(cfg),
+        "backbone": backbone.family,
+        "warmup_data": warmup_source,
         "eval_before": [evaluate_aim(model, evals, train, s, cfg, tok) for s in cfg.eval_shots],
     }
     losses = train_aim(model, train, cfg, log)

@@ -192,6 +192,7 @@ def forward_with_prefix(
     prefix_ids: torch.Tensor | None = None,
     backend: str | None = None,
     deterministic: bool = False,
+    row_position_ids: torch.Tensor | None = None,
     **model_kwargs,
 ):
     """Run the rows' own tokens through ``model`` on top of their groups' cached prefixes.
@@ -204,6 +205,10 @@ def forward_with_prefix(
         prefix_ids: (B,) group of each row. Default: all 0 (one group).
         backend: ``ops.prefix_attention`` backend (default: the cache's).
         deterministic: bitwise-reproducible gradients into the prefix (see ``ops.prefix_attention``).
+        row_position_ids: (B, L) or (P, B, L) positions of each row's own tokens counted from 0 at its
+            first valid token, as in a prompt without the prefix; each row's group prefix length is
+            added. Needed by multimodal rotary embeddings (Qwen2-VL's 3-D M-RoPE, P = 3), whose image
+            tokens do not advance the position one by one. Default: the valid tokens counted 0, 1, ...
         **model_kwargs: passed to ``model`` (e.g. ``labels``, ``logits_to_keep``).
 
     Returns:
@@ -213,7 +218,7 @@ def forward_with_prefix(
     for name in _RESERVED_KWARGS:
         if name in model_kwargs:
             raise TypeError(f"{name}: set by forward_with_prefix itself (pass the rows' padding mask as attention_mask=)")
-    rows = prepare_rows(model, cache, input_ids, inputs_embeds, attention_mask, prefix_ids)
+    rows = prepare_rows(model, cache, input_ids, inputs_embeds, attention_mask, prefix_ids, row_position_ids=row_position_ids)
     embeds, prefix_ids, _, seqlens_k, position_ids = rows
     state = PrefixCallState(
         cache=cache, prefix_ids=prefix_ids, seqlens_k=seqlens_k, backend=backend or cache.backend, deterministic=deterministic

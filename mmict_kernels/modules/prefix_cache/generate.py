@@ -83,6 +83,7 @@ def generate_with_prefix(
     backend: str | None = None,
     row_cache: RowKVCache | None = None,
     eos_check_every: int = 8,
+    row_position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Generate after [group prefix ; prompt] for every row; returns only the new tokens.
 
@@ -105,14 +106,23 @@ def generate_with_prefix(
             the rows' own K/V (pass one to inspect or measure it); default: a fresh one.
         eos_check_every: read "has every row finished?" from the GPU only every this many steps
             (each read is a host sync); the result is the same, at most this many - 1 extra steps run.
+        row_position_ids: (B, L) or (P, B, L) positions of the prompts' own tokens counted from 0 at
+            each row's first token (multimodal rotary embeddings, see ``forward_with_prefix``). New
+            tokens continue after the row's largest position, as transformers' generation does
+            (Qwen2-VL's rope deltas); with the default 1-D positions that is the last token's.
 
     Returns:
         int64 (B, T) new tokens, T <= max_new_tokens (T < max_new_tokens only if all rows hit EOS).
     """
     _check_generation_args(max_new_tokens, min_new_tokens, num_beams, eos_check_every, do_sample, temperature, top_k, top_p)
-    embeds, prefix_ids, row_prefix_lengths, seqlens_k, position_ids = prepare_rows(
-        model, cache, input_ids, inputs_embeds, attention_mask, prefix_ids, left_padded=True
+    embeds, prefix_ids, _, seqlens_k, position_ids = prepare_rows(
+        model, cache, input_ids, inputs_embeds, attention_mask, prefix_ids, left_padded=True, row_position_ids=row_position_ids
     )
+    # Where decoding continues: after the row's largest position (the last token's for 1-D positions,
+    # whose padding sits at the prefix length; for P sections the largest of all, as rope deltas do).
+    last_position = position_ids.amax(dim=-1)
+    if last_position.dim() == 2:
+        last_position = last_position.amax(dim=0)
     batch, length = embeds.shape[:2]
     device = embeds.device
     if pad_token_id is None:
@@ -150,7 +160,7 @@ def generate_with_prefix(
                 break
             # Decode: one token per row; it is the row's next valid key (the cache grows at the end).
             state.seqlens_k = state.seqlens_k + 1
-            position = row_prefix_lengths + state.seqlens_k.to(torch.int64) - 1
+            position = last_position + (step + 1)
             step_embeds = embedding(token[:, None])
             logits = call_rows(model, state, step_embeds, position[:, None], logits_to_keep=1).logits[:, -1]
     tokens = torch.stack(new_tokens, dim=1)

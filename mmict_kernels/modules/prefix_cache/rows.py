@@ -13,12 +13,15 @@ from ...ops import checks as C
 from .attention import ATTENTION_NAME, PrefixCallState
 
 
-def prepare_rows(model, cache, input_ids, inputs_embeds, attention_mask, prefix_ids, *, left_padded: bool = False):
+def prepare_rows(
+    model, cache, input_ids, inputs_embeds, attention_mask, prefix_ids, *, left_padded: bool = False, row_position_ids=None
+):
     """Everything a call needs about its rows, checked: (embeds, prefix_ids, row_prefix_lengths, seqlens_k, position_ids).
 
     ``cache`` is the :class:`~mmict_kernels.modules.prefix_cache.cache.DemoPrefixCache` the rows attend
     to; ``prefix_ids`` comes back as int64 (B,), ``row_prefix_lengths`` as int64 (B,) (each row's
     group prefix length). ``left_padded``: generation needs every row's last position to be a token.
+    ``row_position_ids``: see :func:`row_positions`; ``position_ids`` comes back (B, L) or (P, B, L).
     """
     embeds = input_embeddings(model, input_ids, inputs_embeds)
     batch, length = embeds.shape[:2]
@@ -30,7 +33,32 @@ def prepare_rows(model, cache, input_ids, inputs_embeds, attention_mask, prefix_
             "attention_mask: generation needs LEFT-padded prompts (every row's last position must be a token)",
         )
     seqlens_k, position_ids = rows_layout(attention_mask, row_prefix_lengths, batch, length)
+    if row_position_ids is not None:
+        position_ids = row_positions(row_position_ids, attention_mask, row_prefix_lengths, batch, length)
     return embeds, prefix_ids, row_prefix_lengths, seqlens_k, position_ids
+
+
+def row_positions(row_position_ids: torch.Tensor, attention_mask, row_prefix_lengths: torch.Tensor, batch: int, length: int):
+    """The caller's own positions of each row, moved after its group's prefix: (B, L) or (P, B, L) int64.
+
+    ``row_position_ids`` (B, L) or (P, B, L) count each row's own tokens from 0 at its first valid
+    token, as in a prompt without the prefix. Multimodal rotary embeddings need them (Qwen2-VL's
+    M-RoPE gives an image's tokens 3-D positions (time, height, width) that do not advance one by one).
+    A prefix of Lp text-like tokens holds positions 0..Lp-1 in all P sections, so in the
+    concatenated prompt every position of the row is shifted by Lp: that is what is added here.
+    Positions at padding are set to the prefix length (never read by a valid token).
+    """
+    C.check_tensor("row_position_ids", row_position_ids, ndim=(2, 3), dtypes=(torch.int64, torch.int32))
+    if tuple(row_position_ids.shape[-2:]) != (batch, length):
+        raise ValueError(
+            f"row_position_ids: expected shape ({batch}, {length}) or (P, {batch}, {length}) like the rows' tokens, "
+            f"got {tuple(row_position_ids.shape)}"
+        )
+    device = row_prefix_lengths.device
+    own = row_position_ids.to(device=device, dtype=torch.int64)
+    if attention_mask is not None:
+        own = own * (attention_mask.to(device) != 0)  # padding -> 0 (so a row's largest position is a token's)
+    return own + row_prefix_lengths[:, None]
 
 
 def rows_layout(attention_mask: torch.Tensor | None, row_prefix_lengths: torch.Tensor, batch: int, length: int):

@@ -57,7 +57,7 @@ def model(projection="mlp", bank=None):
 def stock_rows(m, b, with_answer=True):
     """The expanded version: each row's [fused demos ; image ; prompt (; answer eos)] through the stock model."""
     aggs = m.aggregate(b.demo_images, b.demo_text)
-    img = m.backbone.image_tokens(b.query_images)
+    img = [v.embeds for v in m.backbone.visual_tokens(b.query_images)]
     rows = []
     for r in range(len(b.query_prompt)):
         fused = [m.proj(aggs[i]) for i in b.group_demos[int(b.query_group[r])]]
