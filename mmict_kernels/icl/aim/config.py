@@ -37,6 +37,7 @@ class AIMConfig:
     image_root: str | None = None  # image paths in the JSONL are relative to it (default: the file's folder)
     train_examples: int = 800  # shapes only (a JSONL file gives all its records)
     eval_examples: int = 200
+    video_fps: float = 2.0  # the rate a JSONL video's frames were sampled at (Qwen2.5-VL's time positions)
     tasks: tuple | None = None  # shapes: default (what_color, what_shape); JSONL: keep these tasks (default all)
     backbone_tasks: tuple = ("color", "shape")  # shapes warm-up's zero-shot questions
     # AIM
@@ -47,6 +48,7 @@ class AIMConfig:
     projection: str = "linear"
     bank_dir: str | None = None  # default: <out>/bank
     bank_max_bytes: int | None = None
+    visual_cache_bytes: int = 1 << 28  # frozen visual tokens kept in memory (0: off); see AIMModel
     # optimisation (only the projection trains)
     steps: int = 150
     batch_queries: int = 16
@@ -67,6 +69,8 @@ class AIMConfig:
             raise ValueError(f"sampling: expected 'one-to-many' or 'random', got {cfg.sampling!r}")
         if cfg.backbone not in BACKBONES:
             raise ValueError(f"backbone: expected one of {BACKBONES}, got {cfg.backbone!r}")
+        if not cfg.video_fps > 0:
+            raise ValueError(f"video_fps: expected a positive number of frames per second, got {cfg.video_fps}")
         if cfg.shots < 0 or cfg.group_size < 1 or cfg.batch_queries < 1:
             raise ValueError("shots >= 0, group_size >= 1 and batch_queries >= 1 are required")
         return cfg

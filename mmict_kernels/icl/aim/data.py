@@ -2,8 +2,8 @@
 
 Two sources: the embedded shapes data (``shapes``) or a JSONL file in the driver's format
 (docs/DRIVER.md): ``image`` (a path) or ``frames`` (a video: a list of frame paths), ``prompt``,
-``answer``, optional ``task`` and, for videos, optional ``fps`` (the frames' sampling rate, which
-Qwen2.5-VL's time positions use). Every image and video goes through the backbone's own
+``answer``, optional ``task``. The frames' sampling rate (which Qwen2.5-VL's time positions use)
+is the config's ``video_fps``, one for the file. Every image and video goes through the backbone's own
 preprocessing (:meth:`~mmict_kernels.icl.aim.backbones.Backbone.preprocess`): LLaVA-NeXT tiles
 each image (a video's frames read as images); Qwen2-VL reads a video as a video.
 
@@ -104,10 +104,11 @@ def read_frame(path: str, where: str) -> np.ndarray:
         raise ValueError(f"image file {path} (referenced by {where}) cannot be read: {exc}") from exc
 
 
-def jsonl_data(path: str, image_root: str | None, tok, backbone: Backbone, tasks=None) -> AIMData:
-    """Own data: one JSON object per line with ``image`` or ``frames``, ``prompt``, ``answer`` (optional ``task``, ``fps``).
+def jsonl_data(path: str, image_root: str | None, tok, backbone: Backbone, tasks=None, video_fps: float = 2.0) -> AIMData:
+    """Own data: one JSON object per line with ``image`` or ``frames``, ``prompt``, ``answer`` (optional ``task``).
 
     ``tasks``: keep only these tasks' records (each must occur); None keeps every record.
+    ``video_fps``: the rate the ``frames`` of a video were sampled at.
     """
     root = image_root or os.path.dirname(os.path.abspath(path))
     records = read_jsonl(path)
@@ -122,11 +123,8 @@ def jsonl_data(path: str, image_root: str | None, tok, backbone: Backbone, tasks
         where = f"{path}, line {lineno}"
         paths = r["frames"] if "frames" in r else [r["image"]]
         frames = [read_frame(os.path.join(root, p), where) for p in paths]
-        fps = r.get("fps")
-        if fps is not None and (not isinstance(fps, (int, float)) or fps <= 0):
-            raise ValueError(f"data file {where}: 'fps' must be a positive number, got {fps!r}")
         try:
-            visuals.append(backbone.preprocess(frames, "video" if "frames" in r else "image", fps=fps))
+            visuals.append(backbone.preprocess(frames, "video" if "frames" in r else "image", fps=video_fps))
         except ValueError as exc:
             raise ValueError(f"data file {where}: {exc}") from exc
     recs = [r for _, r in records]

@@ -193,7 +193,7 @@ def run(cfg: AIMConfig, log=print) -> dict:
         if source == "shapes":
             d = shapes_data(num, tasks, seed, cfg.image_size, tok, backbone)
         else:
-            d = jsonl_data(source, cfg.image_root, tok, backbone, tasks)
+            d = jsonl_data(source, cfg.image_root, tok, backbone, tasks, cfg.video_fps)
         return d.to(device)
 
     train = data(cfg.train_data, cfg.train_examples, cfg.tasks, cfg.seed)
@@ -219,6 +219,7 @@ def run(cfg: AIMConfig, log=print) -> dict:
         backend=cfg.backend,
         pad_id=tok.pad_token_id,
         eos_id=eos,
+        visual_cache_bytes=cfg.visual_cache_bytes,
     )
     before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     results = {
@@ -231,6 +232,9 @@ def run(cfg: AIMConfig, log=print) -> dict:
     results["train_losses"] = losses
     results["eval"] = [evaluate_aim(model, evals, train, s, cfg, tok) for s in cfg.eval_shots]
     results["bank"] = {"hit_rate": bank.hit_rate, "entries": len(bank), "bytes": bank.stored_bytes()}
+    if model.visual_cache is not None:
+        cache = model.visual_cache
+        results["visual_cache"] = {"hits": cache.hits, "misses": cache.misses, "entries": len(cache), "bytes": cache.nbytes}
     results["backbone_unchanged"] = all(torch.equal(before[k], v) for k, v in model.backbone.state_dict().items())
     from safetensors.torch import save_file
 
