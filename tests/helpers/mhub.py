@@ -105,8 +105,10 @@ def run_with_grads(model, inputs: dict, dtype, dout: torch.Tensor, **extra):
     out = model(**leaves, **extra).last_hidden_state
     out.backward(dout.to(dtype))
     grads = {f"input:{k}": v.grad for k, v in leaves.items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
-    for name, p in model.named_parameters():
-        grads[name] = p.grad if p.grad is not None else torch.zeros_like(p)
+    params = {name: (p.grad if p.grad is not None else torch.zeros_like(p)) for name, p in model.named_parameters()}
+    if hasattr(model, "split_fused_names"):  # FusedMHub's fused Q/K/V weights, by transformers' names
+        params = model.split_fused_names(params)
+    grads.update(params)
     return out.detach(), grads
 
 

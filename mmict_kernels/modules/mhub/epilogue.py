@@ -1,19 +1,25 @@
 """The layer epilogues of FusedMHub (what surrounds each matmul), behind the module's backend choice.
 
-Three shapes of glue occur in every BERT layer:
+Four shapes of glue occur in every BERT layer:
 - output blocks: ``LayerNorm(dropout(x @ W^T + b) + residual)`` (after attention and after the FFN);
-- the FFN's first half: ``act(x @ W^T + b)``;
-- the Q/K/V projections (and the image K/V of cross-attention): three (two) matmuls on one input.
+- the FFN: ``output(act(x @ W1^T + b1))``, whose GELU output is the largest activation of a layer;
+- the Q/K/V projections (and the image K/V of cross-attention): one matmul against the fused
+  ``qkv`` (``kv``) weight (``projections.py``), split into views.
 
-Which path runs:
-- ``backend="torch"``, and ``"auto"`` on CPU: plain ``F.linear`` + ``nn.Dropout`` + ``F.layer_norm``,
-  bit-for-bit what transformers computes (and its dropout RNG use).
+Which path runs, and what it keeps for backward:
 - ``backend="triton"``, and ``"auto"``/``"cuda"`` on GPU: the fused ops of
-  :mod:`mmict_kernels.ops.fused_epilogue` (bias + dropout + residual + LayerNorm in one kernel,
-  bias + GELU in one kernel, one GEMM for Q/K/V). Their dropout keep-mask comes from a seed drawn
-  from torch's generator, so ``torch.manual_seed`` reproduces a training step; it is not the same
-  random stream as ``nn.Dropout`` (the rate and the scaling are). The fused GELU is the exact erf
-  GELU, so it only replaces ``hidden_act="gelu"``; other activations stay unfused.
+  :mod:`mmict_kernels.ops.fused_epilogue` (bias + dropout + residual + LayerNorm in one kernel, which
+  keeps the dense output and regenerates its dropout mask from a Philox seed; bias + GELU, recomputed
+  in backward instead of kept). The keep-mask comes from a seed drawn from torch's generator, so
+  ``torch.manual_seed`` reproduces a training step; it is not ``nn.Dropout``'s random stream (the
+  rate and the scaling are).
+- ``backend="torch"``, and ``"auto"`` on CPU: the same arithmetic as transformers (``F.linear``,
+  dropout with torch's random numbers, ``F.layer_norm``, ``F.gelu``) through
+  ``fused_epilogue.dropout_add_layernorm`` and ``fused_epilogue.bias_gelu_linear``, which keep the
+  dense output only (the dropout mask is drawn again from a seed, the LayerNorm statistics and the
+  GELU are recomputed in backward).
+- under autocast, under ``torch.compile``, and for activations other than ``"gelu"`` (the fused GELU
+  is the exact erf GELU): the plain modules, as transformers runs them.
 """
 
 from __future__ import annotations
@@ -41,20 +47,58 @@ def _epilogue_backend(backend: str) -> str:
     return "triton" if backend == "triton" else "auto"
 
 
-def dense_dropout_residual_layernorm(block, x: torch.Tensor, residual: torch.Tensor, backend: str) -> torch.Tensor:
-    """``block.LayerNorm(block.dropout(block.dense(x)) + residual)`` for a :class:`QFormerOutputBlock`."""
+def _dropout_p(block) -> float:
+    return block.dropout.p if block.training else 0.0
+
+
+def _add_layernorm(block, h: torch.Tensor, residual: torch.Tensor, backend: str, has_bias: bool) -> torch.Tensor:
+    """``block.LayerNorm(block.dropout(h [+ block.dense.bias]) + residual)``; ``h`` is the dense matmul's output."""
     ln = block.LayerNorm
-    if use_fused(backend, x):
-        h = F.linear(x, block.dense.weight)  # the bias joins the fused epilogue
-        p = block.dropout.p if block.training else 0.0
+    if use_fused(backend, h):
         # Under autocast the matmul gives low precision while the residual stream stays in the
         # parameters' dtype; LayerNorm runs in that dtype (as autocast runs layer_norm in float32).
         dtype = ln.weight.dtype
+        bias = block.dense.bias if not has_bias else torch.zeros_like(block.dense.bias)
         return fused_epilogue.bias_dropout_add_layernorm(
-            h.to(dtype), block.dense.bias, residual.to(dtype), ln.weight, ln.bias, ln.eps, p, backend=_epilogue_backend(backend)
+            h.to(dtype),
+            bias,
+            residual.to(dtype),
+            ln.weight,
+            ln.bias,
+            ln.eps,
+            _dropout_p(block),
+            backend=_epilogue_backend(backend),
         )
-    h = block.dropout(F.linear(x, block.dense.weight, block.dense.bias))
-    return F.layer_norm(h + residual, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+    if not has_bias:
+        h = h + block.dense.bias
+    if _autocast(h):
+        return F.layer_norm(block.dropout(h) + residual, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+    return fused_epilogue.dropout_add_layernorm(h, residual, ln.weight, ln.bias, ln.eps, _dropout_p(block))
+
+
+def dense_dropout_residual_layernorm(block, x: torch.Tensor, residual: torch.Tensor, backend: str) -> torch.Tensor:
+    """``block.LayerNorm(block.dropout(block.dense(x)) + residual)`` for a :class:`QFormerOutputBlock`."""
+    if use_fused(backend, x):
+        return _add_layernorm(block, F.linear(x, block.dense.weight), residual, backend, has_bias=False)  # bias in the epilogue
+    return _add_layernorm(block, F.linear(x, block.dense.weight, block.dense.bias), residual, backend, has_bias=True)
+
+
+def output_block_split(block, x: torch.Tensor, residual: torch.Tensor, split: int, backend: str):
+    """``dense_dropout_residual_layernorm`` over (B, L, .) rows, returned as two tensors: positions [:split] and [split:].
+
+    One matmul over all positions; the LayerNorm epilogue runs per part, so each part comes out
+    contiguous (None for an empty text part).
+    """
+    if split >= x.shape[1]:
+        return dense_dropout_residual_layernorm(block, x, residual, backend), None
+    fused = use_fused(backend, x)
+    h = F.linear(x, block.dense.weight) if fused else F.linear(x, block.dense.weight, block.dense.bias)
+    sizes = [split, x.shape[1] - split]
+    # split, not two slices: its backward writes both gradients into one tensor
+    return tuple(
+        _add_layernorm(block, hp, rp, backend, has_bias=not fused)
+        for hp, rp in zip(h.split(sizes, dim=1), residual.split(sizes, dim=1))
+    )
 
 
 def dense_activation(block, x: torch.Tensor, backend: str) -> torch.Tensor:
@@ -66,29 +110,37 @@ def dense_activation(block, x: torch.Tensor, backend: str) -> torch.Tensor:
     return block.intermediate_act_fn(F.linear(x, block.dense.weight, block.dense.bias))
 
 
+def feed_forward(intermediate, output, x: torch.Tensor, backend: str) -> torch.Tensor:
+    """``output(intermediate(x), x)``: the FFN and its output block.
+
+    With the exact GELU (outside autocast), the GELU output is never kept: ``bias_gelu_linear``
+    recomputes it in backward for the second matmul's weight gradient.
+    """
+    if intermediate.act_name != "gelu" or _autocast(x):
+        return output(intermediate(x, backend), x, backend)
+    w1, b1, w2 = intermediate.dense.weight, intermediate.dense.bias, output.dense.weight
+    if use_fused(backend, x):
+        # bias + GELU in the Triton kernel, the second bias in the LayerNorm epilogue
+        h = fused_epilogue.bias_gelu_linear(F.linear(x, w1), b1, w2, None, backend=_epilogue_backend(backend))
+        return _add_layernorm(output, h, x, backend, has_bias=False)
+    h = fused_epilogue.bias_gelu_linear(F.linear(x, w1, b1), None, w2, output.dense.bias, backend="torch")
+    return _add_layernorm(output, h, x, backend, has_bias=True)
+
+
 def _heads(y: torch.Tensor, num_heads: int) -> torch.Tensor:
     # (..., H*D) -> (..., H, D): the layout the attention ops read (head dim contiguous; rows may be strided).
     return y.view(*y.shape[:-1], num_heads, y.shape[-1] // num_heads)
 
 
-def qkv_projection(proj, x: torch.Tensor, num_heads: int, backend: str):
-    """(q, k, v), each (..., H, D), of a self-attention block's ``query``/``key``/``value`` linears."""
-    # The fused projection's autograd keeps the un-cast weight: not under autocast.
-    if use_fused(backend, x) and not _autocast(x):
-        q, k, v = fused_epilogue.fused_qkv_linear(
-            x, proj.query.weight, proj.query.bias, proj.key.weight, proj.key.bias, proj.value.weight, proj.value.bias
-        )
-    else:
-        q, k, v = (F.linear(x, lin.weight, lin.bias) for lin in (proj.query, proj.key, proj.value))
+def qkv_projection(proj, x: torch.Tensor, num_heads: int):
+    """(q, k, v), each (..., H, D): views into one matmul against the fused ``qkv`` weight."""
+    q, k, v = F.linear(x, proj.qkv.weight, proj.qkv.bias).split(proj.all_head_size, dim=-1)
     return _heads(q, num_heads), _heads(k, num_heads), _heads(v, num_heads)
 
 
-def kv_projection(proj, x: torch.Tensor, num_heads: int, backend: str):
-    """(k, v), each (..., H, D), of a cross-attention block applied to image tokens."""
-    if use_fused(backend, x) and not _autocast(x):
-        k, v = fused_epilogue.fused_kv_linear(x, proj.key.weight, proj.key.bias, proj.value.weight, proj.value.bias)
-    else:
-        k, v = (F.linear(x, lin.weight, lin.bias) for lin in (proj.key, proj.value))
+def kv_projection(proj, x: torch.Tensor, num_heads: int):
+    """(k, v), each (..., H, D), of a cross-attention block applied to image tokens: one matmul against ``kv``."""
+    k, v = F.linear(x, proj.kv.weight, proj.kv.bias).split(proj.all_head_size, dim=-1)
     return _heads(k, num_heads), _heads(v, num_heads)
 
 

@@ -57,6 +57,7 @@ from .arguments import (
 from .image_kv_cache import ImageKVCache, arrange_image_tokens
 from .layers import QFormerEncoder, QFormerTextEmbeddings, init_qformer_weights
 from .objectives import objective_state, share_query_stream
+from .projections import split_fused
 
 
 @dataclasses.dataclass
@@ -160,7 +161,7 @@ class FusedMHub(nn.Module):
         torch.compile then finds them already loaded when the first call is a compiled one. A backend
         that cannot run is not an error here: the op call raises with the reasons.
         """
-        weight = self.encoder.layer[0].attention.attention.query.weight if len(self.encoder.layer) else None
+        weight = self._first_weight() if len(self.encoder.layer) else None
         if weight is None:
             return
         for op in ("hub_self_attention", "hub_cross_attention"):
@@ -246,6 +247,16 @@ class FusedMHub(nn.Module):
 
         return fused_mhub_from_lavis(cls, path_or_state_dict, num_attention_heads=num_attention_heads, **kwargs)
 
+    def split_fused_names(self, named: dict) -> dict:
+        """``{name: tensor}`` keyed by this hub's parameter names -> keyed by transformers' names.
+
+        The fused ``*.qkv.*`` / ``*.kv.*`` entries become ``*.query.*``, ``*.key.*``, ``*.value.*`` (views;
+        None stays None); everything else passes through. E.g. the gradients as transformers would name
+        them: ``hub.split_fused_names({n: p.grad for n, p in hub.named_parameters()})``. (``state_dict()``
+        already uses transformers' names.)
+        """
+        return split_fused(named, self.hidden_size)
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         # transformers' Q-Former state dicts have no query_tokens (the parent model holds them):
@@ -299,7 +310,7 @@ class FusedMHub(nn.Module):
         tokens = tokens.to(dtype)  # transformers casts image features to the Q-Former's dtype too
         keys, values = [], []
         for i in self.cross_attention_layers:
-            k, v = epilogue.kv_projection(self.encoder.layer[i].crossattention.attention, tokens, self.num_heads, self.backend)
+            k, v = epilogue.kv_projection(self.encoder.layer[i].crossattention.attention, tokens, self.num_heads)
             keys.append(k)
             values.append(v)
         return ImageKVCache(tuple(keys), tuple(values), self.cross_attention_layers, cu_seqlens_k, seqlens_k, batch)
@@ -356,11 +367,15 @@ class FusedMHub(nn.Module):
         outputs = self._run(masks=tuple(masks), **inputs)
         return tuple(o if return_dict in (None, True) else o.to_tuple() for o in outputs)
 
+    def _first_weight(self) -> torch.Tensor:
+        # The first layer's fused Q/K/V weight: its dtype and device are the hub's.
+        return self.encoder.layer[0].attention.attention.qkv.weight
+
     def _param_dtype(self) -> torch.dtype:
-        return self.encoder.layer[0].attention.attention.query.weight.dtype
+        return self._first_weight().dtype
 
     def _param_device(self) -> torch.device:
-        return self.encoder.layer[0].attention.attention.query.weight.device
+        return self._first_weight().device
 
     def _embed(self, input_ids, position_ids, query_embeds):
         """[queries ; text] hidden states after LayerNorm + dropout."""
@@ -503,7 +518,7 @@ class FusedMHub(nn.Module):
         rows, seq_len, width = hidden.shape
         num_objectives = len(masks)
         batch = rows // num_objectives
-        q, k, v = epilogue.qkv_projection(layer.attention.attention, hidden, self.num_heads, self.backend)
+        q, k, v = epilogue.qkv_projection(layer.attention.attention, hidden, self.num_heads)
         parts = []
         backend = self._op_backend("hub_self_attention", q)
         for o, mask in enumerate(masks):
@@ -514,16 +529,19 @@ class FusedMHub(nn.Module):
                 )
             )
         attn = parts[0] if num_objectives == 1 else torch.cat(parts, dim=0)
-        attn = layer.attention.output(attn.reshape(rows, seq_len, width), hidden, self.backend)
+        attn = attn.reshape(rows, seq_len, width)
         if nq == 0:
-            return layer.feed_forward_text(attn, self.backend)
+            return layer.feed_forward_text(layer.attention.output(attn, hidden, self.backend), self.backend)
 
-        query_part = attn[:, :nq]
+        # The query rows and the text rows go separate ways from here (cross-attention, their own
+        # FFNs): the output block writes them as two tensors, so no matmul below reads a strided
+        # slice (which it would copy, and keep the copy for backward).
+        query_part, text_part = epilogue.output_block_split(layer.attention.output, attn, hidden, nq, self.backend)
         if layer.has_cross_attention:
             query_part = self._cross_attention(layer, query_part, cache, num_objectives)
         out = layer.feed_forward_query(query_part, self.backend)
-        if seq_len > nq:
-            out = torch.cat([out, layer.feed_forward_text(attn[:, nq:], self.backend)], dim=1)
+        if text_part is not None:
+            out = torch.cat([out, layer.feed_forward_text(text_part, self.backend)], dim=1)
         return out
 
     def _cross_attention(self, layer, query_part, cache: ImageKVCache, num_objectives: int):

@@ -1,8 +1,9 @@
 """The building blocks of FusedMHub, named exactly like transformers' Q-Former sub-modules.
 
-The module tree mirrors ``Blip2QFormerModel`` / ``InstructBlipQFormerModel`` parameter for parameter
-(``encoder.layer.{i}.attention.attention.query.weight``, ``...crossattention.output.LayerNorm.bias``,
-``...intermediate_query.dense.weight``, ...), so a transformers state dict loads as is. What differs is
+The module tree mirrors ``Blip2QFormerModel`` / ``InstructBlipQFormerModel`` (``...crossattention.output.LayerNorm.bias``,
+``...intermediate_query.dense.weight``, ...), except that each attention block keeps its Q/K/V (cross-attention: K/V)
+weights as one fused parameter (``projections.py``); its state dict hooks save and load them under transformers'
+names (``encoder.layer.{i}.attention.attention.query.weight``, ...), so a transformers state dict loads as is. What differs is
 *how* a layer runs: attention goes through :mod:`mmict_kernels.ops` (masks built in-kernel, packed
 image tokens, no probability matrix), and the driver loop lives in :class:`FusedMHub` so that image
 K/V can be cached and several objectives can share one pass.
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from . import epilogue
+from .projections import QFormerProjections
 
 
 def _activation(name_or_fn):
@@ -25,16 +27,6 @@ def _activation(name_or_fn):
     if name_or_fn not in ACT2FN:
         raise ValueError(f"config.hidden_act: unknown activation {name_or_fn!r}; expected one of {sorted(ACT2FN)}")
     return ACT2FN[name_or_fn]
-
-
-class QFormerProjections(nn.Module):
-    """``query``/``key``/``value`` linear maps of one attention block (keys and values may read the image width)."""
-
-    def __init__(self, hidden_size: int, kv_input_size: int, all_head_size: int):
-        super().__init__()
-        self.query = nn.Linear(hidden_size, all_head_size)
-        self.key = nn.Linear(kv_input_size, all_head_size)
-        self.value = nn.Linear(kv_input_size, all_head_size)
 
 
 class QFormerOutputBlock(nn.Module):
@@ -60,7 +52,7 @@ class QFormerAttentionBlock(nn.Module):
     def __init__(self, config, is_cross_attention: bool):
         super().__init__()
         kv_in = config.encoder_hidden_size if is_cross_attention else config.hidden_size
-        self.attention = QFormerProjections(config.hidden_size, kv_in, config.hidden_size)
+        self.attention = QFormerProjections(config.hidden_size, kv_in, config.hidden_size, is_cross_attention)
         self.output = _output_block(config, config.hidden_size)
 
 
@@ -101,10 +93,10 @@ class QFormerLayer(nn.Module):
         self.output_query = _output_block(config, config.intermediate_size)
 
     def feed_forward_query(self, x: torch.Tensor, backend: str) -> torch.Tensor:
-        return self.output_query(self.intermediate_query(x, backend), x, backend)
+        return epilogue.feed_forward(self.intermediate_query, self.output_query, x, backend)
 
     def feed_forward_text(self, x: torch.Tensor, backend: str) -> torch.Tensor:
-        return self.output(self.intermediate(x, backend), x, backend)
+        return epilogue.feed_forward(self.intermediate, self.output, x, backend)
 
 
 class QFormerEncoder(nn.Module):

@@ -4,12 +4,16 @@
   ``*SelfOutput`` / ``*Output`` blocks after a bias-free dense matmul.
 - :func:`bias_gelu`: gelu(x + bias) (exact erf), the ``*Intermediate`` block.
 - :func:`fused_qkv_linear` / :func:`fused_kv_linear`: Q/K/V (K/V) projections as one matmul.
+- :func:`bias_gelu_linear`: linear(gelu(x + bias)), keeping x only (the GELU is recomputed in backward).
+- :func:`dropout_add_layernorm`: LayerNorm(dropout(h) + residual) with torch's random numbers, keeping
+  h only (mask drawn again from a seed, statistics recomputed): the ``torch`` path of FusedMHub.
 - :func:`dropout_keep_mask`: the keep-mask the kernels draw for a seed (tests, debugging).
 
 Files: ``reference.py`` (PyTorch, the oracle and the ``torch`` backend), ``philox.py`` (Triton's
 ``tl.rand`` in PyTorch, so both backends drop the same elements), ``triton_layernorm.py`` and
 ``triton_gelu.py`` (kernels + ``torch.library`` custom ops ``mmict::*`` with fake and autograd
-registrations), ``qkv.py`` (the fused projection, plain PyTorch). This module validates inputs
+registrations), ``qkv.py`` (the fused projection, plain PyTorch), ``recompute.py`` (the epilogues
+that recompute instead of keeping: GELU + linear, dropout + residual + LayerNorm). This module validates inputs
 and dispatches through :mod:`mmict_kernels.backends`.
 """
 
@@ -23,6 +27,7 @@ from ... import backends
 from .. import checks as C
 from .philox import dropout_keep_mask
 from .qkv import fused_kv_linear, fused_qkv_linear
+from .recompute import bias_gelu_linear, dropout_add_layernorm, keep_mask_from_seed
 from .reference import bias_dropout_add_layernorm_reference, bias_gelu_reference
 
 LAYERNORM_OP = "bias_dropout_add_layernorm"
@@ -154,7 +159,10 @@ __all__ = [
     "bias_dropout_add_layernorm",
     "bias_dropout_add_layernorm_reference",
     "bias_gelu",
+    "bias_gelu_linear",
     "bias_gelu_reference",
+    "dropout_add_layernorm",
+    "keep_mask_from_seed",
     "dropout_keep_mask",
     "fused_qkv_linear",
     "fused_kv_linear",

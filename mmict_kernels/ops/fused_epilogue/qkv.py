@@ -10,7 +10,9 @@ The concatenated weight is cached per set of weight tensors and rebuilt whenever
 changes (``_version`` bumps on every in-place update, e.g. an optimizer step; ``data_ptr``
 changes when ``.data`` is swapped), so several calls in one step (demonstrations, queries,
 objectives) pay for the concatenation once. The gradients flow back to the original weights
-through a small autograd.Function (one dW GEMM, split into views). Under ``torch.compile``
+through a small autograd.Function (one dW GEMM, split into views) that keeps the parts, not the
+copy, for backward. FusedMHub does not use these functions: it stores its Q/K/V weights fused
+(``modules/mhub/projections.py``), so it has no copy at all. Under ``torch.compile``
 the plain ``torch.cat`` path is traced instead (the compiler sees through it).
 """
 
@@ -59,32 +61,36 @@ def _cached_concat(weights: list[torch.Tensor], biases: list[torch.Tensor] | Non
 
 
 class _ConcatLinear(torch.autograd.Function):
-    """F.linear with a precomputed (detached) concatenated weight; gradients go to the parts."""
+    """F.linear with a precomputed (detached) concatenated weight; gradients go to the parts.
+
+    Keeps x and the parts (the parameters themselves), never the concatenated copy: the backward
+    concatenates them again for dx (a transient copy, freed right after).
+    """
 
     @staticmethod
     def forward(ctx, x, weight, bias, split_sizes, n_biases, *parts):
-        ctx.save_for_backward(x, weight)
+        ctx.save_for_backward(x, *parts[: len(split_sizes)])
         ctx.split_sizes = split_sizes
         ctx.n_biases = n_biases
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, dout):
-        x, weight = ctx.saved_tensors
+        x, *weights = ctx.saved_tensors
         needs = ctx.needs_input_grad
         # Under autocast the forward ran F.linear in the low-precision dtype; the backward is
         # outside autocast, so compute in dout's dtype and return each gradient in its input's dtype.
         low = dout.dtype
-        dx = (dout @ weight.to(low)).to(x.dtype) if needs[0] else None
+        dx = (dout @ torch.cat([w.detach() for w in weights]).to(low)).to(x.dtype) if needs[0] else None
         dout2d = dout.reshape(-1, dout.shape[-1])
         n_weights = len(ctx.split_sizes)
         dweights = [None] * n_weights
         if any(needs[5 : 5 + n_weights]):
-            dw = (dout2d.t() @ x.reshape(-1, x.shape[-1]).to(low)).to(weight.dtype)
+            dw = (dout2d.t() @ x.reshape(-1, x.shape[-1]).to(low)).to(weights[0].dtype)
             dweights = list(dw.split(ctx.split_sizes, dim=0))
         dbiases = [None] * ctx.n_biases
         if ctx.n_biases and any(needs[5 + n_weights :]):
-            dbiases = list(dout2d.sum(dim=0).to(weight.dtype).split(ctx.split_sizes))
+            dbiases = list(dout2d.sum(dim=0).to(weights[0].dtype).split(ctx.split_sizes))
         return (dx, None, None, None, None, *dweights, *dbiases)
 
 

@@ -15,7 +15,8 @@ from .reference import hub_cross_attention_reference
 
 OP = "hub_cross_attention"
 
-backends.register(OP, "torch", __name__ + ".reference", "hub_cross_attention_reference", backends.REFERENCE)
+# torch: SDPA's fused CPU kernel (sdpa.py); reference.py stays the readable definition and the oracle.
+backends.register(OP, "torch", __name__ + ".sdpa", "hub_cross_attention_sdpa", backends.REFERENCE)
 backends.register(OP, "triton", __name__ + ".triton", "hub_cross_attention_triton", backends.TRITON_ATTENTION)
 backends.register(OP, "cuda", __name__ + ".cuda", "hub_cross_attention_cuda", backends.CUDA_ATTENTION)
 

@@ -15,7 +15,8 @@ from .reference import MASK_ALIASES, MASK_MODES, canonical_mask, hub_self_attent
 
 OP = "hub_self_attention"
 
-backends.register(OP, "torch", __name__ + ".reference", "hub_self_attention_reference", backends.REFERENCE)
+# torch: SDPA's fused CPU kernel (sdpa.py); reference.py stays the readable definition and the oracle.
+backends.register(OP, "torch", __name__ + ".sdpa", "hub_self_attention_sdpa", backends.REFERENCE)
 backends.register(OP, "triton", __name__ + ".triton", "hub_self_attention_triton", backends.TRITON_ATTENTION)
 
 

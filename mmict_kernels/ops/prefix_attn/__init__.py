@@ -15,9 +15,8 @@ from .reference import prefix_attention_mask, prefix_attention_reference
 OP = "prefix_attention"
 
 # No attention dropout on any backend: the LLM is frozen (its dropout is off).
-backends.register(
-    OP, "torch", __name__ + ".reference", "prefix_attention_reference", backends.without_dropout(backends.REFERENCE)
-)
+# torch: SDPA's fused CPU kernel (sdpa.py); reference.py stays the readable definition and the oracle.
+backends.register(OP, "torch", __name__ + ".sdpa", "prefix_attention_sdpa", backends.without_dropout(backends.REFERENCE))
 backends.register(
     OP, "triton", __name__ + ".triton", "prefix_attention_triton", backends.without_dropout(backends.TRITON_ATTENTION)
 )

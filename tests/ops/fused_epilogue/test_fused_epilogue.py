@@ -142,14 +142,17 @@ def test_triton_non_contiguous_inputs():
 def test_opcheck():
     from mmict_kernels.ops.fused_epilogue import triton_gelu, triton_layernorm
 
-    x, b, r, w, lb = ln_inputs((3, 20), torch.float32)
+    x, b, r, w, lb = ln_inputs((2, 5, 20), torch.float32)
     seed = torch.tensor(11, device=DEVICE)
     for p, s in ((0.0, None), (0.2, seed)):
-        torch.library.opcheck(triton_layernorm._fwd_op, (x.requires_grad_(), b, r, w, lb, s, 1e-12, p))
-        out, mean, rstd = triton_layernorm._fwd_op(x, b, r, w, lb, s, 1e-12, p)
-        torch.library.opcheck(triton_layernorm._bwd_op, (torch.randn_like(out), x.detach(), b, r, w, s, mean, rstd, p))
-    torch.library.opcheck(triton_gelu._fwd_op, (x, b.requires_grad_()))
-    torch.library.opcheck(triton_gelu._bwd_op, (torch.randn_like(x), x.detach(), b.detach()))
+        # (B, R, hidden) rows, contiguous and a strided slice of the positions (read in place)
+        for xs, rs in ((x, r), (x[:, 1:4], r[:, :3])):
+            torch.library.opcheck(triton_layernorm._fwd_op, (xs.detach().requires_grad_(), b, rs, w, lb, s, 1e-12, p))
+            out = triton_layernorm._fwd_op(xs.detach(), b, rs, w, lb, s, 1e-12, p)
+            torch.library.opcheck(triton_layernorm._bwd_op, (torch.randn_like(out), xs.detach(), b, rs, w, s, 1e-12, p))
+    x2 = x.reshape(-1, 20)
+    torch.library.opcheck(triton_gelu._fwd_op, (x2, b.requires_grad_()))
+    torch.library.opcheck(triton_gelu._bwd_op, (torch.randn_like(x2), x2.detach(), b.detach()))
 
 
 @requires_triton

@@ -1,0 +1,171 @@
+"""The ``torch`` backend's attention core: torch's fused SDPA kernels where they apply, a lean dropout path elsewhere.
+
+The readable :mod:`._reference` materialises the scores, the mask and the probabilities, and autograd
+keeps them all for backward: fine as an oracle, slow and memory-hungry as the CPU path. Here:
+
+- no dropout, CPU tensors: ``aten._scaled_dot_product_flash_attention_for_cpu``, torch's fused
+  (FlashAttention-style) CPU kernel, with the op's mask as an additive mask (0 / -inf). It keeps only
+  q, k, v, the output and the log-sum-exp for backward, takes grouped-query K/V as they are, and
+  returns the log-sum-exp, which the ops' ``return_lse`` needs (``F.scaled_dot_product_attention``
+  does not return it). A row that sees no key gives zeros there; its lse is set to -inf, as in the
+  reference.
+- attention dropout (training): torch's fused CPU kernels have none (SDPA would fall back to its math
+  path, which keeps every intermediate). :class:`_DropoutAttention` computes the attention in plain
+  PyTorch but keeps only q, k, v, the output, the log-sum-exp and a seed: the backward recomputes the
+  probabilities from the log-sum-exp and draws the keep-mask again from the seed (FlashAttention's
+  recomputation, in PyTorch).
+- anything else (CUDA tensors on the torch backend, the dropout path under ``torch.compile``): the
+  reference itself.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._reference import masked_attention, softmax_dtype
+
+_SEED_HIGH = 2**62
+
+
+def _heads_first(t: torch.Tensor) -> torch.Tensor:
+    return t.transpose(1, 2)  # (B, L, H, D) <-> (B, H, L, D), a view
+
+
+def _additive_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    if mask is None:
+        return None
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
+def _fix_empty_rows(lse: torch.Tensor, mask: torch.Tensor | None, shape) -> torch.Tensor:
+    """lse = -inf for rows that see no key (the fused kernel reports 0 there)."""
+    if mask is None:
+        return lse
+    sees_a_key = mask.any(dim=-1).expand(shape)  # (B, H, Lq)
+    return lse.masked_fill(~sees_a_key, float("-inf"))
+
+
+def flash_cpu_attention(q, k, v, mask, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch's fused CPU attention. q (B, Lq, H, D); k, v (B, Lk, Hkv, D); mask bool broadcastable to (B, 1, Lq, Lk)."""
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        _heads_first(q),
+        _heads_first(k),
+        _heads_first(v),
+        0.0,
+        False,
+        attn_mask=_additive_mask(mask, q.dtype),
+        scale=scale,
+    )
+    batch, heads, len_q = out.shape[:3]
+    return _heads_first(out), _fix_empty_rows(lse, mask, (batch, heads, len_q))
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention dropout with recomputation
+# ---------------------------------------------------------------------------------------------
+def keep_mask(seed: int, shape, dropout_p: float, device) -> torch.Tensor:
+    """The attention keep-mask (True = kept) that ``seed`` gives: ``torch.rand`` of a private generator."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return torch.rand(shape, generator=generator, device=device) >= dropout_p
+
+
+def _expand_kv_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    # (B, Hkv, L, D) -> (B, H, L, D) for grouped-query attention (a view when Hkv == H).
+    kv_heads = t.shape[1]
+    if kv_heads == heads:
+        return t
+    return t.repeat_interleave(heads // kv_heads, dim=1)
+
+
+def _probabilities(qh, kh, mask, scale, lse):
+    """softmax(q k^T * scale, masked) rebuilt from the log-sum-exp; rows that see nothing give 0."""
+    acc = softmax_dtype(qh.dtype)
+    scores = torch.matmul(qh, kh.transpose(-1, -2)).to(acc) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    lse_safe = torch.where(torch.isfinite(lse), lse, torch.full_like(lse, float("inf")))  # empty row: exp(-inf) = 0
+    return torch.exp(scores - lse_safe[..., None])
+
+
+class _DropoutAttention(torch.autograd.Function):
+    """Attention with dropout on the probabilities; keeps q, k, v, out, lse and a seed (not the probabilities)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, scale: float, dropout_p: float, seed: int):
+        qh, kh, vh = _heads_first(q), _heads_first(k), _heads_first(v)
+        heads = qh.shape[1]
+        kh, vh = _expand_kv_heads(kh, heads), _expand_kv_heads(vh, heads)
+        acc = softmax_dtype(q.dtype)
+        scores = torch.matmul(qh, kh.transpose(-1, -2)).to(acc) * scale
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        lse = torch.logsumexp(scores, dim=-1)  # -inf for a row that sees nothing
+        lse_safe = torch.where(torch.isfinite(lse), lse, torch.full_like(lse, float("inf")))
+        probs = torch.exp(scores - lse_safe[..., None])
+        keep = keep_mask(seed, probs.shape, dropout_p, probs.device)
+        probs = torch.where(keep, probs * (1.0 / (1.0 - dropout_p)), 0.0)
+        # (B, L, H, D) in memory, as the fused kernel writes it: the caller's reshape to (B, L, H * D) is a view.
+        out = _heads_first(torch.matmul(probs.to(v.dtype), vh)).contiguous()
+        ctx.save_for_backward(q, k, v, out, lse, mask)
+        ctx.scale, ctx.dropout_p, ctx.seed = scale, dropout_p, seed
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, mask = ctx.saved_tensors
+        scale, p = ctx.scale, ctx.dropout_p
+        qh, kh, vh = _heads_first(q), _heads_first(k), _heads_first(v)
+        heads, kv_heads = qh.shape[1], kh.shape[1]
+        kh_full, vh_full = _expand_kv_heads(kh, heads), _expand_kv_heads(vh, heads)
+        acc = softmax_dtype(q.dtype)
+        probs = _probabilities(qh, kh_full, mask, scale, lse)
+        keep = keep_mask(ctx.seed, probs.shape, p, probs.device)
+        dropped = torch.where(keep, probs * (1.0 / (1.0 - p)), 0.0)
+        douth = _heads_first(dout)
+        dv = torch.matmul(dropped.to(v.dtype).transpose(-1, -2), douth)
+        ddropped = torch.matmul(douth, vh_full.transpose(-1, -2)).to(acc)
+        dprobs = torch.where(keep, ddropped * (1.0 / (1.0 - p)), 0.0)
+        # softmax backward: dS = P * (dP - rowsum(P * dP)), and rowsum(P * dP) = rowsum(dout * out).
+        delta = (douth.to(acc) * _heads_first(out).to(acc)).sum(-1, keepdim=True)
+        dscores = (probs * (dprobs - delta) * scale).to(q.dtype)
+        dq = torch.matmul(dscores, kh_full)
+        dk = torch.matmul(dscores.transpose(-1, -2), qh)
+        if kv_heads != heads:  # grouped-query attention: sum the gradients of the query heads sharing a K/V head
+            group = heads // kv_heads
+            dk = dk.unflatten(1, (kv_heads, group)).sum(2)
+            dv = dv.unflatten(1, (kv_heads, group)).sum(2)
+        return _heads_first(dq), _heads_first(dk), _heads_first(dv), None, None, None, None
+
+
+def dropout_attention(q, k, v, mask, scale: float, dropout_p: float, seed: int | None = None):
+    """Attention with dropout whose backward recomputes the probabilities; returns (out, lse).
+
+    seed: the keep-mask is :func:`keep_mask` (seed, (B, H, Lq, Lk), dropout_p); None draws it from
+    torch's default CPU generator (``torch.manual_seed`` reproduces it, activation checkpointing
+    draws it again; a CPU tensor, so reading it never waits for a GPU).
+    """
+    if seed is None:
+        seed = int(torch.randint(0, _SEED_HIGH, (), dtype=torch.int64))
+    return _DropoutAttention.apply(q, k, v, mask, float(scale), float(dropout_p), seed)
+
+
+def attention(q, k, v, mask, scale: float, dropout_p: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q k^T * scale, masked) v on the fastest path this input allows; returns (out, lse) like the reference.
+
+    q: (B, Lq, H, D); k, v: (B, Lk, Hkv, D) with Hkv dividing H; mask: bool broadcastable to
+    (B, 1, Lq, Lk), True where a query may attend to a key (None: everything).
+    """
+    if dropout_p > 0.0:
+        if torch.compiler.is_compiling():
+            k, v = (_heads_first(_expand_kv_heads(_heads_first(t), q.shape[2])) for t in (k, v))
+            return masked_attention(q, k, v, mask, scale, dropout_p)
+        return dropout_attention(q, k, v, mask, scale, dropout_p)
+    if q.device.type == "cpu":
+        return flash_cpu_attention(q, k, v, mask, scale)
+    k, v = (_heads_first(_expand_kv_heads(_heads_first(t), q.shape[2])) for t in (k, v))
+    return masked_attention(q, k, v, mask, scale)
+
+
+__all__ = ["attention", "dropout_attention", "flash_cpu_attention", "keep_mask"]

@@ -1,0 +1,235 @@
+"""Layer epilogues that keep less for backward by recomputing what is cheap.
+
+- :func:`bias_gelu_linear`: ``linear(gelu(x + bias), weight2, bias2)``, the FFN's GELU and second
+  matmul. Autograd of the two ops apart keeps both ``x + bias`` (for GELU's backward) and
+  ``gelu(x + bias)`` (for ``dW2``), two (rows x intermediate) tensors, the largest activations of a
+  BERT layer. Here only ``x`` is kept; the backward recomputes the GELU (one elementwise pass).
+  GELU runs on the ``torch`` backend (``F.gelu`` / ``aten.gelu_backward``) or on the Triton kernels
+  of ``triton_gelu.py``.
+- :func:`dropout_add_layernorm`: ``LayerNorm(dropout(h) + residual)`` with torch's random numbers
+  (the ``torch`` path of FusedMHub: ``nn.Dropout``'s rate and scaling). Autograd of the ops apart
+  keeps the dropout mask (a float tensor on CPU) and the LayerNorm input; here only ``h`` is kept
+  (``residual`` is the block's input, which the previous matmul keeps anyway): the mask is drawn
+  from a private generator seeded from torch's default one and drawn again in backward, and the
+  LayerNorm statistics are recomputed.
+
+Under ``torch.compile`` both run as plain ops (the compiler plans what to keep); under autocast the
+callers use the plain ops too.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ... import backends
+from .. import checks as C
+
+GELU_OP = "bias_gelu"
+_SEED_HIGH = 2**62
+
+
+# ---------------------------------------------------------------------------------------------
+# GELU + linear
+# ---------------------------------------------------------------------------------------------
+def _gelu_torch(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return F.gelu(x if bias is None else x + bias)
+
+
+def _gelu_backward_torch(da: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None):
+    u = x if bias is None else x + bias
+    dx = torch.ops.aten.gelu_backward(da, u)
+    dbias = None if bias is None else dx.reshape(-1, dx.shape[-1]).sum(0)
+    return dx, dbias
+
+
+def _gelu_triton(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    from .triton_gelu import _fwd_op
+
+    return _fwd_op(x.reshape(-1, x.shape[-1]).contiguous(), bias.contiguous()).reshape(x.shape)
+
+
+def _gelu_backward_triton(da: torch.Tensor, x: torch.Tensor, bias: torch.Tensor):
+    from .triton_gelu import _bwd_op
+
+    hidden = x.shape[-1]
+    dx, dbias = _bwd_op(da.reshape(-1, hidden).contiguous(), x.reshape(-1, hidden).contiguous(), bias.contiguous())
+    return dx.reshape(x.shape), dbias.to(bias.dtype)
+
+
+_GELU = {"torch": (_gelu_torch, _gelu_backward_torch), "triton": (_gelu_triton, _gelu_backward_triton)}
+
+
+class _BiasGeluLinear(torch.autograd.Function):
+    """out = a @ weight^T + bias2 with a = gelu(x + bias); keeps x (not a) for backward."""
+
+    @staticmethod
+    def forward(ctx, x, bias, weight, bias2, backend: str):
+        gelu, _ = _GELU[backend]
+        a = gelu(x, bias)
+        ctx.save_for_backward(x, bias, weight)
+        ctx.backend = backend
+        ctx.has_bias2 = bias2 is not None
+        return F.linear(a, weight, bias2)
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, bias, weight = ctx.saved_tensors
+        gelu, gelu_backward = _GELU[ctx.backend]
+        needs = ctx.needs_input_grad
+        dout2d = dout.reshape(-1, dout.shape[-1])
+        dweight = dbias2 = dx = dbias = None
+        if needs[2]:
+            a = gelu(x, bias)  # recomputed: the one thing this function does not keep
+            dweight = dout2d.t().mm(a.reshape(-1, a.shape[-1]))
+        if ctx.has_bias2 and needs[3]:
+            dbias2 = dout2d.sum(0)
+        if needs[0] or needs[1]:
+            dx, dbias = gelu_backward(dout.matmul(weight), x, bias)
+        return dx, dbias, dweight, dbias2, None
+
+
+def bias_gelu_linear(
+    x: torch.Tensor,
+    bias: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias2: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``F.linear(gelu(x + bias), weight, bias2)`` (exact erf GELU), keeping only ``x`` for backward.
+
+    Args:
+        x: (..., K) the first matmul's output (float16, bfloat16, float32; float64 on the torch backend).
+        bias: (K,) or None (then ``x`` already holds the bias; the torch backend only).
+        weight: (N, K) the second matmul's weight (``nn.Linear`` layout); bias2: (N,) or None.
+        backend: "auto" (triton on CUDA, torch on CPU), "triton" or "torch": where the GELU runs.
+
+    Returns:
+        (..., N) in x's dtype; differentiable w.r.t. x, bias, weight and bias2. The backward
+        recomputes ``gelu(x + bias)`` for ``dW`` instead of keeping it.
+    """
+    C.check_tensor("x", x, dtypes=C.FLOAT_DTYPES)
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"x: expected a (..., K) tensor with K >= 1, got shape {tuple(x.shape)}")
+    hidden = x.shape[-1]
+    C.check_tensor("weight", weight, ndim=2)
+    if weight.shape[1] != hidden:
+        raise ValueError(f"weight: expected shape (N, {hidden}) (K from x), got {tuple(weight.shape)}")
+    vectors = {"weight": weight}
+    if bias is not None:
+        C.check_tensor("bias", bias, ndim=1)
+        if bias.shape[0] != hidden:
+            raise ValueError(f"bias: expected shape ({hidden},) (K from x), got {tuple(bias.shape)}")
+        vectors["bias"] = bias
+    if bias2 is not None:
+        C.check_tensor("bias2", bias2, ndim=1)
+        if bias2.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias2: expected shape ({weight.shape[0]},) (N from weight), got {tuple(bias2.shape)}")
+        vectors["bias2"] = bias2
+    C.check_same_dtype_device("x", x, **vectors)
+    C.check_backend_name(backend)
+    name, _ = backends.resolve(GELU_OP, backend, device_type=x.device.type, dtype=x.dtype, head_dim=hidden)
+    if name == "triton" and bias is None:
+        bias = x.new_zeros(hidden)  # the kernels add a bias vector
+    if torch.compiler.is_compiling():
+        gelu, _ = _GELU[name]
+        return F.linear(gelu(x, bias), weight, bias2)
+    return _BiasGeluLinear.apply(x, bias, weight, bias2, name)
+
+
+# ---------------------------------------------------------------------------------------------
+# dropout + residual + LayerNorm with torch's random numbers
+# ---------------------------------------------------------------------------------------------
+def _draw_seed() -> int:
+    # From torch's default CPU generator: torch.manual_seed reproduces it, and activation
+    # checkpointing (which restores that generator for the recomputation) draws the same one.
+    # A CPU tensor, so reading it never waits for a GPU.
+    return int(torch.randint(0, _SEED_HIGH, (), dtype=torch.int64))
+
+
+def keep_mask_from_seed(seed: int, shape, dropout_p: float, device) -> torch.Tensor:
+    """The boolean keep-mask (True = kept, probability ``1 - dropout_p``) that ``seed`` gives on ``device``.
+
+    Drawn with ``torch.rand`` from a private generator, so drawing it again gives the same mask.
+    """
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return torch.rand(shape, generator=generator, device=device) >= dropout_p
+
+
+class _DropoutAddLayerNorm(torch.autograd.Function):
+    """y = LayerNorm(dropout(h) + residual); keeps h and residual, recomputes the mask and the statistics."""
+
+    @staticmethod
+    def forward(ctx, h, residual, weight, ln_bias, eps: float, dropout_p: float, seed: int):
+        z = _dropped(h, dropout_p, seed) + residual
+        y = F.layer_norm(z, (z.shape[-1],), weight, ln_bias, eps)
+        ctx.save_for_backward(h, residual, weight, ln_bias)
+        ctx.eps, ctx.dropout_p, ctx.seed = eps, dropout_p, seed
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        h, residual, weight, ln_bias = ctx.saved_tensors
+        keep = keep_mask_from_seed(ctx.seed, h.shape, ctx.dropout_p, h.device) if ctx.dropout_p > 0 else None
+        z = (h if keep is None else torch.where(keep, h * (1.0 / (1.0 - ctx.dropout_p)), 0.0)) + residual
+        hidden = z.shape[-1]
+        # The statistics are recomputed (one pass over z) instead of kept.
+        _, mean, rstd = torch.native_layer_norm(z, (hidden,), weight, ln_bias, ctx.eps)
+        needs = ctx.needs_input_grad
+        mask = [needs[0] or needs[1], weight is not None and needs[2], ln_bias is not None and needs[3]]
+        dz, dweight, dln_bias = torch.ops.aten.native_layer_norm_backward(
+            dy.contiguous(), z, (hidden,), mean, rstd, weight, ln_bias, mask
+        )
+        dh = None
+        if needs[0] and dz is not None:
+            dh = dz if keep is None else torch.where(keep, dz * (1.0 / (1.0 - ctx.dropout_p)), 0.0)
+        dresidual = dz if needs[1] else None
+        return dh, dresidual, dweight, dln_bias, None, None, None
+
+
+def _dropped(h: torch.Tensor, dropout_p: float, seed: int | None) -> torch.Tensor:
+    if dropout_p <= 0.0:
+        return h
+    keep = keep_mask_from_seed(seed, h.shape, dropout_p, h.device)
+    return torch.where(keep, h * (1.0 / (1.0 - dropout_p)), 0.0)
+
+
+def dropout_add_layernorm(
+    h: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor | None,
+    ln_bias: torch.Tensor | None,
+    eps: float = 1e-12,
+    dropout_p: float = 0.0,
+    *,
+    seed: int | None = None,
+) -> torch.Tensor:
+    """``LayerNorm(dropout(h) + residual)`` over the last dim, keeping only ``h`` (and ``residual``) for backward.
+
+    Args:
+        h: (..., hidden) the dense layer's output, bias included; residual: same shape.
+        weight, ln_bias: (hidden,) the LayerNorm's affine parameters (or None).
+        eps: LayerNorm epsilon; dropout_p: hidden dropout probability (0.0 in eval).
+        seed: the dropout seed (an int in [0, 2**62)); None draws one from torch's default generator,
+            so ``torch.manual_seed`` reproduces the step. The keep-mask is :func:`keep_mask_from_seed`.
+
+    Returns:
+        (..., hidden) in h's dtype; differentiable w.r.t. h, residual, weight and ln_bias.
+    """
+    C.check_tensor("h", h, dtypes=C.FLOAT_DTYPES)
+    if h.dim() < 1 or h.shape[-1] == 0:
+        raise ValueError(f"h: expected a (..., hidden) tensor with hidden >= 1, got shape {tuple(h.shape)}")
+    if residual.shape != h.shape:
+        raise ValueError(f"residual: expected shape {tuple(h.shape)} (same as h), got {tuple(residual.shape)}")
+    dropout_p = C.check_dropout(dropout_p)
+    if torch.compiler.is_compiling():
+        # Traced as plain ops: the compiler decides what to keep (and draws the mask with its own RNG).
+        z = (F.dropout(h, dropout_p) if dropout_p > 0 else h) + residual
+        return F.layer_norm(z, (z.shape[-1],), weight, ln_bias, eps)
+    if dropout_p > 0 and seed is None:
+        seed = _draw_seed()
+    return _DropoutAddLayerNorm.apply(h, residual, weight, ln_bias, float(eps), dropout_p, seed)
+
+
+__all__ = ["bias_gelu_linear", "dropout_add_layernorm", "keep_mask_from_seed"]
