@@ -9,6 +9,9 @@ import torch
 
 from . import data as data_mod
 from .config import RunConfig
+from .datasets import LoadContext, load_source
+from .datasets.shapes import shapes_dataset
+from .features import FeatureStore
 from .llm import build_llm
 from .mhub import build_mhub
 from .model import MMICTModel
@@ -27,15 +30,34 @@ class Run:
     llm_tokenizer: object
 
 
-def load_split(spec: str, cfg: RunConfig, encoder, split: str) -> data_mod.ICLDataset:
+def load_split(spec, cfg: RunConfig, encoder, split: str, rank: int = 0, world: int = 1) -> data_mod.ICLDataset:
+    """The data set of ``data.train`` or ``data.eval`` (``split``: "train" or "eval").
+
+    ``spec``: "shapes", a JSONL path or a ``{format: ...}`` mapping (``datasets/``). Features come from
+    the store in ``data.feature_cache`` (extracted first where missing); ``rank``/``world``: this
+    process's share of that extraction when every process of a group loads at once.
+    """
     d, m = cfg.data, cfg.model
     if spec == "shapes":
         num = d.shapes_train_size if split == "train" else d.shapes_eval_size
         # Different seeds per split: evaluation images are never training images.
         seed = d.seed * 2 + (0 if split == "train" else 1)
-        return data_mod.shapes_dataset(num, d.shapes_tasks, seed, encoder, m.vision_family, m.image_size, f"shapes-{split}")
-    store = data_mod.FeatureStore(d.feature_cache, fingerprint(encoder))
-    return data_mod.jsonl_dataset(spec, d.image_root, encoder, m.vision_family, m.image_size, store)
+        return shapes_dataset(num, d.shapes_tasks, seed, encoder, m.vision_family, m.image_size, f"shapes-{split}")
+    store = FeatureStore(d.feature_cache, fingerprint(encoder), d.feature_dtype, d.feature_shard_mb)
+    ctx = LoadContext(
+        encoder,
+        m.vision_family,
+        m.image_size,
+        store,
+        role=split,
+        num_frames=d.num_frames,
+        batch_size=d.feature_batch_size,
+        rank=rank,
+        world=world,
+        progress=cfg.train.progress,
+        image_root=d.image_root,
+    )
+    return load_source(spec, ctx, f"data.{split}")
 
 
 def _tokenizers(cfg: RunConfig, texts: list[str], saved: str | None):
@@ -55,13 +77,30 @@ def _tokenizers(cfg: RunConfig, texts: list[str], saved: str | None):
 
 
 def build_run(
-    cfg: RunConfig, *, splits=("train", "eval"), device: str | torch.device = "cpu", tokenizer_dir: str | None = None
+    cfg: RunConfig,
+    *,
+    splits=("train", "eval"),
+    device: str | torch.device = "cpu",
+    tokenizer_dir: str | None = None,
+    extract_on_all_ranks: bool = False,
 ) -> Run:
-    """Everything a run needs. ``tokenizer_dir``: a saved word tokenizer to reuse (evaluation)."""
+    """Everything a run needs. ``tokenizer_dir``: a saved word tokenizer to reuse (evaluation).
+
+    The frozen image encoder runs on ``device`` while the features are extracted (once per image,
+    into ``data.feature_cache``). ``extract_on_all_ranks``: every process of the ``torch.distributed``
+    group calls ``build_run`` at the same time and each extracts its share of the missing features
+    (needs ``data.feature_cache``, which they share); otherwise each process extracts what the cache
+    lacks (one process first, the others then find everything cached).
+    """
     m = cfg.model
     encoder = build_vision_encoder(m, seed=m.init_seed)
-    train_set = load_split(cfg.data.train, cfg, encoder, "train") if "train" in splits else None
-    eval_set = load_split(cfg.data.eval, cfg, encoder, "eval") if "eval" in splits else None
+    rank, world = 0, 1
+    if extract_on_all_ranks and torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    encoder.to(device)
+    train_set = load_split(cfg.data.train, cfg, encoder, "train", rank, world) if "train" in splits else None
+    eval_set = load_split(cfg.data.eval, cfg, encoder, "eval", rank, world) if "eval" in splits else None
+    encoder.to("cpu")  # only its final norm is used from here on
     texts = [t for ds in (train_set, eval_set) if ds is not None for t in ds.texts()]
     mtok, ltok, word = _tokenizers(cfg, texts, tokenizer_dir)
     llm = build_llm(m.llm_family, m.llm_type, m.llm_checkpoint, m.llm_config, ltok, m.separator, seed=m.init_seed + 1)

@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from .. import backends
+from .datasets.spec import check_data_spec
 from .sampling import STRATEGIES
 
 
@@ -45,11 +46,17 @@ class ModelConfig:
 
 @dataclasses.dataclass
 class DataConfig:
-    # "shapes" (embedded, procedurally drawn) or a path to a JSONL file (see docs/DRIVER.md).
-    train: str = "shapes"
-    eval: str = "shapes"
+    # Each split: "shapes" (embedded, procedurally drawn), a path to a JSONL file, or a mapping naming a
+    # published layout, e.g. {format: coco_karpathy, annotations: FILE, media: DIR} (docs/DRIVER.md;
+    # the formats and their keys: icl/datasets/spec.py).
+    train: str | dict = "shapes"
+    eval: str | dict = "shapes"
     image_root: str | None = None  # relative image paths in a JSONL are resolved against it (default: the file's folder)
     feature_cache: str | None = None  # folder for cached frozen image features (None: memory only)
+    feature_dtype: str = "float16"  # storage of the cached features: float16 | bfloat16 | float32
+    feature_shard_mb: float = 256.0  # features per cache file (a killed extraction loses at most one)
+    feature_batch_size: int = 64  # frames per frozen-encoder call during extraction
+    num_frames: int = 8  # frames sampled uniformly from each video file
     shapes_train_size: int = 600
     shapes_eval_size: int = 200
     shapes_tasks: tuple = ("color", "shape", "what_color", "what_shape")
@@ -214,8 +221,23 @@ def validate(cfg: RunConfig) -> None:
     if t.lr_schedule_unit not in ("step", "epoch"):
         raise ValueError(f"train.lr_schedule_unit: expected 'step' or 'epoch', got {t.lr_schedule_unit!r}")
     check_generation_lengths(cfg.eval.generation_lengths, "eval.generation_lengths")
+    check_data_config(cfg.data)
     if t.grad_clip is not None and t.grad_clip < 0:
         raise ValueError(f"train.grad_clip: expected >= 0 or null, got {t.grad_clip}")
+
+
+def check_data_config(d: DataConfig) -> None:
+    """The data section: each split's source (``datasets.check_data_spec``), frames, feature storage."""
+    check_data_spec(d.train, "data.train")
+    check_data_spec(d.eval, "data.eval")
+    for key in ("num_frames", "feature_batch_size"):
+        value = getattr(d, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"data.{key}: expected an integer >= 1, got {value!r}")
+    if d.feature_dtype not in ("float16", "bfloat16", "float32"):
+        raise ValueError(f"data.feature_dtype: expected float16, bfloat16 or float32, got {d.feature_dtype!r}")
+    if not isinstance(d.feature_shard_mb, (int, float)) or isinstance(d.feature_shard_mb, bool) or d.feature_shard_mb <= 0:
+        raise ValueError(f"data.feature_shard_mb: expected a number > 0, got {d.feature_shard_mb!r}")
 
 
 def check_generation_lengths(lengths, where: str = "generation_lengths") -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 
 import torch
 
@@ -92,27 +93,84 @@ def predict(run: Run, num_demos: int, sampling: str = "random", group_size: int 
         rank = {q: i for i, q in enumerate(q for g in order for q in g)}
         perm = sorted(range(len(records)), key=lambda i: rank[records[i]["query"]])
         records, ctx = [records[i] for i in perm], [ctx[i] for i in perm]
+    for r in records:  # the data set's ids (for the saved predictions), the kind and the headline metric
+        r.update(record_fields(queries[r["query"]]))
     return (records, ctx, computed) if return_context_lengths else records
 
 
+def record_fields(example) -> dict:
+    """What a prediction record carries from its example: ``kind``, ``metric`` (the headline), ``image_id``, ``question_id``."""
+    kind = task_kind(example.task, example.kind)
+    return {
+        "kind": kind,
+        "metric": example.metric or HEADLINE_OF_KIND[kind],
+        "image_id": example.image_id,
+        "question_id": example.question_id,
+    }
+
+
+# The metric each task kind is judged by (papers' tables): CIDEr for captions, VQA accuracy for questions;
+# the embedded shapes data sets "exact_match" on its examples (``Example.metric``).
+HEADLINE_OF_KIND = {"caption": "CIDEr", "vqa": "vqa_accuracy"}
+
+
 def score(records: list[dict]) -> dict:
-    """Per task and overall: n, exact match, VQA accuracy (in %); a caption task also gets ``captions``, its
-    :func:`metrics.caption_metrics` (pycocoevalcap's BLEU-1..4, METEOR, ROUGE-L, CIDEr, SPICE on their own scale)."""
+    """Per task and overall: n, exact match and VQA accuracy (in %), the task's ``kind`` and ``headline``.
+
+    A caption task (``kind`` "caption") whose headline is CIDEr also gets ``captions``: its
+    :func:`metrics.caption_metrics` (pycocoevalcap's BLEU-1..4, METEOR, ROUGE-L, CIDEr, SPICE, on their
+    own scale). ``headline``: ``{"metric": "CIDEr" | "vqa_accuracy" | "exact_match", "value": ...}`` in the
+    papers' units (CIDEr x 100, accuracies in %); "all" has one when every task shares its metric.
+    Records without ``kind``/``metric`` (e.g. from other generation loops) get them from the task name.
+    """
     by_task: dict[str, list[dict]] = {}
     for r in records:
         by_task.setdefault(r["task"], []).append(r)
     out = {}
     for task, rs in sorted(by_task.items()) + [("all", records)]:
-        out[task] = {
+        kinds = {r.get("kind") or task_kind(r["task"]) for r in rs}
+        names = {r.get("metric") or HEADLINE_OF_KIND[r.get("kind") or task_kind(r["task"])] for r in rs}
+        s = out[task] = {
             "n": len(rs),
+            "kind": kinds.pop() if len(kinds) == 1 else "mixed",
             "exact_match": 100 * sum(metrics.exact_match(r["prediction"], r["answers"]) for r in rs) / max(len(rs), 1),
             "vqa_accuracy": 100 * sum(metrics.vqa_accuracy(r["prediction"], r["answers"]) for r in rs) / max(len(rs), 1),
         }
-        if task != "all" and task_kind(task, rs[0].get("kind")) == "caption":
-            out[task]["captions"] = metrics.caption_metrics(
+        name = names.pop() if len(names) == 1 else None
+        if name == "CIDEr" and (task != "all" or len(by_task) > 1):
+            s["captions"] = metrics.caption_metrics(
                 {i: r["prediction"] for i, r in enumerate(rs)}, {i: r["answers"] for i, r in enumerate(rs)}
             )
+        elif name == "CIDEr":  # one task: "all" is that task
+            s["captions"] = out[rs[0]["task"]]["captions"]
+        if name is not None:
+            value = s[name] if name != "CIDEr" else s["captions"]["CIDEr"]
+            s["headline"] = {"metric": name, "value": None if value is None else (100 * value if name == "CIDEr" else value)}
     return out
+
+
+def save_predictions(records: list[dict], output: str, num_demos: int) -> dict[str, str]:
+    """Each task's predictions next to ``output`` (``<stem>.<k>demos.<task>.json``), in the layout the
+    evaluation tools read: ``[{"image_id", "caption"}]`` for a caption task (COCO caption results),
+    ``[{"question_id", "answer"}]`` for a question task (VQA results). Returns ``{task: path}``."""
+    by_task: dict[str, list[dict]] = {}
+    for r in records:
+        by_task.setdefault(r["task"], []).append(r)
+    stem = os.path.splitext(output)[0]
+    paths = {}
+    for task, rs in sorted(by_task.items()):
+        kind = rs[0].get("kind") or task_kind(task)
+        if kind == "caption":
+            rows = [{"image_id": r.get("image_id", r["query"]), "caption": r["prediction"]} for r in rs]
+        else:
+            rows = [{"question_id": r.get("question_id", r["query"]), "answer": r["prediction"]} for r in rs]
+        path = f"{stem}.{num_demos}demos.{re.sub(r'[^A-Za-z0-9_.-]', '_', task)}.json"
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(rows, f)
+        os.replace(tmp, path)
+        paths[task] = path
+    return paths
 
 
 def evaluate(run: Run, demo_counts=(0, 2), sampling: str = "random", output: str | None = None, print_table: bool = True,
@@ -122,6 +180,9 @@ def evaluate(run: Run, demo_counts=(0, 2), sampling: str = "random", output: str
     for k in demo_counts:
         records = predict(run, k, sampling=sampling, **kwargs)
         results["by_num_demos"][str(k)] = {"scores": score(records), "examples": records[:20]}
+        if output:  # every prediction, in the evaluation tools' layout, so the run can be re-scored
+            os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+            results["by_num_demos"][str(k)]["predictions"] = save_predictions(records, output, k)
     if print_table:
         print(format_table(results))
     if output:
@@ -134,15 +195,22 @@ def evaluate(run: Run, demo_counts=(0, 2), sampling: str = "random", output: str
 
 
 def format_table(results: dict) -> str:
-    """One line per demonstration count and task; CIDEr x 100 as papers print it ("-" for non-caption tasks)."""
-    lines = [f"sampling: {results['sampling']}", f"{'demos':>5}  {'task':<12} {'n':>5} {'exact':>7} {'vqa_acc':>8} {'CIDEr':>7}"]
+    """One line per demonstration count and task: its headline metric first (CIDEr x 100 for captions, VQA accuracy
+    for questions, exact match on the embedded data), then exact match, VQA accuracy and CIDEr ("-": not computed)."""
+    lines = [
+        f"sampling: {results['sampling']}",
+        f"{'demos':>5}  {'task':<14} {'n':>5} {'headline':>22} {'exact':>7} {'vqa_acc':>8} {'CIDEr':>7}",
+    ]
     approximate = False
     for k, res in results["by_num_demos"].items():
         for task, s in res["scores"].items():
             captions = s.get("captions") or {}
             cider = f"{100 * captions['CIDEr']:7.1f}" if captions.get("CIDEr") is not None else f"{'-':>7}"
             approximate |= captions.get("tokenizer", metrics.TOKENIZER_PTB) != metrics.TOKENIZER_PTB
-            lines.append(f"{k:>5}  {task:<12} {s['n']:>5} {s['exact_match']:7.1f} {s['vqa_accuracy']:8.1f} {cider}")
+            head = s.get("headline") or {}
+            value = head.get("value")
+            shown = f"{head['metric']} {value:.1f}" if value is not None else (f"{head['metric']} -" if head else "-")
+            lines.append(f"{k:>5}  {task:<14} {s['n']:>5} {shown:>22} {s['exact_match']:7.1f} {s['vqa_accuracy']:8.1f} {cider}")
     if approximate:
         lines.append(f"caption tokens: {metrics.TOKENIZER_PYTHON}")
     return "\n".join(lines)

@@ -65,8 +65,10 @@ class DemoSampler:
     """Draws demonstrations from ``pool`` for queries of ``queries`` (the same set in training).
 
     ``same_task``: only demonstrations of the query's own task (its instruction, answer style
-    and, for the embedded ``what_*`` tasks, what is asked). In training the query itself (and,
-    one-to-many, its whole group) is never its own demonstration.
+    and, for the embedded ``what_*`` tasks, what is asked). Whatever the strategy, a query never
+    gets a demonstration of its own image or video (``Example.media_key``: e.g. the other captions
+    of its image would give the answer away), nor, one-to-many, of any image of its group; so in
+    training the query itself is never its own demonstration.
     """
 
     def __init__(self, pool, queries, num_demos: int, strategy: str, same_task: bool = True, seed: int = 0):
@@ -76,23 +78,32 @@ class DemoSampler:
             raise ValueError(f"num_demos: expected >= 0, got {num_demos}")
         self.pool, self.queries, self.k, self.strategy, self.seed = pool, queries, num_demos, strategy, seed
         self.same_task = same_task
-        self.self_pool = pool is queries
         pool_tasks = np.array(pool.tasks())
         self.candidates = {t: np.flatnonzero(pool_tasks == t) for t in set(pool_tasks.tolist())} if same_task else None
         self.all = np.arange(len(pool))
+        # Images as integers: a pool example's image, and each query's (-1 - i: an image the pool never shows).
+        media_id: dict[str, int] = {}
+        self.pool_media = np.array([media_id.setdefault(e.media_key, len(media_id)) for e in pool.examples], dtype=np.int64)
+        self.query_media = np.array([media_id.get(e.media_key, -1 - i) for i, e in enumerate(queries.examples)], dtype=np.int64)
+        self._labels = None
         if strategy == "similar" and num_demos:
             self.pool_emb, self.query_emb = pool.image_embeddings(), queries.image_embeddings()
         self._similar: dict[tuple, list[int]] = {}  # nearest neighbours do not change between epochs
 
-    def _candidates(self, query: int, exclude: list[int]) -> np.ndarray:
+    def _candidates(self, queries: list[int]) -> np.ndarray:
+        """The pool examples the group may see: its task's (``same_task``), none of the group's images."""
         cands = self.all
         if self.same_task:
-            cands = self.candidates.get(self.queries[query].task, self.all[:0])
-        if self.self_pool and exclude:
-            cands = cands[~np.isin(cands, exclude)]
+            cands = self.candidates.get(self.queries[queries[0]].task, self.all[:0])
+        media = self.pool_media[cands]
+        if len(queries) == 1:
+            cands = cands[media != self.query_media[queries[0]]]
+        else:
+            cands = cands[~np.isin(media, self.query_media[queries])]
         if len(cands) < self.k:
             raise ValueError(
-                f"only {len(cands)} demonstration candidates for task {self.queries[query].task!r}, need num_demos={self.k}"
+                f"only {len(cands)} demonstration candidates for task {self.queries[queries[0]].task!r} (other images "
+                f"than the query's), need num_demos={self.k}"
             )
         return cands
 
@@ -104,15 +115,17 @@ class DemoSampler:
             if key not in self._similar:
                 # Nearest neighbours of the (first) query's image; the most similar goes last,
                 # right before the query, where recency matters most to the LLM.
-                cands = self._candidates(queries[0], list(queries))
+                cands = self._candidates(list(queries))
                 sims = self.pool_emb[torch.from_numpy(cands)] @ self.query_emb[queries[0]]
                 self._similar[key] = [int(d) for d in cands[torch.topk(sims, self.k).indices.flip(0).numpy()]]
             return Group(list(queries), list(self._similar[key]))
-        cands = self._candidates(queries[0], list(queries))
+        cands = self._candidates(list(queries))
         if self.strategy == "same-class":
             # Random demonstrations of the query's class (``label``); too few: the rest from its task.
+            if self._labels is None:
+                self._labels = np.array([e.label for e in self.pool.examples], dtype=object)
             label = self.queries[queries[0]].label
-            same = np.array([c for c in cands if self.pool[int(c)].label == label], dtype=cands.dtype)
+            same = cands[self._labels[cands] == label]
             rng = _rng(self.seed, epoch, 0xD1, queries[0])
             if len(same) >= self.k:
                 return Group(list(queries), [int(d) for d in rng.choice(same, self.k, replace=False)])

@@ -1,6 +1,6 @@
 """The frozen image encoder: a transformers vision model built from a config or a local checkpoint.
 
-It runs once per image (features are cached, see ``data.FeatureStore``), so training never
+It runs once per image (features are cached, see ``features.FeatureStore``), so training never
 pays for it. We keep the encoder's last hidden states BEFORE any final LayerNorm: the model's
 trainable ``ln_vision`` (as in BLIP-2/MMICT) is applied on top, initialised from the encoder's
 own final norm when it has one.
@@ -11,11 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from .config import ModelConfig
+if TYPE_CHECKING:  # (the config imports the data readers, which import this module)
+    from .config import ModelConfig
 
 _FAMILIES = {
     "blip2": ("Blip2VisionConfig", "Blip2VisionModel"),

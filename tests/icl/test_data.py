@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from mmict_kernels.icl import data as data_mod
-from mmict_kernels.icl import metrics, shapes
+from mmict_kernels.icl import shapes
 from mmict_kernels.icl.config import load_config
+from mmict_kernels.icl.datasets import LoadContext, jsonl
+from mmict_kernels.icl.datasets.shapes import shapes_dataset
+from mmict_kernels.icl.features import FeatureStore
 from mmict_kernels.icl.sampling import DemoSampler, batches_of, epoch_groups
-from mmict_kernels.icl.vision import build_vision_encoder, fingerprint
+from mmict_kernels.icl.vision import build_vision_encoder, encode_pixels, fingerprint
 
 
 @pytest.fixture(autouse=True)
@@ -30,7 +32,13 @@ def encoder():
 
 
 def _dataset(encoder, num=40, tasks=("color", "shape", "what_color", "what_shape")):
-    return data_mod.shapes_dataset(num, tasks, 0, encoder, "blip2", 32, "t")
+    return shapes_dataset(num, tasks, 0, encoder, "blip2", 32, "t")
+
+
+def _load_jsonl(path, encoder, cache=None):
+    """A JSONL file through the driver's reader (features in ``cache``, or in memory)."""
+    store = FeatureStore(str(cache) if cache else None, fingerprint(encoder))
+    return jsonl.load(str(path), LoadContext(encoder, "blip2", 32, store, progress=False)), store
 
 
 # ------------------------------------------------------------------ embedded data
@@ -63,42 +71,61 @@ def _write_images(folder, n):
 def test_jsonl_loads_images_frames_and_caches_features(tmp_path, encoder, monkeypatch):
     imgs = _write_images(tmp_path, 3)
     rows = [
-        {"image": imgs[0], "prompt": "q one", "answer": "a", "task": "vqa"},
-        {"frames": [imgs[1], imgs[2]], "prompt": "caption", "answer": "b c", "answers": ["b c", "b"]},
+        {"image": imgs[0], "prompt": "q one", "answer": "a", "task": "vqa", "kind": "vqa", "question_id": 7},
+        {"frames": [imgs[1], imgs[2]], "prompt": "caption", "answer": "b c", "answers": ["b c", "b"], "kind": "caption"},
     ]
     path = tmp_path / "train.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
     cache = tmp_path / "cache"
-    store = data_mod.FeatureStore(str(cache), fingerprint(encoder))
-    ds = data_mod.jsonl_dataset(str(path), None, encoder, "blip2", 32, store)
+    ds, store = _load_jsonl(path, encoder, cache)
     assert len(ds) == 2 and ds[0].task == "vqa" and ds[1].answers == ("b c", "b")
+    assert (ds[0].question_id, ds[0].image_id, ds[1].question_id) == (7, imgs[0], 2)  # default: the line number
     tokens = ds.image_tokens(0).shape[0]
     assert ds.image_tokens(1).shape[0] == 2 * tokens  # a video's frames are packed into one sequence
-    assert os.path.isfile(store.path)
+    assert ds.image_tokens(0).dtype == torch.float32 and store[ds[0].images[0]].dtype == torch.float16
+    assert os.listdir(store.folder)
 
     # Second load: every feature comes from the cache, the encoder is not called.
     def boom(*a, **k):
         raise AssertionError("the image encoder ran although the cache holds every image")
 
-    monkeypatch.setattr(data_mod, "encode_pixels", boom)
-    again = data_mod.jsonl_dataset(str(path), None, encoder, "blip2", 32, data_mod.FeatureStore(str(cache), fingerprint(encoder)))
+    monkeypatch.setattr(LoadContext, "encode", boom)
+    again, _ = _load_jsonl(path, encoder, cache)
     assert torch.equal(again.image_tokens(1), ds.image_tokens(1))
+
+
+def test_jsonl_refuses_unknown_keys_and_says_when_it_guesses_the_kind(tmp_path, encoder, caplog):
+    imgs = _write_images(tmp_path, 1)
+    path = tmp_path / "d.jsonl"
+    good = {"image": imgs[0], "prompt": "p", "answer": "a"}
+    path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "answer_list": ["a", "b"]}) + "\n")
+    with pytest.raises(ValueError, match=r"d\.jsonl, line 2: unknown keys \['answer_list'\]"):
+        _load_jsonl(path, encoder)
+    path.write_text(json.dumps({**good, "task": "msrvtt_caption"}) + "\n" + json.dumps({**good, "task": "msrvtt_caption"}))
+    with caplog.at_level(logging.WARNING):
+        ds, _ = _load_jsonl(path, encoder)
+    assert ds[0].kind == "caption" and caplog.text.count("treated as 'caption' from its name") == 1
+    caplog.clear()
+    path.write_text(json.dumps({**good, "task": "msrvtt", "kind": "caption"}))
+    with caplog.at_level(logging.WARNING):
+        assert _load_jsonl(path, encoder)[0][0].kind == "caption"
+    assert "from its name" not in caplog.text
 
 
 def test_corrupt_feature_cache_is_reported_and_rebuilt(tmp_path, encoder, caplog):
     imgs = _write_images(tmp_path, 1)
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps({"image": imgs[0], "prompt": "p", "answer": "a"}))
-    store = data_mod.FeatureStore(str(tmp_path / "c"), fingerprint(encoder))
-    ref = data_mod.jsonl_dataset(str(path), None, encoder, "blip2", 32, store).image_tokens(0)
-    with open(store.path, "wb") as f:
+    ds, store = _load_jsonl(path, encoder, tmp_path / "c")
+    ref = ds.image_tokens(0)
+    (shard,) = [os.path.join(store.folder, f) for f in os.listdir(store.folder)]
+    with open(shard, "wb") as f:
         f.write(b"not a safetensors file")
     with caplog.at_level(logging.WARNING):
-        store2 = data_mod.FeatureStore(str(tmp_path / "c"), fingerprint(encoder))
-    assert "unreadable" in caplog.text and store.path in caplog.text
-    got = data_mod.jsonl_dataset(str(path), None, encoder, "blip2", 32, store2).image_tokens(0)
-    assert torch.equal(got, ref)
-    assert data_mod.FeatureStore(str(tmp_path / "c"), fingerprint(encoder)).features  # rewritten, readable
+        got, store2 = _load_jsonl(path, encoder, tmp_path / "c")
+    assert "unreadable" in caplog.text and shard in caplog.text and os.path.isfile(shard + ".corrupt")
+    assert torch.equal(got.image_tokens(0), ref)
+    assert len(FeatureStore(str(tmp_path / "c"), fingerprint(encoder))) == 1  # rewritten, readable
 
 
 @pytest.mark.parametrize(
@@ -124,7 +151,7 @@ def test_bad_data_files_name_the_file(tmp_path, encoder, content, error, match):
     if content is not None:
         path.write_text(content)
     with pytest.raises(error, match=match) as info:
-        data_mod.jsonl_dataset(str(path), None, encoder, "blip2", 32, data_mod.FeatureStore(None, "x"))
+        _load_jsonl(path, encoder)
     if "image" not in match and "npy" not in match:
         assert str(path) in str(info.value)
 
@@ -188,22 +215,12 @@ def test_one_to_many_groups_share_task_and_demos(encoder):
     assert all(sum(len(g) for g in b) == 8 for b in batches)
 
 
-# ------------------------------------------------------------------ metrics
-def test_metrics():
-    assert metrics.exact_match("The Red.", ["red"]) == 1.0
-    assert metrics.vqa_accuracy("red", ["red", "red", "blue"]) == pytest.approx(2 / 3)
-    assert metrics.vqa_accuracy("red", ["red"] * 4) == 1.0
-    assert metrics.corpus_bleu(["a red circle on dark"], [["a red circle on dark"]]) == pytest.approx(1.0)
-    assert metrics.corpus_bleu(["blue"], [["red"]]) == 0.0
-    assert 0 < metrics.corpus_bleu(["red circle on dark grass"], [["red circle on dark ground"]]) < 1
-
-
 # ------------------------------------------------------------------ models from local folders
 @pytest.mark.parametrize("family", ["blip2", "clip", "siglip"])
 def test_vision_families_give_token_features(family):
     cfg = load_config(None, [f"model.vision_family={family}"]).model
     enc = build_vision_encoder(cfg)
-    feats = data_mod.encode_pixels(enc, torch.randn(2, 3, 32, 32))
+    feats = encode_pixels(enc, torch.randn(2, 3, 32, 32))
     assert feats.shape[0] == 2 and feats.shape[2] == enc.config.hidden_size and feats.std() > 1e-3
 
 
@@ -293,9 +310,9 @@ def test_jpeg_and_png_images_through_pillow(tmp_path, encoder):
     (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
     good = tmp_path / "good.jsonl"
     good.write_text(json.dumps({"image": "a.png", "prompt": "p", "answer": "a"}))
-    ds = data_mod.jsonl_dataset(str(good), None, encoder, "blip2", 32, data_mod.FeatureStore(None, "x"))
+    ds, _ = _load_jsonl(good, encoder)
     assert ds.image_tokens(0).shape[1] == encoder.config.hidden_size
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"image": "bad.jpg", "prompt": "p", "answer": "a"}))
     with pytest.raises(ValueError, match=r"bad\.jpg.*bad\.jsonl, line 1.*cannot be read"):
-        data_mod.jsonl_dataset(str(bad), None, encoder, "blip2", 32, data_mod.FeatureStore(None, "x"))
+        _load_jsonl(bad, encoder)
