@@ -1,7 +1,9 @@
 """Train MMICT: ``python -m mmict_kernels.train --config configs/tiny.yaml``.
 
 Multi-process: ``torchrun --nproc_per_node=N -m mmict_kernels.train --config ...`` (NCCL on GPUs,
-gloo on CPU). A run resumes from its newest checkpoint in ``train.output_dir`` unless ``--no-resume``.
+gloo on CPU; ``--set train.fsdp=true`` shards the frozen LLM over the processes). A run resumes
+from its newest readable checkpoint in ``train.output_dir`` unless ``--no-resume``; a fresh run into
+a folder that holds another run needs ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -18,7 +20,17 @@ def parse_args(argv=None):
     add_override_arguments(p)
     p.add_argument("--output-dir", help="where checkpoints and logs go (train.output_dir)")
     p.add_argument("--max-steps", type=int, help="train.max_steps")
-    p.add_argument("--no-resume", action="store_true", help="start fresh even if the output folder has checkpoints")
+    p.add_argument("--no-resume", action="store_true", help="start fresh (refused if the output folder holds another run)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="remove the run already in the output folder (checkpoints, metrics, config, logs) and start fresh",
+    )
+    p.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="resume although the config differs from the run's config.yaml (the old one is kept)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -39,12 +51,21 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, overrides)
         trainer = Trainer(cfg)
-        losses = trainer.fit(resume=not args.no_resume)
+        losses = trainer.fit(
+            resume=not (args.no_resume or args.overwrite),
+            overwrite=args.overwrite,
+            allow_config_change=args.allow_config_change,
+        )
     except USER_ERRORS as exc:
         return user_error(exc)
     if trainer.rank == 0:
         last = f", last loss {losses[-1]:.4f}" if losses else " (nothing left to do: already at the last step)"
-        print(f"trained to step {trainer.step}/{trainer.total_steps}{last}; checkpoints in {cfg.train.output_dir}/checkpoints")
+        best = (
+            f"; best {trainer.best['metric']} {trainer.best['value']:.2f} at step {trainer.best['step']}" if trainer.best else ""
+        )
+        print(
+            f"trained to step {trainer.step}/{trainer.total_steps}{last}{best}; checkpoints in {cfg.train.output_dir}/checkpoints"
+        )
     return 0
 
 

@@ -29,6 +29,7 @@ import torch
 
 from .data import task_kind
 from .sampling import Group
+from .tokenizer import TruncationCount
 
 IGNORE = -100
 
@@ -159,13 +160,24 @@ class BatchBuilder:
         # name of ``llm_ids``, kept as an alias.
         self.mhub_ids = functools.lru_cache(maxsize=1 << 16)(self._mhub_ids)
         self.llm_ids = functools.lru_cache(maxsize=1 << 16)(self._llm_ids)
+        self._target_llm_ids = functools.lru_cache(maxsize=1 << 16)(functools.partial(self._llm_ids, part="LLM target"))
         self._ltok = self.llm_ids
+        # Texts cut at max_text_tokens (each distinct text once: the ids are cached); the run reports it once.
+        self.truncation = TruncationCount(max_text_tokens)
+
+    def _capped(self, tokenizer, text: str, part: str, **kwargs) -> tuple:
+        ids = tokenizer(text, truncation=True, max_length=self.max_text, **kwargs)["input_ids"]
+        if len(ids) >= self.max_text:  # maybe cut: only such texts are tokenised again, whole, to know
+            whole = len(tokenizer(text, truncation=False, **kwargs)["input_ids"])
+            if whole > self.max_text:
+                self.truncation.add(part, whole)
+        return tuple(ids)
 
     def _mhub_ids(self, text: str) -> tuple:
-        return tuple(self.mtok(text, truncation=True, max_length=self.max_text)["input_ids"])
+        return self._capped(self.mtok, text, "M-Hub text")
 
-    def _llm_ids(self, text: str) -> tuple:
-        return tuple(self.ltok(text, add_special_tokens=False, truncation=True, max_length=self.max_text)["input_ids"])
+    def _llm_ids(self, text: str, part: str = "LLM text") -> tuple:
+        return self._capped(self.ltok, text, part, add_special_tokens=False)
 
     @staticmethod
     def demo_text(example) -> str:
@@ -176,7 +188,7 @@ class BatchBuilder:
         return f"{example.prompt} {example.answer}"
 
     def target_ids(self, answer: str) -> list[int]:
-        return list(self.llm_ids(" " + answer)) + ([self.eos_id] if self.eos_id is not None else [])
+        return list(self._target_llm_ids(" " + answer)) + ([self.eos_id] if self.eos_id is not None else [])
 
     # --- how a demonstration enters the batch: the two hooks a baseline layout overrides ---
     def demo_mhub_ids(self, example) -> tuple:

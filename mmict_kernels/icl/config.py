@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import types
+import typing
+import warnings
 from typing import Any
 
 import yaml
@@ -90,12 +93,28 @@ class TrainConfig:
     weight_decay: float = 0.05
     betas: tuple = (0.9, 0.999)
     grad_clip: float = 1.0
-    bf16: bool = True  # autocast on CUDA only
+    # Mixed precision on a GPU: bf16 autocast, fp16 autocast with a GradScaler, or fp32 (CPU runs
+    # always compute in float32). The older `bf16: true | false` is read as bf16 | fp32.
+    precision: str = "bf16"
+    grad_accum_steps: int = 1  # micro-batches per optimizer step (batch_size is split between them)
+    gradient_checkpointing: bool = False  # recompute M-Hub and frozen-LLM layers in the backward
     seed: int = 42
     log_every: int = 10
     save_every: int = 0  # steps; 0: only at the end
+    keep_checkpoints: int = 2  # newest checkpoints kept; the best one (eval.every_steps) is always kept too
     device: str = "auto"
     progress: bool = True
+    tensorboard: bool = True  # <output_dir>/tensorboard
+    wandb: bool | str = False  # true or a project name: also log to Weights & Biases (when installed)
+    # torchrun only: shard the frozen LLM over the processes (FSDP2 fully_shard) instead of a full
+    # copy per process; `fsdp_shard_trainable` shards the M-Hub, FC and their optimizer state too.
+    fsdp: bool = False
+    fsdp_shard_trainable: bool = False
+
+    @property
+    def bf16(self) -> bool:
+        """Deprecated: ``precision == "bf16"``."""
+        return self.precision == "bf16"
 
 
 @dataclasses.dataclass
@@ -109,6 +128,10 @@ class EvalConfig:
     generation_lengths: dict = dataclasses.field(default_factory=dict)
     demo_counts: tuple = (0, 2)  # evaluate with each number of demonstrations
     output: str | None = None  # JSON path; default <output_dir>/eval.json
+    # During training: evaluate on data.eval (with demos.num_demos) every this many steps and keep
+    # the best checkpoint by the headline metric; 0: never.
+    every_steps: int = 0
+    limit: int | None = None  # evaluate only the first N query groups (None: all)
 
 
 @dataclasses.dataclass
@@ -141,28 +164,86 @@ def dataclass_from_dict(cls, values: dict, what: str = "config", path: str = "")
     if unknown:
         raise ValueError(f"{where}: unknown keys {unknown}; expected some of {sorted(fields)}")
     defaults = cls()
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # an annotation that cannot be evaluated: only the default's type is known
+        hints = {}
     kwargs = {}
     for name, value in values.items():
         default = getattr(defaults, name)
         key = f"{path}.{name}" if path else name
         if dataclasses.is_dataclass(default):
             kwargs[name] = dataclass_from_dict(type(default), value or {}, what, key)
-        elif isinstance(default, tuple) and isinstance(value, list):
-            kwargs[name] = tuple(value)
-        elif isinstance(default, float) and isinstance(value, (str, int)) and not isinstance(value, bool):
-            try:
-                kwargs[name] = float(value)
-            except ValueError:
-                raise ValueError(f"{what} key {key}: expected a number, got {value!r}") from None
         else:
-            kwargs[name] = value
+            kwargs[name] = _typed_value(value, hints.get(name, type(default)), f"{what} key {key}")
     return cls(**kwargs)
 
 
+class ConfigTypeError(TypeError, ValueError):
+    """A config value of the wrong type (a TypeError, and a ValueError so the CLIs report it as a user error)."""
+
+
+_TYPE_NAMES = {bool: "a boolean (true/false)", int: "an integer", float: "a number", str: "a string",
+               tuple: "a list", list: "a list", dict: "a mapping"}  # fmt: skip
+
+
+def _typed_value(value, hint, where: str):
+    """``value`` checked against the field's annotation ``hint`` (and converted where YAML cannot say it).
+
+    A list becomes a tuple where the field is a tuple (YAML has no tuples); a string or int becomes a
+    float where the field is a float (YAML 1.1 reads "1e-5", without a dot, as a string). Anything else
+    of the wrong type raises :class:`ConfigTypeError` naming the key and the expected type.
+    """
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    options = tuple(typing.get_origin(o) or o for o in options)
+    if value is None and type(None) in options:
+        return None
+    known = [o for o in options if o in _TYPE_NAMES]
+    if len(known) < len([o for o in options if o is not type(None)]):
+        return value  # a type this reader does not check (Any, a class, ...)
+    for option in known:
+        if option is bool and isinstance(value, bool):
+            return value
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if option is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            try:
+                return float(value)
+            except ValueError:
+                continue
+        if option is str and isinstance(value, str):
+            return value
+        if option in (tuple, list) and isinstance(value, (list, tuple)):
+            return option(value)
+        if option is dict and isinstance(value, dict):
+            return value
+    expected = " or ".join([_TYPE_NAMES[o] for o in known] + (["null"] if type(None) in options else []))
+    raise ConfigTypeError(f"{where}: expected {expected}, got {value!r} ({type(value).__name__})")
+
+
 def config_from_dict(values: dict) -> RunConfig:
-    cfg = dataclass_from_dict(RunConfig, values or {})
+    cfg = dataclass_from_dict(RunConfig, _read_deprecated_keys(values or {}))
     validate(cfg)
     return cfg
+
+
+def _read_deprecated_keys(values: dict) -> dict:
+    """``train.bf16: true | false`` (older configs) read as ``train.precision: bf16 | fp32``, with a warning."""
+    train = values.get("train") if isinstance(values, dict) else None
+    if not isinstance(train, dict) or "bf16" not in train:
+        return values
+    train = dict(train)
+    bf16 = train.pop("bf16")
+    if not isinstance(bf16, bool):
+        raise ConfigTypeError(f"config key train.bf16: expected a boolean (true/false), got {bf16!r} ({type(bf16).__name__})")
+    implied = "bf16" if bf16 else "fp32"
+    if "precision" in train and train["precision"] != implied:
+        raise ValueError(
+            f"config keys train.bf16 ({bf16}) and train.precision ({train['precision']!r}) disagree; keep precision only"
+        )
+    train["precision"] = implied
+    warnings.warn(f"config key train.bf16 is deprecated: read as train.precision: {implied}", FutureWarning, stacklevel=3)
+    return {**values, "train": train}
 
 
 def apply_overrides(values: dict, overrides: list[str]) -> dict:
@@ -224,6 +305,41 @@ def validate(cfg: RunConfig) -> None:
     check_data_config(cfg.data)
     if t.grad_clip is not None and t.grad_clip < 0:
         raise ValueError(f"train.grad_clip: expected >= 0 or null, got {t.grad_clip}")
+    validate_training(cfg)
+
+
+PRECISIONS = ("bf16", "fp16", "fp32")
+
+
+def validate_training(cfg: RunConfig) -> None:
+    """Ranges of the training, run-management and evaluation keys (types were checked when read)."""
+    t, e = cfg.train, cfg.eval
+    at_least = [
+        ("train.epochs", t.epochs, 0, False), ("train.max_steps", t.max_steps, 1, True), ("train.lr", t.lr, 0, True),
+        ("train.warmup_start_lr", t.warmup_start_lr, 0, True), ("train.min_lr", t.min_lr, 0, True),
+        ("train.warmup_steps", t.warmup_steps, 0, True), ("train.weight_decay", t.weight_decay, 0, True),
+        ("train.grad_accum_steps", t.grad_accum_steps, 1, True), ("train.log_every", t.log_every, 1, True),
+        ("train.save_every", t.save_every, 0, True), ("train.keep_checkpoints", t.keep_checkpoints, 1, True),
+        ("eval.batch_size", e.batch_size, 1, True), ("eval.num_beams", e.num_beams, 1, True),
+        ("eval.max_new_tokens", e.max_new_tokens, 1, True), ("eval.min_new_tokens", e.min_new_tokens, 0, True),
+        ("eval.every_steps", e.every_steps, 0, True), ("eval.limit", e.limit, 1, True),
+        ("data.max_text_tokens", cfg.data.max_text_tokens, 1, True),
+    ]  # fmt: skip
+    for key, value, low, inclusive in at_least:
+        if value is not None and (value < low if inclusive else value <= low):
+            raise ValueError(f"{key}: expected {'>=' if inclusive else '>'} {low}, got {value}")
+    if e.min_new_tokens > e.max_new_tokens:
+        raise ValueError(f"eval.min_new_tokens ({e.min_new_tokens}) exceeds eval.max_new_tokens ({e.max_new_tokens})")
+    if len(t.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in t.betas):
+        raise ValueError(f"train.betas: expected two numbers in [0, 1), got {list(t.betas)}")
+    if t.precision not in PRECISIONS:
+        raise ValueError(f"train.precision: expected one of {list(PRECISIONS)}, got {t.precision!r}")
+    if t.batch_size % t.grad_accum_steps:
+        raise ValueError(f"train.batch_size ({t.batch_size}) must be a multiple of train.grad_accum_steps ({t.grad_accum_steps})")
+    if t.fsdp_shard_trainable and not t.fsdp:
+        raise ValueError("train.fsdp_shard_trainable: needs train.fsdp: true")
+    if not all(isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in e.demo_counts):
+        raise ValueError(f"eval.demo_counts: expected numbers of demonstrations >= 0, got {list(e.demo_counts)}")
 
 
 def check_data_config(d: DataConfig) -> None:

@@ -6,10 +6,10 @@ run's sampling strategy; ``num_demos=0`` is the query alone (VanillaFine-Tune st
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
+import sys
 
 import torch
 
@@ -18,6 +18,8 @@ from .batch import BatchBuilder
 from .build import Run
 from .config import check_generation_lengths
 from .data import task_kind
+from .distributed import gather_to_rank0, is_sharded, rank_and_world
+from .precision import MixedPrecision
 from .sampling import DemoSampler, batches_of, epoch_groups
 
 
@@ -63,6 +65,12 @@ def predict(run: Run, num_demos: int, sampling: str = "random", group_size: int 
     queries, pool = run.eval_set, run.train_set
     lengths = check_generation_lengths(generation_lengths or {})
     sampler = DemoSampler(pool, queries, num_demos, sampling, cfg.demos.same_task, seed=seed)
+    rank, world = rank_and_world()
+    # FSDP: every process must run the same forwards (each gathers the LLM's shards), so the
+    # shared-prefix generation (its own early stop) is not used and transformers' generate runs
+    # in lockstep (synced_gpus) until every process has finished.
+    sharded = world > 1 and is_sharded(model)
+    use_prefix_cache = use_prefix_cache and not sharded
     shared = sampling == "one-to-many" and num_demos > 0 and m.llm_family == "decoder" and use_prefix_cache and num_beams == 1
     builder = (builder_cls or BatchBuilder)(run.mhub_tokenizer, run.llm_tokenizer, m.num_query_tokens, m.separator, m.llm_family,
                            cfg.data.max_text_tokens, mode="generate", shared_prefix=shared)
@@ -73,22 +81,47 @@ def predict(run: Run, num_demos: int, sampling: str = "random", group_size: int 
         by_setting.setdefault(generation_lengths_of(queries[g[0]], lengths, (min_new_tokens, max_new_tokens)), []).append(g)
     model.eval()
     tok = run.llm_tokenizer
+    precision = MixedPrecision(cfg.train.precision, torch.device(device))
+    # The batches of a one-process run, in order; with several processes each takes every world-th
+    # one (the same batches, so the same predictions) and rank 0 gathers them back in order.
+    jobs = [(setting, groups) for setting, setting_order in by_setting.items()
+            for groups in batches_of(setting_order, batch_size, drop_last=False)]  # fmt: skip
+    mine = list(range(rank, len(jobs), world))
+    # Lockstep (FSDP): every process runs as many batches; one that has none left repeats a batch and discards it.
+    turns = -(-len(jobs) // world) if sharded else len(mine)
+    done = []  # (job index, records, context lengths, positions computed)
+    for turn in range(turns):
+        job = mine[turn] if turn < len(mine) else None
+        (lo, hi), groups = jobs[job if job is not None else 0]
+        batch = builder(sampler.groups(groups, 0), queries, pool).to(device)
+        with precision.autocast():
+            out = model.generate(
+                batch,
+                max_new_tokens=hi,
+                min_new_tokens=lo,
+                num_beams=num_beams,
+                eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id,
+                synced_gpus=sharded,
+            )
+        if job is None:
+            continue
+        rows, n = batch.context_lengths()
+        texts = []
+        for q, answers, task, ids in zip(batch.queries, batch.answers, batch.tasks, out.tolist()):
+            if tok.eos_token_id in ids:
+                ids = ids[: ids.index(tok.eos_token_id)]
+            text = tok.decode(ids, skip_special_tokens=True).strip()
+            texts.append({"query": q, "task": task, "prediction": text, "answers": list(answers)})
+        done.append((job, texts, rows, n))
+    gathered = gather_to_rank0(done)
+    if gathered is None:  # not rank 0: rank 0 holds every record
+        return ([], [], 0) if return_context_lengths else []
     records, ctx, computed = [], [], 0
-    for (lo, hi), setting_order in by_setting.items():
-        for groups in batches_of(setting_order, batch_size, drop_last=False):
-            batch = builder(sampler.groups(groups, 0), queries, pool).to(device)
-            amp = torch.autocast("cuda", dtype=torch.bfloat16) if torch.device(device).type == "cuda" and cfg.train.bf16 else contextlib.nullcontext()
-            with amp:
-                out = model.generate(batch, max_new_tokens=hi, min_new_tokens=lo, num_beams=num_beams,
-                                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-            rows, n = batch.context_lengths()
-            ctx += rows
-            computed += n
-            for q, answers, task, ids in zip(batch.queries, batch.answers, batch.tasks, out.tolist()):
-                if tok.eos_token_id in ids:
-                    ids = ids[: ids.index(tok.eos_token_id)]
-                text = tok.decode(ids, skip_special_tokens=True).strip()
-                records.append({"query": q, "task": task, "prediction": text, "answers": list(answers)})
+    for _, texts, rows, n in sorted(gathered, key=lambda d: d[0]):
+        records += texts
+        ctx += rows
+        computed += n
     if len(by_setting) > 1:  # back to the query order of a single-setting run
         rank = {q: i for i, q in enumerate(q for g in order for q in g)}
         perm = sorted(range(len(records)), key=lambda i: rank[records[i]["query"]])
@@ -175,23 +208,71 @@ def save_predictions(records: list[dict], output: str, num_demos: int) -> dict[s
 
 def evaluate(run: Run, demo_counts=(0, 2), sampling: str = "random", output: str | None = None, print_table: bool = True,
              **kwargs) -> dict:
-    """Scores for each number of demonstrations; prints a table and writes JSON when ``output`` is set."""
+    """Scores for each number of demonstrations; prints a table and writes JSON when ``output`` is set.
+
+    Each count's results are written as soon as they are scored, so a failure at a later count
+    keeps the finished ones: they are printed, the JSON records which count failed and why
+    (``"failed"``), and the error is raised. Under torchrun every process generates its share of
+    the queries and rank 0 scores, prints and writes (the other processes return ``{}``).
+    """
+    rank, _ = rank_and_world()
     results = {"sampling": sampling, "by_num_demos": {}}
     for k in demo_counts:
-        records = predict(run, k, sampling=sampling, **kwargs)
-        results["by_num_demos"][str(k)] = {"scores": score(records), "examples": records[:20]}
-        if output:  # every prediction, in the evaluation tools' layout, so the run can be re-scored
-            os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-            results["by_num_demos"][str(k)]["predictions"] = save_predictions(records, output, k)
+        try:
+            records = predict(run, k, sampling=sampling, **kwargs)
+            if rank == 0:
+                results["by_num_demos"][str(k)] = {"scores": score(records), "examples": records[:20]}
+                if output:  # every prediction, in the evaluation tools' layout, so the run can be re-scored
+                    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+                    results["by_num_demos"][str(k)]["predictions"] = save_predictions(records, output, k)
+        except Exception as exc:
+            if rank == 0:
+                results["failed"] = {"num_demos": k, "error": f"{type(exc).__name__}: {exc}"}
+                _write_results(results, output)
+                if print_table and results["by_num_demos"]:
+                    print(format_table(results))
+                done = ", ".join(results["by_num_demos"]) or "none"
+                kept = f"; kept in {output}" if output else ""
+                print(f"evaluation with {k} demonstrations failed; finished demo counts: {done}{kept}", file=sys.stderr)
+            raise
+        if rank == 0:
+            _write_results(results, output)
+    if rank != 0:
+        return {}
     if print_table:
         print(format_table(results))
-    if output:
-        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-        tmp = output + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=1)
-        os.replace(tmp, output)
     return results
+
+
+def _write_results(results: dict, output: str | None) -> None:
+    if not output:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    tmp = output + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=1)
+    os.replace(tmp, output)
+
+
+def headline(scores: dict) -> tuple[str, float | None]:
+    """(name, value) of the number a run is judged by (its best checkpoint during training): the mean over
+    the tasks of each task's headline (:func:`score`'s ``headline``: CIDEr x 100 for captions, VQA accuracy
+    for questions, exact match on the embedded data). ``("none", None)`` when no task has one."""
+    heads = [s.get("headline") or _headline_of(s) for task, s in scores.items() if task != "all"]
+    heads = [h for h in heads if h.get("value") is not None]
+    if not heads:
+        return "none", None
+    names = sorted({h["metric"] for h in heads})
+    name = names[0] if len(names) == 1 else "mean(" + ", ".join(names) + ")"
+    return name, sum(h["value"] for h in heads) / len(heads)
+
+
+def _headline_of(s: dict) -> dict:
+    """A task's headline from scores that carry none: CIDEr x 100 when captions were scored, else VQA accuracy."""
+    cider = (s.get("captions") or {}).get("CIDEr")
+    if "captions" in s:
+        return {"metric": "CIDEr", "value": None if cider is None else 100 * cider}
+    return {"metric": "vqa_accuracy", "value": s.get("vqa_accuracy")}
 
 
 def format_table(results: dict) -> str:

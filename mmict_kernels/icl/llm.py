@@ -88,3 +88,40 @@ def build_llm(family: str, llm_type: str, checkpoint: str | None, llm_config: di
             llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     llm.eval().requires_grad_(False)
     return llm
+
+
+def llm_blocks(llm: torch.nn.Module) -> list[torch.nn.Module]:
+    """The LLM's repeated blocks (transformers' ``_no_split_modules``: T5Block, LlamaDecoderLayer, ...), outermost only.
+
+    The unit of FSDP sharding and of gradient checkpointing.
+    """
+    names = set(getattr(llm, "_no_split_modules", None) or ())
+    found = [m for m in llm.modules() if type(m).__name__ in names]
+    inner = {id(c) for m in found for c in m.modules() if c is not m}
+    blocks = [m for m in found if id(m) not in inner]
+    if not blocks:
+        raise ValueError(f"{type(llm).__name__} names no repeated block (_no_split_modules)")
+    return blocks
+
+
+def checkpoint_blocks(llm: torch.nn.Module) -> None:
+    """Recompute each block of the frozen LLM in the backward instead of keeping its activations.
+
+    transformers' own switch only acts in training mode, and the frozen LLM always runs in eval
+    mode (no dropout), so each block's ``forward`` is wrapped here (non-reentrant
+    ``torch.utils.checkpoint``; module hooks, e.g. FSDP's, stay outside). The caller must not use a
+    KV cache in such a forward (the recompute would append to it again).
+    """
+    import torch.utils.checkpoint
+
+    for block in llm_blocks(llm):
+        if "forward" in vars(block):  # already wrapped
+            continue
+        inner = block.forward
+
+        def forward(*args, _inner=inner, **kwargs):
+            if torch.is_grad_enabled():
+                return torch.utils.checkpoint.checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+            return _inner(*args, **kwargs)
+
+        block.forward = forward

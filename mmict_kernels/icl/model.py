@@ -57,6 +57,26 @@ class MMICTModel(nn.Module):
         self.llm.eval()  # frozen: no dropout in the LLM, ever
         return self
 
+    def enable_gradient_checkpointing(self, llm: bool = True) -> None:
+        """Recompute the M-Hub's layers (and, with ``llm``, the frozen LLM's blocks) in the backward.
+
+        Saves the activations of every layer for the cost of a second forward; the gradients are
+        unchanged. The training forward never uses the LLM's KV cache, so the recompute is exact.
+        """
+        from .llm import checkpoint_blocks
+
+        if hasattr(self.mhub, "qformer"):  # transformers' Q-Former (the baseline implementation)
+            qformer = self.mhub.qformer
+            enable = getattr(qformer, "activation_checkpointing_enable", None)
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:  # transformers before the rename
+                qformer.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.mhub.gradient_checkpointing_enable()
+        if llm:
+            checkpoint_blocks(self.llm)
+
     # ------------------------------------------------------------------------------------
     def mhub_outputs(self, batch: MMICTBatch) -> torch.Tensor:
         """(U, Nq + T, hidden): the M-Hub over every turn of the batch in one call."""
@@ -99,7 +119,7 @@ class MMICTModel(nn.Module):
         if self.llm_family == "encoder-decoder":
             labels = batch.decoder.labels
             logits = self.llm(
-                inputs_embeds=self.embed(batch.llm, flat), attention_mask=batch.llm.attention_mask, labels=labels
+                inputs_embeds=self.embed(batch.llm, flat), attention_mask=batch.llm.attention_mask, labels=labels, use_cache=False
             ).logits
             nll = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="sum")
             return nll, batch.num_label_tokens
@@ -113,7 +133,7 @@ class MMICTModel(nn.Module):
         if batch.prefix is not None:
             logits = self._rows_with_prefix(batch, flat, embeds, **kwargs)
         else:
-            logits = self.llm(inputs_embeds=embeds, attention_mask=batch.llm.attention_mask, **kwargs).logits
+            logits = self.llm(inputs_embeds=embeds, attention_mask=batch.llm.attention_mask, use_cache=False, **kwargs).logits
         if not self._keep_logits:
             logits = logits[:, first:last]
         targets = labels[:, first + 1 : last + 1]
@@ -146,8 +166,12 @@ class MMICTModel(nn.Module):
         num_beams: int = 1,
         eos_token_id: int | None = None,
         pad_token_id: int | None = None,
+        synced_gpus: bool = False,
     ) -> torch.Tensor:
-        """(B, T) new tokens after each row's context (left-padded batch from a "generate" BatchBuilder)."""
+        """(B, T) new tokens after each row's context (left-padded batch from a "generate" BatchBuilder).
+
+        ``synced_gpus``: keep stepping until every process has finished (an FSDP-sharded LLM needs
+        the same forwards on every process); not for the shared-prefix path."""
         flat = self.mhub_outputs(batch).flatten(0, 1)
         embeds = self.embed(batch.llm, flat)
         if batch.prefix is not None:
@@ -175,6 +199,7 @@ class MMICTModel(nn.Module):
             do_sample=False,
             eos_token_id=eos_token_id,
             pad_token_id=pad_token_id,
+            **({"synced_gpus": True} if synced_gpus else {}),
         )
         if self.llm_family == "encoder-decoder":
             out = out[:, 1:]  # drop the decoder start token

@@ -46,3 +46,31 @@ def load_tokenizer(path: str, what: str = "tokenizer") -> PreTrainedTokenizerBas
     if tok.pad_token is None:  # OPT/Llama tokenizers may lack one; padding never reaches the loss
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     return tok
+
+
+class TruncationCount:
+    """Texts cut at the token cap (``data.max_text_tokens``), counted once per distinct text.
+
+    ``count``: texts cut; ``longest``: the longest uncut length seen (tokens); ``message()``: one
+    line for the run's log, or None when nothing was cut.
+    """
+
+    def __init__(self, cap: int, key: str = "data.max_text_tokens"):
+        self.cap, self.key = cap, key
+        self.count, self.longest = 0, 0
+        self.by_part: dict[str, int] = {}
+
+    def add(self, part: str, length: int) -> None:
+        """One text of ``length`` tokens (uncut) was cut to the cap; ``part`` says which ("LLM target", ...)."""
+        self.count += 1
+        self.longest = max(self.longest, length)
+        self.by_part[part] = self.by_part.get(part, 0) + 1
+
+    def message(self) -> str | None:
+        if not self.count:
+            return None
+        parts = ", ".join(f"{n} {part}" for part, n in sorted(self.by_part.items()))
+        return (
+            f"{self.count} distinct texts were cut at {self.key}={self.cap} tokens ({parts}); the longest had "
+            f"{self.longest} tokens. Raise {self.key} to keep them whole"
+        )

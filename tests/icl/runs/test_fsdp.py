@@ -1,0 +1,73 @@
+"""Two processes (torchrun, gloo) train as one: DDP and FSDP2 give the single-process steps, FSDP2 holds
+about half the frozen LLM per process, and a run resumed from a sharded checkpoint continues exactly.
+
+The two-process side runs once for the session (conftest.two_processes, two_process_scenarios.py);
+the single-process references run here.
+"""
+
+import torch
+from safetensors.torch import load_file
+
+from mmict_kernels.icl import checkpoint as ckpt
+from mmict_kernels.icl.config import load_config
+from mmict_kernels.icl.training import Trainer
+
+T5 = ("model.llm_family=encoder-decoder", "model.llm_type=t5", "train.max_steps=3", "train.grad_accum_steps=2")
+
+
+def one_process(out, tiny, *extra) -> tuple[list[float], dict, Trainer]:
+    trainer = Trainer(load_config(None, tiny(out, *extra)))
+    losses = trainer.fit(resume=False)
+    state = load_file(f"{ckpt.latest_checkpoint(str(out))}/{ckpt.TRAINABLE_FILE}")
+    return losses, state, trainer
+
+
+def assert_close_states(got: dict, expected: dict) -> None:
+    assert got.keys() == expected.keys() and not any(k.startswith("llm.") for k in got)
+    for k, v in got.items():
+        # atol: some entries (e.g. key biases, to which softmax is blind) are pure rounding noise.
+        torch.testing.assert_close(v, expected[k], rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_ddp_and_fsdp_give_the_single_process_steps(two_processes, tmp_path, tiny):
+    res = two_processes["results"]
+    losses, state, trainer = one_process(tmp_path / "one", tiny, "eval.every_steps=5")
+    for name in ("ddp", "fsdp", "fsdp_all"):  # DDP; FSDP2 (LLM sharded); FSDP2 (trainable parts sharded too)
+        torch.testing.assert_close(torch.tensor(res[f"{name}_losses"]), torch.tensor(losses), rtol=1e-5, atol=1e-6)
+    assert_close_states(res["ddp_state"], state)
+    assert_close_states(res["fsdp_state"], state)
+    # Evaluation during training (each rank a share of the queries) picks the same best checkpoint.
+    assert res["fsdp_best"] == {**trainer.best, "checkpoint": "checkpoints/step-5"}
+
+
+def test_fsdp_over_t5_with_gradient_accumulation(two_processes, tmp_path, tiny):
+    losses, _, _ = one_process(tmp_path / "t5", tiny, *T5)
+    torch.testing.assert_close(
+        torch.tensor(two_processes["results"]["fsdp_t5_losses"]), torch.tensor(losses), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_fsdp_holds_half_the_llm_per_process(two_processes):
+    ranks = two_processes["ranks"]
+    full = ranks[0]["llm_full_bytes"]
+    for r in ranks:
+        assert 0.45 * full <= r["llm_local_bytes"] <= 0.55 * full, (r["llm_local_bytes"], full)
+    assert sum(r["llm_local_bytes"] for r in ranks) >= full  # every byte on some process (plus padding)
+    # Trainable parts: replicated by default, halved with train.fsdp_shard_trainable.
+    trainable = ranks[0]["trainable_local_bytes"]
+    assert all(r["trainable_local_bytes"] == trainable for r in ranks)
+    for r in ranks:
+        assert 0.4 * trainable <= r["sharded_trainable_local_bytes"] <= 0.6 * trainable
+
+
+def test_resume_from_a_sharded_checkpoint_continues_exactly(two_processes):
+    res = two_processes["results"]
+    assert res["sharded_files"] == [
+        ".metadata",
+        "__0_0.distcp",
+        "__1_0.distcp",
+    ]  # torch.distributed.checkpoint, one shard per rank
+    assert res["fsdp_resumed_losses"] == res["fsdp_losses"]  # bitwise: 3 steps, then a new process group's trainer continues
+    assert res["fsdp_all_resumed_losses"] == res["fsdp_all_losses"]  # optimizer state sharded too
+    for k, v in res["fsdp_resumed_state"].items():
+        assert torch.equal(v, res["fsdp_state"][k]), k
