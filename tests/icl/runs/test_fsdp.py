@@ -32,7 +32,8 @@ def assert_close_states(got: dict, expected: dict) -> None:
 def test_ddp_and_fsdp_give_the_single_process_steps(two_processes, tmp_path, tiny):
     res = two_processes["results"]
     losses, state, trainer = one_process(tmp_path / "one", tiny, "eval.every_steps=5")
-    for name in ("ddp", "fsdp", "fsdp_all"):  # DDP; FSDP2 (LLM sharded); FSDP2 (trainable parts sharded too)
+    # DDP (2 micro-batches); FSDP2 (LLM sharded); FSDP2 (trainable parts sharded too, 2 micro-batches)
+    for name in ("ddp", "fsdp", "fsdp_all"):
         torch.testing.assert_close(torch.tensor(res[f"{name}_losses"]), torch.tensor(losses), rtol=1e-5, atol=1e-6)
     assert_close_states(res["ddp_state"], state)
     assert_close_states(res["fsdp_state"], state)
@@ -40,7 +41,7 @@ def test_ddp_and_fsdp_give_the_single_process_steps(two_processes, tmp_path, tin
     assert res["fsdp_best"] == {**trainer.best, "checkpoint": "checkpoints/step-5"}
 
 
-def test_fsdp_over_t5_with_gradient_accumulation(two_processes, tmp_path, tiny):
+def test_fsdp_over_t5_with_accumulation_and_gradient_checkpointing(two_processes, tmp_path, tiny):
     losses, _, _ = one_process(tmp_path / "t5", tiny, *T5)
     torch.testing.assert_close(
         torch.tensor(two_processes["results"]["fsdp_t5_losses"]), torch.tensor(losses), rtol=1e-5, atol=1e-5

@@ -58,8 +58,8 @@ def main(out: str) -> None:
         trainer = Trainer(cfg)
         return trainer, trainer.fit(**kwargs)
 
-    # DDP: the single-process steps.
-    _, res["ddp_losses"] = fit("ddp", [], resume=False)
+    # DDP with 2 micro-batches (no_sync on the first): the single-process steps.
+    _, res["ddp_losses"] = fit("ddp", ["train.grad_accum_steps=2"], resume=False)
     res["ddp_state"] = trainable_state(f"{out}/ddp")
 
     # FSDP2, frozen LLM sharded, trainable parts replicated; evaluation during training.
@@ -78,16 +78,17 @@ def main(out: str) -> None:
     res["fsdp_resumed_losses"] = first + rest
     res["fsdp_resumed_state"] = trainable_state(f"{out}/fsdp_cut")
 
-    # FSDP2 with the trainable parts (and their optimizer state) sharded too.
-    trainer, res["fsdp_all_losses"] = fit("fsdp_all", ["train.fsdp=true", "train.fsdp_shard_trainable=true"], resume=False)
+    # FSDP2 with the trainable parts (and their optimizer state) sharded too, 2 micro-batches (no gradient sync on the first).
+    fsdp_all = ["train.fsdp=true", "train.fsdp_shard_trainable=true", "train.grad_accum_steps=2"]
+    trainer, res["fsdp_all_losses"] = fit("fsdp_all", fsdp_all, resume=False)
     mine["sharded_trainable_local_bytes"] = local_nbytes(trainer.params)
-    _, first = fit("fsdp_all_cut", ["train.fsdp=true", "train.fsdp_shard_trainable=true"], resume=False, stop_after=3)
-    _, rest = fit("fsdp_all_cut", ["train.fsdp=true", "train.fsdp_shard_trainable=true"], resume=True)
+    _, first = fit("fsdp_all_cut", fsdp_all, resume=False, stop_after=3)
+    _, rest = fit("fsdp_all_cut", fsdp_all, resume=True)
     res["fsdp_all_resumed_losses"] = first + rest
 
-    # FSDP2 over a T5 (the paper's FlanT5 family), with gradient accumulation.
+    # FSDP2 over a T5 (the paper's FlanT5 family), with gradient accumulation and gradient checkpointing.
     t5 = ["model.llm_family=encoder-decoder", "model.llm_type=t5", "train.max_steps=3", "train.grad_accum_steps=2"]
-    _, res["fsdp_t5_losses"] = fit("fsdp_t5", t5 + ["train.fsdp=true"], resume=False)
+    _, res["fsdp_t5_losses"] = fit("fsdp_t5", t5 + ["train.fsdp=true", "train.gradient_checkpointing=true"], resume=False)
 
     # Distributed evaluation: each rank a share of the batches, rank 0 gathers.
     run = build_run(load_config(None, TINY))
