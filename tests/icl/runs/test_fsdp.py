@@ -37,6 +37,7 @@ def test_ddp_and_fsdp_give_the_single_process_steps(two_processes, tmp_path, tin
         torch.testing.assert_close(torch.tensor(res[f"{name}_losses"]), torch.tensor(losses), rtol=1e-5, atol=1e-6)
     assert_close_states(res["ddp_state"], state)
     assert_close_states(res["fsdp_state"], state)
+    assert_close_states(res["fsdp_all_state"], state)  # trainable.safetensors gathered from sharded parameters
     # Evaluation during training (each rank a share of the queries) picks the same best checkpoint.
     assert res["fsdp_best"] == {**trainer.best, "checkpoint": "checkpoints/step-5"}
 

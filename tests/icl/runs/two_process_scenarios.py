@@ -82,6 +82,7 @@ def main(out: str) -> None:
     fsdp_all = ["train.fsdp=true", "train.fsdp_shard_trainable=true", "train.grad_accum_steps=2"]
     trainer, res["fsdp_all_losses"] = fit("fsdp_all", fsdp_all, resume=False)
     mine["sharded_trainable_local_bytes"] = local_nbytes(trainer.params)
+    res["fsdp_all_state"] = trainable_state(f"{out}/fsdp_all")  # gathered whole from the shards
     _, first = fit("fsdp_all_cut", fsdp_all, resume=False, stop_after=3)
     _, rest = fit("fsdp_all_cut", fsdp_all, resume=True)
     res["fsdp_all_resumed_losses"] = first + rest
