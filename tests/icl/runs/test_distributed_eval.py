@@ -43,3 +43,19 @@ def test_evaluate_scores_and_writes_on_rank_zero(two_processes, tiny, tmp_path):
     expected = evaluate(run, demo_counts=(0, 2), sampling="random", print_table=False, batch_size=3, max_new_tokens=3)
     for k in ("0", "2"):
         assert written["by_num_demos"][k]["scores"] == json.loads(json.dumps(expected["by_num_demos"][k]["scores"]))
+
+
+def test_evaluate_cli_under_torchrun_with_the_llm_sharded(two_processes, tmp_path):
+    """``torchrun -m mmict_kernels.evaluate --run R`` on an FSDP run: the same scores as one process."""
+    from mmict_kernels import evaluate as evaluate_cli
+
+    assert [r["evaluate_cli_status"] for r in two_processes["ranks"]] == [0, 0]
+    run = two_processes["out"] / "fsdp"
+    args = ["--run", str(run), "--demos", "0", "2", "--limit", "6", "--output", str(tmp_path / "one.json")]
+    assert evaluate_cli.main(args) == 0
+    one = json.loads((tmp_path / "one.json").read_text())
+    two = json.loads((two_processes["out"] / "fsdp_cli_eval.json").read_text())
+    assert two["by_num_demos"].keys() == one["by_num_demos"].keys() == {"0", "2"}
+    for k in ("0", "2"):
+        assert two["by_num_demos"][k]["scores"] == one["by_num_demos"][k]["scores"]
+        assert two["by_num_demos"][k]["examples"] == one["by_num_demos"][k]["examples"]

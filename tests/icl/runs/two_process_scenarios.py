@@ -13,6 +13,7 @@ import traceback
 import torch
 import torch.distributed as dist
 
+from mmict_kernels import evaluate as evaluate_cli
 from mmict_kernels.icl import checkpoint as ckpt
 from mmict_kernels.icl.build import build_run
 from mmict_kernels.icl.config import load_config
@@ -102,6 +103,11 @@ def main(out: str) -> None:
     run = build_run(load_config(None, TINY + ["model.llm_family=encoder-decoder", "model.llm_type=t5"]))
     shard_model(run.model)
     res["predict_fsdp_t5"] = predictions(run)
+
+    # The evaluate CLI on the FSDP run's folder: its best checkpoint, the LLM sharded (its config.yaml says train.fsdp).
+    mine["evaluate_cli_status"] = evaluate_cli.main(
+        ["--run", f"{out}/fsdp", "--demos", "0", "2", "--limit", "6", "--output", f"{out}/fsdp_cli_eval.json"]
+    )
 
     torch.save(mine, f"{out}/rank{rank}.pt")
     if rank == 0:
