@@ -91,8 +91,11 @@ class Trainer:
                 f"train.batch_size ({t.batch_size}) must split into whole demonstration groups of {group} for each of "
                 f"{self.world} process(es) x {t.grad_accum_steps} micro-batch(es) (train.grad_accum_steps)"
             )
-        if run is None:
-            # Rank 0 builds first (and fills the image-feature cache); the others then read it.
+        if run is None and self.world > 1 and cfg.data.feature_cache:
+            # Every rank extracts its share of the missing image features into the shared cache.
+            run = build_run(cfg, device=self.device, extract_on_all_ranks=True)
+        elif run is None:
+            # Without a shared cache, rank 0 builds first; the others then build the same run.
             if self.world > 1 and self.rank != 0:
                 dist.barrier()
             run = build_run(cfg, device=self.device)
