@@ -16,7 +16,13 @@ real bfloat16 ``tl.dot`` or the GPU tile choices. :func:`compile_only` closes th
 Each compiled kernel is recorded with its launch (grid, warps, stages) and its resources, read
 from Triton's bundled toolchain: the ptxas log (registers, spill stores/loads, stack frame) and
 ``cuobjdump -res-usage`` of the cubin, the shared memory from the kernel's metadata, and the
-blocks per SM that the register file, shared memory and warp slots of an H100/H200 allow.
+blocks per SM that the register file, shared memory and warp slots of the target's reference GPU
+(H100/H200 for sm_90, A100 for sm_80) allow. What Triton checks only when it loads a kernel on a
+device is checked here instead (:meth:`KernelRecord.launch_problems`, :func:`grid_problem`): shared
+memory over the per-block limit, registers x warps that fit no SM, grid dimensions CUDA refuses.
+
+Works with Triton 3.6 (the GPU machines' image) and 3.9 (CI); one process may compile for
+several targets in turn (``compile_only(arch=90)`` then ``compile_only(arch=80)``).
 
 Run it in a process where ``TRITON_INTERPRET`` is unset (``@triton.jit`` picks the interpreter
 at import time), with ``TRITON_CACHE_DIR`` pointing at a fresh folder: a kernel found in Triton's
@@ -33,17 +39,38 @@ import os
 import re
 import subprocess
 import tempfile
-from typing import Iterator
+from collections.abc import Iterator
 
 from .. import backends
 
-# Hopper (H100 / H200, sm_90) per-SM limits, for the occupancy estimate.
-H100_REGISTERS_PER_SM = 65536
-H100_SHARED_PER_SM = 228 * 1024
-H100_SHARED_RESERVED_PER_BLOCK = 1024
-H100_MAX_WARPS_PER_SM = 64
-H100_MAX_BLOCKS_PER_SM = 32
+
+@dataclasses.dataclass(frozen=True)
+class SMLimits:
+    """Per-SM and per-block limits of the reference GPU of one target (for occupancy and launch checks)."""
+
+    gpu: str
+    num_sms: int
+    registers_per_sm: int = 65536
+    shared_per_sm: int = 228 * 1024
+    shared_per_block: int = 227 * 1024  # the opt-in maximum Triton's launcher allows
+    shared_reserved_per_block: int = 1024  # the driver keeps 1 KB per resident block
+    max_warps_per_sm: int = 64
+    max_blocks_per_sm: int = 32
+    max_threads_per_block: int = 1024
+
+
+# The reference GPU of each target: H100/H200 (sm_90, 132 SMs), A100 (sm_80, 108 SMs).
+SM_LIMITS = {
+    90: SMLimits(gpu="H100/H200", num_sms=132),
+    80: SMLimits(gpu="A100", num_sms=108, shared_per_sm=164 * 1024, shared_per_block=163 * 1024),
+}
 REGISTER_ALLOCATION_UNIT = 256  # registers are allocated per warp in units of 256
+GRID_LIMITS = (2**31 - 1, 65535, 65535)  # blocks along x, y, z
+
+
+def sm_limits(arch: int) -> SMLimits:
+    """The limits of ``sm_<arch>``'s reference GPU (the sm_80 ones for other 8.x targets)."""
+    return SM_LIMITS.get(arch) or SM_LIMITS[90 if arch >= 90 else 80]
 
 
 @dataclasses.dataclass
@@ -62,22 +89,52 @@ class KernelRecord:
     spill_stores: int | None = None
     spill_loads: int | None = None
     stack_bytes: int | None = None
-    target: str = ""
+    target: str = ""  # what the PTX was generated for, e.g. sm_90a
+    arch: int = 90
     key: str = ""
+    launched_in: list[str] = dataclasses.field(default_factory=list)  # every scenario that launched it (first = scenario)
 
     @property
     def spills(self) -> bool:
         return bool(self.spill_stores or self.spill_loads)
 
     def blocks_per_sm(self) -> int | None:
-        """Resident blocks per H100/H200 SM allowed by registers, shared memory, warps and the block limit."""
+        """Resident blocks per SM of the target's reference GPU allowed by registers, shared memory, warps and the block limit."""
         if self.registers is None:
             return None
+        lim = sm_limits(self.arch)
         regs_per_warp = -(-self.registers * 32 // REGISTER_ALLOCATION_UNIT) * REGISTER_ALLOCATION_UNIT
-        by_regs = H100_REGISTERS_PER_SM // (regs_per_warp * self.num_warps) if regs_per_warp else H100_MAX_BLOCKS_PER_SM
-        by_shared = H100_SHARED_PER_SM // (self.shared_bytes + H100_SHARED_RESERVED_PER_BLOCK)
-        by_warps = H100_MAX_WARPS_PER_SM // self.num_warps
-        return max(0, min(by_regs, by_shared, by_warps, H100_MAX_BLOCKS_PER_SM))
+        by_regs = lim.registers_per_sm // (regs_per_warp * self.num_warps) if regs_per_warp else lim.max_blocks_per_sm
+        by_shared = lim.shared_per_sm // (self.shared_bytes + lim.shared_reserved_per_block)
+        by_warps = lim.max_warps_per_sm // self.num_warps
+        return max(0, min(by_regs, by_shared, by_warps, lim.max_blocks_per_sm))
+
+    def launch_problems(self) -> list[str]:
+        """Why this launch would fail on the target GPU (Triton checks these only when loading the kernel
+        on a device, which a compile-only run never does), and missing resource reports."""
+        lim = sm_limits(self.arch)
+        found = []
+        if self.registers is None or self.spill_stores is None:
+            found.append("no ptxas log (spills unknown): the kernel came from Triton's cache; use a fresh TRITON_CACHE_DIR")
+        if self.shared_bytes > lim.shared_per_block:
+            found.append(f"needs {self.shared_bytes} B of shared memory per block, {lim.gpu} allows {lim.shared_per_block}")
+        if self.num_warps * 32 > lim.max_threads_per_block:
+            found.append(f"{self.num_warps} warps exceed {lim.max_threads_per_block} threads per block")
+        elif self.blocks_per_sm() == 0:
+            found.append(
+                f"cannot be resident on an SM ({self.registers} registers x {self.num_warps} warps, {self.shared_bytes} B shared)"
+            )
+        return found
+
+
+def grid_problem(grid) -> str | None:
+    """Why CUDA would refuse to launch ``grid`` (checked at every launch, not only the first of a specialisation)."""
+    if callable(grid):
+        return None
+    for axis, (size, limit) in enumerate(zip(tuple(grid), GRID_LIMITS)):
+        if isinstance(size, int) and not 0 <= size <= limit:
+            return f"grid dimension {'xyz'[axis]} = {size} outside [0, {limit}] (CUDA refuses the launch)"
+    return None
 
 
 @dataclasses.dataclass
@@ -158,7 +215,11 @@ def _constexpr_summary(kernel) -> str:
 
 
 class _FakeGPUDriver:
-    """A Triton driver that compiles for ``target`` and launches nothing (see the module docstring)."""
+    """A Triton driver that compiles for ``target`` and launches nothing (see the module docstring).
+
+    Its device number is the target's arch: Triton keeps one binder (holding the target it was
+    made for) per device number, so two targets in one process never share compiled kernels.
+    """
 
     def __init__(self, target):
         self._target = target
@@ -171,7 +232,7 @@ class _FakeGPUDriver:
         return self._target
 
     def get_current_device(self):
-        return 0
+        return self._target.arch
 
     def set_current_device(self, device):
         pass
@@ -194,22 +255,57 @@ class _FakeGPUDriver:
         raise RuntimeError("compile-only driver: no host launcher is built")
 
 
+_PTX_TARGET = re.compile(r"^\.target\s+(\w+)", re.MULTILINE)
+
+
 @contextlib.contextmanager
-def compile_only(arch: int = 90, num_sms: int = 132, gpu_name: str = "NVIDIA H100/H200 (simulated)") -> Iterator[CompileLog]:
+def _ptxas_log_printed():
+    """Make Triton print ptxas' ``-v`` log (registers, spills) while compiling.
+
+    Triton 3.4+ has ``triton.knobs.nvidia.dump_ptxas_log``; older versions read the environment
+    variable of the same name when compiling."""
+    import triton
+
+    knobs = getattr(getattr(triton, "knobs", None), "nvidia", None)
+    if knobs is not None and hasattr(knobs, "dump_ptxas_log"):
+        previous = knobs.dump_ptxas_log
+        knobs.dump_ptxas_log = True
+        try:
+            yield
+        finally:
+            knobs.dump_ptxas_log = previous
+    else:  # pragma: no cover - Triton < 3.4
+        previous = os.environ.get("TRITON_DUMP_PTXAS_LOG")
+        os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
+        try:
+            yield
+        finally:
+            if previous is None:
+                os.environ.pop("TRITON_DUMP_PTXAS_LOG", None)
+            else:
+                os.environ["TRITON_DUMP_PTXAS_LOG"] = previous
+
+
+@contextlib.contextmanager
+def compile_only(arch: int = 90, num_sms: int | None = None, gpu_name: str | None = None) -> Iterator[CompileLog]:
     """Inside the block, Triton launches compile for ``sm_<arch>`` and record into the yielded log.
 
-    Needs a process whose Triton kernels were defined without ``TRITON_INTERPRET=1``.
+    ``num_sms`` (what the host launchers' heuristics see) defaults to the target's reference GPU:
+    132 for sm_90 (H100/H200), 108 for sm_80 (A100). Needs a process whose Triton kernels were
+    defined without ``TRITON_INTERPRET=1``.
     """
-    import triton
     from triton.backends.compiler import GPUTarget
     from triton.runtime import driver as driver_config
     from triton.runtime import jit
 
     if backends.triton_interpret():
         raise RuntimeError("compile_only: TRITON_INTERPRET=1 is set, so @triton.jit gave interpreted functions; run without it")
+    limits = sm_limits(arch)
+    num_sms = num_sms or limits.num_sms
+    gpu_name = gpu_name or f"NVIDIA {limits.gpu} (simulated)"
     target = GPUTarget("cuda", arch, 32)
     log = CompileLog()
-    seen: set[str] = set()
+    seen: dict[str, KernelRecord] = {}
     original_run = jit.JITFunction.run
 
     def compile_instead_of_launch(self, *args, grid, warmup, **kwargs):
@@ -217,52 +313,69 @@ def compile_only(arch: int = 90, num_sms: int = 132, gpu_name: str = "NVIDIA H10
         captured = io.StringIO()
         with contextlib.redirect_stdout(captured):  # the ptxas -v log Triton prints with dump_ptxas_log
             kernel = original_run(self, *args, grid=grid, warmup=True, **kwargs)
-        key = f"{getattr(kernel.metadata, 'hash', id(kernel))}"
-        if key not in seen:
-            seen.add(key)
+        if (why := grid_problem(grid)) is not None:
+            log.errors.append((log.scenario, f"{self.fn.__name__}: {why}"))
+        key = f"{arch}:{getattr(kernel.metadata, 'hash', id(kernel))}"
+        if key in seen:
+            if log.scenario not in seen[key].launched_in:
+                seen[key].launched_in.append(log.scenario)
+        else:
             resources = _parse_ptxas_log(captured.getvalue())
-            if "registers" not in resources:
+            ptx_target = _PTX_TARGET.search(kernel.asm.get("ptx", "") or "")
+            if "registers" not in resources:  # from Triton's cache (no ptxas run): registers and stack from the cubin
                 resources = {**_cuobjdump_resources(kernel.asm["cubin"]), **resources}
             meta = kernel.metadata
-            log.records.append(
-                KernelRecord(
+            seen[key] = record = KernelRecord(
                     kernel=self.fn.__name__, module=self.fn.__module__, scenario=log.scenario,
                     grid=tuple(grid) if not callable(grid) else ("callable",), num_warps=meta.num_warps,
                     num_stages=meta.num_stages, shared_bytes=int(meta.shared), constexprs=_constexpr_summary(kernel),
-                    target=f"sm_{arch}", key=key, **resources,
-                )
+                target=ptx_target.group(1) if ptx_target else f"sm_{arch}", arch=arch, key=key,
+                launched_in=[log.scenario], **resources,
             )  # fmt: skip
+            log.records.append(record)
         return kernel
 
-    previous_log_knob = triton.knobs.nvidia.dump_ptxas_log
     # DriverConfig keeps the active driver in _active (None = create the default on first use);
     # restoring it as it was also works where no real driver exists (reset_active would build one).
     previous_driver = driver_config._active
     driver_config.set_active(_FakeGPUDriver(target))
     jit.JITFunction.run = compile_instead_of_launch
-    triton.knobs.nvidia.dump_ptxas_log = True
     try:
-        with backends.simulate_gpu(backends.SimulatedGPU(name=gpu_name, capability=divmod(arch, 10), num_sms=num_sms)):
+        with (
+            _ptxas_log_printed(),
+            backends.simulate_gpu(backends.SimulatedGPU(name=gpu_name, capability=divmod(arch, 10), num_sms=num_sms)),
+        ):
             yield log
     finally:
         jit.JITFunction.run = original_run
-        triton.knobs.nvidia.dump_ptxas_log = previous_log_knob
         driver_config._active = previous_driver
 
 
 CSV_COLUMNS = (
     "scenario", "kernel", "target", "grid", "num_warps", "num_stages", "constexprs", "registers", "spill_stores",
-    "spill_loads", "stack_bytes", "shared_bytes", "blocks_per_sm_h100",
+    "spill_loads", "stack_bytes", "shared_bytes", "blocks_per_sm", "occupancy_gpu", "launched_in",
 )  # fmt: skip
 
 
 def record_row(r: KernelRecord) -> dict:
+    """One row of the resource table; ``blocks_per_sm`` is for ``occupancy_gpu`` (the target's reference GPU)."""
     return {
         "scenario": r.scenario, "kernel": r.kernel, "target": r.target, "grid": "x".join(map(str, r.grid)),
         "num_warps": r.num_warps, "num_stages": r.num_stages, "constexprs": r.constexprs, "registers": r.registers,
         "spill_stores": r.spill_stores, "spill_loads": r.spill_loads, "stack_bytes": r.stack_bytes,
-        "shared_bytes": r.shared_bytes, "blocks_per_sm_h100": r.blocks_per_sm(),
+        "shared_bytes": r.shared_bytes, "blocks_per_sm": r.blocks_per_sm(), "occupancy_gpu": sm_limits(r.arch).gpu,
+        "launched_in": " ".join(r.launched_in),
     }  # fmt: skip
 
 
-__all__ = ["compile_only", "CompileLog", "KernelRecord", "CSV_COLUMNS", "record_row"]
+__all__ = [
+    "compile_only",
+    "CompileLog",
+    "KernelRecord",
+    "grid_problem",
+    "SMLimits",
+    "SM_LIMITS",
+    "sm_limits",
+    "CSV_COLUMNS",
+    "record_row",
+]

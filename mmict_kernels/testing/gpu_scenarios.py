@@ -11,10 +11,16 @@ Each scenario builds its modules and inputs, then runs one step; the step's host
 fails the run (``--fail-on-spill``). Depth does not change the kernels, so modules use 2 layers
 (one with cross-attention, one without) to keep the CPU work small.
 
-    python -m mmict_kernels.testing.gpu_scenarios --csv kernel_resources.csv --json summary.json [--arch 90] [--only mhub]
+    python -m mmict_kernels.testing.gpu_scenarios --csv kernel_resources.csv --json summary.json --fail-on-spill
+    python -m mmict_kernels.testing.gpu_scenarios --arch 80 --names mhub_train_bf16,prefix_llm2048_bf16
+    python -m mmict_kernels.testing.gpu_scenarios --training --only prefix_   # name prefixes; --list shows all
 
-Run without ``TRITON_INTERPRET`` and with a fresh ``TRITON_CACHE_DIR`` (the command sets a fresh
-one unless ``--keep-cache``).
+The run fails (exit 1) on a compile error, a launch the GPU would refuse, a host-sync count over
+the scenario's allowance, and with ``--fail-on-spill`` a spill in a training scenario. The CSV
+has one row per compiled kernel specialisation (``compile_only.CSV_COLUMNS``) plus the device
+label (``compile-only (no GPU)``), the Triton and torch versions and the git commit; ``--append``
+adds to an existing table. Run without ``TRITON_INTERPRET`` and with a fresh ``TRITON_CACHE_DIR``
+(the command sets a fresh one unless ``--keep-cache``).
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import os
 import sys
 import tempfile
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -50,27 +56,29 @@ class Scenario:
 # ---------------------------------------------------------------------------------------
 # M-Hub (FusedMHub, backend="auto")
 # ---------------------------------------------------------------------------------------
-def _qformer(dtype: torch.dtype, train: bool, num_layers: int = 2):
+def _qformer(dtype: torch.dtype, train: bool, num_layers: int = 2, num_queries: int = 32):
     from transformers import InstructBlipQFormerConfig
 
     from ..modules import FusedMHub
 
-    config = InstructBlipQFormerConfig(num_hidden_layers=num_layers)  # 768 x 12 heads, cross-attention every 2nd layer, 1408-wide images
-    hub = FusedMHub(config, flavor="instructblip", num_query_tokens=32, backend="auto").to(dtype)
+    config = InstructBlipQFormerConfig(
+        num_hidden_layers=num_layers
+    )  # 768 x 12 heads, cross-attention every 2nd layer, 1408-wide images
+    hub = FusedMHub(config, flavor="instructblip", num_query_tokens=num_queries, backend="auto").to(dtype)
     return hub.train(train), config
 
 
-def _text(batch: int, config, text_len: int = 32):
+def _text(batch: int, config, text_len: int = 32, num_queries: int = 32):
     ids = torch.randint(1, config.vocab_size, (batch, text_len))
     lengths = torch.tensor([text_len - 3 * (b % 4) for b in range(batch)])  # ragged right padding
     mask = (torch.arange(text_len)[None, :] < lengths[:, None]).long()
-    return ids, torch.cat([torch.ones(batch, 32, dtype=torch.long), mask], dim=1)
+    return ids, torch.cat([torch.ones(batch, num_queries, dtype=torch.long), mask], dim=1)
 
 
-def mhub_step(dtype: torch.dtype, train: bool) -> None:
+def mhub_step(dtype: torch.dtype, train: bool, num_queries: int = 32) -> None:
     """One training step of the Q-Former: forward over images + text, backward to the parameters and images."""
-    hub, config = _qformer(dtype, train)
-    ids, mask = _text(BATCH, config)
+    hub, config = _qformer(dtype, train, num_queries=num_queries)
+    ids, mask = _text(BATCH, config, num_queries=num_queries)
     images = torch.randn(BATCH, 257, config.encoder_hidden_size, dtype=dtype, requires_grad=True)
 
     def step():
@@ -119,10 +127,21 @@ PREFIX_PRESETS = {
 }
 
 
-def prefix_op(preset: str, dtype: torch.dtype, *, deterministic: bool = False, decode: bool = False, backward: bool = True) -> None:
+def prefix_op(
+    preset: str,
+    dtype: torch.dtype,
+    *,
+    deterministic: bool = False,
+    decode: bool = False,
+    backward: bool = True,
+    rows: tuple[int, int] | None = None,
+) -> None:
+    """``rows`` = (batch, own tokens) overrides the preset's rows (4 rows share each prefix)."""
     from .. import ops
 
     batch, len_q, len_p, heads, kv_heads, dim = PREFIX_PRESETS[preset]
+    if rows is not None:
+        batch, len_q = rows
     groups = batch // 4
     len_k = len_q + 1 if decode else len_q
     if decode:
@@ -135,6 +154,7 @@ def prefix_op(preset: str, dtype: torch.dtype, *, deterministic: bool = False, d
     ids = torch.arange(batch) // 4
     lengths = torch.full((groups,), len_p, dtype=torch.int32) - (torch.arange(groups, dtype=torch.int32) % 3)
     seqlens = torch.full((batch,), len_k, dtype=torch.int32) - (torch.arange(batch, dtype=torch.int32) % 5)
+
     def step():
         out = ops.prefix_attention(q, k, v, pk, pv, ids, causal=True, prefix_lengths=lengths, seqlens_k=seqlens,
                                    deterministic=deterministic)  # fmt: skip
@@ -199,7 +219,9 @@ def aim_step(dtype: torch.dtype) -> None:
     from ..icl.aim import AIMBatch, AIMModel, LlavaBackbone
 
     text = _llama(dtype).config
-    vision = CLIPVisionConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=4, image_size=64, patch_size=16)
+    vision = CLIPVisionConfig(
+        hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=4, image_size=64, patch_size=16
+    )
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=511, vision_feature_layer=-1,
                          vision_feature_select_strategy="full")  # fmt: skip
     backbone = LlavaBackbone(LlavaForConditionalGeneration(config).to(dtype).eval())
@@ -214,6 +236,7 @@ def aim_step(dtype: torch.dtype) -> None:
         query_prompt=[[20, 21], [22], [23, 24, 25], [26]],
         query_answer=[[30], [31, 32], [33], [34]],
     )
+
     def step():
         nll, count = model(batch)
         (nll / max(count, 1)).backward()
@@ -259,6 +282,9 @@ def scenarios() -> list[Scenario]:
     for name, dtype in DTYPES.items():
         out.append(Scenario(f"mhub_train_{name}", lambda d=dtype: mhub_step(d, True), training=True))
         out.append(Scenario(f"mhub_no_dropout_{name}", lambda d=dtype: mhub_step(d, False), training=True))
+    # 128 learned queries (+ 32 text): long query blocks in self- and cross-attention, another backward
+    # path than the default 32 queries (not a default configuration: spills are reported, not failed)
+    out.append(Scenario("mhub_128_queries_bf16", lambda: mhub_step(torch.bfloat16, True, num_queries=128), training=False))
     out.append(Scenario("mhub_objectives_bf16", lambda: mhub_objectives(torch.bfloat16), training=True))
     out.append(Scenario("mhub_video_packed_bf16", lambda: mhub_video(torch.bfloat16), training=True))
     for preset in PREFIX_PRESETS:
@@ -268,25 +294,44 @@ def scenarios() -> list[Scenario]:
                             training=True))  # fmt: skip
         out.append(Scenario(f"prefix_{preset}_bf16_decode", lambda p=preset: prefix_op(p, torch.bfloat16, decode=True, backward=False),
                             training=False))  # fmt: skip
+    # The MMICT step's LLM call: 8 short rows (query features + prompt, 12 own tokens) in 2 groups of
+    # 4 sharing a demonstration prefix: 16-row tiles, another specialisation than the presets' 64-token rows.
+    out.append(
+        Scenario("prefix_llm2048_bf16_short_rows", lambda: prefix_op("llm2048", torch.bfloat16, rows=(8, 12)), training=True)
+    )
     out.append(Scenario("prefix_llm2048_fp32", lambda: prefix_op("llm2048", torch.float32), training=False))
     out.append(Scenario("prefix_cache_forward_bf16", lambda: prefix_cache_forward(torch.bfloat16), training=True))
     # generate: at most one sync per call (trimming the steps after every row finished) + one per eos_check_every steps
-    out.append(Scenario("prefix_cache_generate_bf16", lambda: prefix_cache_generate(torch.bfloat16), training=False, max_syncs=1,
-                        why_syncs="one per call: trimming the steps after every row finished (and one per 8 steps)"))
-    out.append(Scenario("aim_step_bf16", lambda: aim_step(torch.bfloat16), training=True, max_syncs=1,
-                        why_syncs="transformers' own mask preprocessing in the frozen backbone's aggregation "
-                                  "(find_packed_sequence_indices); a demonstration bank computes each aggregation once"))
+    out.append(
+        Scenario(
+            "prefix_cache_generate_bf16",
+            lambda: prefix_cache_generate(torch.bfloat16),
+            training=False,
+            max_syncs=1,
+            why_syncs="one per call: trimming the steps after every row finished (and one per 8 steps)",
+        )
+    )
+    out.append(
+        Scenario(
+            "aim_step_bf16",
+            lambda: aim_step(torch.bfloat16),
+            training=True,
+            max_syncs=1,
+            why_syncs="transformers' own mask preprocessing in the frozen backbone's aggregation "
+            "(find_packed_sequence_indices); a demonstration bank computes each aggregation once",
+        )
+    )
     out.append(Scenario("mmict_train_step_bf16", mmict_train_step, training=True))
     return out
 
 
-def run_scenarios(selected: list[Scenario], arch: int):
-    """Run the scenarios compile-only; returns (log, {scenario: {"syncs", "where", "seconds"}})."""
+def run_scenarios(selected: list[Scenario], arch: int, num_sms: int | None = None):
+    """Run the scenarios compile-only; returns (log, {scenario: {"syncs", "where", "seconds", ...}})."""
     from .compile_only import compile_only
     from .host_syncs import HostSyncCounter
 
     summary = {}
-    with compile_only(arch=arch) as log:
+    with compile_only(arch=arch, num_sms=num_sms) as log:
         for scenario in selected:
             torch.manual_seed(0)
             start = time.perf_counter()
@@ -299,63 +344,117 @@ def run_scenarios(selected: list[Scenario], arch: int):
             summary[scenario.name] = {
                 "syncs": syncs.count, "where": syncs.where, "seconds": round(time.perf_counter() - start, 1),
                 "training": scenario.training, "max_syncs": scenario.max_syncs, "why_syncs": scenario.why_syncs,
-                "ok": len(log.errors) == errors_before,
+                "ok": len(log.errors) == errors_before, "errors": [m for _, m in log.errors[errors_before:]],
             }  # fmt: skip
-            print(f"{scenario.name:<36} {summary[scenario.name]['seconds']:6.1f}s  syncs={syncs.count}", flush=True)
+            print(f"{scenario.name:<40} {summary[scenario.name]['seconds']:6.1f}s  syncs={syncs.count}", flush=True)
     return log, summary
 
 
 def problems(log, summary: dict, fail_on_spill: bool) -> list[str]:
-    """Everything that makes the run fail: compile errors, spills in training scenarios, too many host syncs."""
+    """Everything that makes the run fail: compile errors, launches the GPU would refuse (shared memory,
+    registers x warps, grid), missing resource reports, spills in training scenarios, too many host syncs."""
     found = [f"{scenario}: {message}" for scenario, message in log.errors]
+    found += [f"{r.scenario}: {r.kernel} ({r.constexprs}): {why}" for r in log.records for why in r.launch_problems()]
     if fail_on_spill:
         training = {name for name, s in summary.items() if s["training"]}
         found += [
             f"{r.scenario}: {r.kernel} spills ({r.spill_stores} B stores, {r.spill_loads} B loads) with {r.constexprs}"
             for r in log.records
-            if r.scenario in training and r.spills
+            if r.spills and training.intersection(r.launched_in)
         ]
     found += [f"{name}: {s['syncs']} host syncs (at most {s['max_syncs']}): {s['where']}" for name, s in summary.items()
               if s["syncs"] > s["max_syncs"]]  # fmt: skip
     return found
 
 
+DEVICE_LABEL = "compile-only (no GPU)"
+TABLE_COLUMNS = ("device", "triton", "torch", "commit")  # after compile_only.CSV_COLUMNS
+
+
+def source_commit() -> str:
+    """The git commit of the package's source tree (``+dirty`` with uncommitted changes), or "unknown"."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "mmict_kernels"], cwd=root,
+                               capture_output=True, text=True, check=True)  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def write_table(path: str, log, append: bool = False, device: str = DEVICE_LABEL, commit: str | None = None) -> None:
+    """One row per compiled kernel specialisation (compile_only.CSV_COLUMNS + TABLE_COLUMNS)."""
+    import triton
+
+    from .compile_only import CSV_COLUMNS, record_row
+
+    commit = commit or source_commit()
+    new_file = not (append and os.path.exists(path) and os.path.getsize(path) > 0)
+    with open(path, "w" if new_file else "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=(*CSV_COLUMNS, *TABLE_COLUMNS))
+        if new_file:
+            writer.writeheader()
+        for r in log.records:
+            writer.writerow({**record_row(r), "device": device, "triton": triton.__version__, "torch": torch.__version__,
+                             "commit": commit})  # fmt: skip
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m mmict_kernels.testing.gpu_scenarios", description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=int, default=90, help="GPU target compute capability x 10 (90: H100/H200, 80: A100)")
+    p.add_argument("--num-sms", type=int, help="SMs the host launchers see (default: 132 for sm_90, 108 for sm_80)")
     p.add_argument("--only", default="", help="comma-separated name prefixes of the scenarios to run")
-    p.add_argument("--csv", help="write one row per compiled kernel (kernel_resources.csv columns)")
-    p.add_argument("--json", help="write the per-scenario summary (host syncs, time, errors)")
+    p.add_argument("--names", default="", help="comma-separated exact names of the scenarios to run")
+    p.add_argument("--training", action="store_true", help="only the default training configurations")
+    p.add_argument("--csv", help="write one row per compiled kernel (the kernel_resources.csv columns)")
+    p.add_argument("--append", action="store_true", help="append to --csv instead of replacing it")
+    p.add_argument("--device-label", default=DEVICE_LABEL, help="the CSV's device column")
+    p.add_argument("--commit", help="the CSV's commit column (default: the source tree's git commit, +dirty if changed)")
+    p.add_argument("--json", help="write the per-scenario summary (host syncs, time, errors) and every kernel record")
     p.add_argument("--fail-on-spill", action="store_true", help="a register spill in a training scenario fails the run")
     p.add_argument("--keep-cache", action="store_true", help="use TRITON_CACHE_DIR as set (default: a fresh folder)")
     p.add_argument("--list", action="store_true", help="list the scenarios and exit")
     args = p.parse_args(argv)
     selected = scenarios()
-    if args.list:
-        print("\n".join(f"{s.name}{'  (training)' if s.training else ''}" for s in selected))
-        return 0
+    if args.training:
+        selected = [s for s in selected if s.training]
     if args.only:
         prefixes = tuple(x.strip() for x in args.only.split(",") if x.strip())
         selected = [s for s in selected if s.name.startswith(prefixes)]
+    if args.names:
+        names = [x.strip() for x in args.names.split(",") if x.strip()]
+        unknown = sorted(set(names) - {s.name for s in selected})
+        if unknown:
+            p.error(f"unknown scenario(s) {unknown}; --list shows them")
+        selected = [s for s in selected if s.name in names]
+    if args.list:
+        print("\n".join(f"{s.name}{'  (training)' if s.training else ''}" for s in selected))
+        return 0
     if not args.keep_cache:
         os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="mmict-triton-cache-")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    log, summary = run_scenarios(selected, args.arch)
+    start = time.perf_counter()
+    log, summary = run_scenarios(selected, args.arch, args.num_sms)
     if args.csv:
-        from .compile_only import CSV_COLUMNS, record_row
-
-        import triton
-
-        with open(args.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=(*CSV_COLUMNS, "triton", "torch"))
-            writer.writeheader()
-            for r in log.records:
-                writer.writerow({**record_row(r), "triton": triton.__version__, "torch": torch.__version__})
+        write_table(args.csv, log, append=args.append, device=args.device_label, commit=args.commit)
     found = problems(log, summary, args.fail_on_spill)
     if args.json:
+        import triton
+
+        from .compile_only import record_row
+
         with open(args.json, "w") as f:
-            json.dump({"scenarios": summary, "kernels": len(log.records), "launches": log.launches, "problems": found}, f, indent=1)
-    print(f"{len(log.records)} kernel specialisations compiled for sm_{args.arch} from {log.launches} launches; {len(found)} problems")
+            json.dump({
+                "arch": args.arch, "triton": triton.__version__, "torch": torch.__version__, "scenarios": summary,
+                "kernels": len(log.records), "launches": log.launches, "problems": found,
+                "records": [{**record_row(r), "module": r.module, "launch_problems": r.launch_problems()} for r in log.records],
+                "seconds": round(time.perf_counter() - start, 1),
+            }, f, indent=1)  # fmt: skip
+    targets = sorted({r.target for r in log.records}) or [f"sm_{args.arch}"]
+    print(f"{len(log.records)} kernel specialisations compiled for {', '.join(targets)} from {log.launches} launches "
+          f"(Triton {__import__('triton').__version__}); {len(found)} problems")  # fmt: skip
     for line in found:
         print("  PROBLEM", line)
     return 1 if found else 0

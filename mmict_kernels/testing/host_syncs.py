@@ -54,8 +54,14 @@ def _is_sync(func, args, kwargs) -> bool:
     if name in ("aten.index", "aten.index_put", "aten.index_put_", "aten._index_put_impl_"):
         return _has_bool_index(args)
     if name == "aten.repeat_interleave":
-        output_size = kwargs.get("output_size", args[3] if len(args) > 3 else None)
-        return isinstance(args[1] if len(args) > 1 else None, torch.Tensor) and output_size is None
+        # x.repeat_interleave(repeats_tensor) reaches the dispatch mode decomposed into the
+        # ``Tensor`` overload (repeats, output_size): its output length is repeats.sum(), read on
+        # the host unless output_size is given. ``self_int`` (a Python int) never syncs.
+        overload = getattr(func, "_overloadname", "")
+        repeats_at, size_at = {"Tensor": (0, 1), "self_Tensor": (1, 3)}.get(overload, (None, None))
+        if repeats_at is None or len(args) <= repeats_at or not isinstance(args[repeats_at], torch.Tensor):
+            return False
+        return kwargs.get("output_size", args[size_at] if len(args) > size_at else None) is None
     return False
 
 
@@ -76,7 +82,9 @@ class HostSyncCounter(TorchDispatchMode):
     def _record(self, name: str) -> None:
         self.by_op[name] += 1
         if self._keep_stacks:
-            frames = [f for f in traceback.extract_stack()[:-3] if "site-packages" not in f.filename and "<frozen" not in f.filename]
+            frames = [
+                f for f in traceback.extract_stack()[:-3] if "site-packages" not in f.filename and "<frozen" not in f.filename
+            ]
             self.where.append(f"{name} at " + " <- ".join(f"{os_basename(f.filename)}:{f.lineno}" for f in frames[-4:][::-1]))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
