@@ -83,11 +83,14 @@ class ImageKVCache:
             raise ValueError(f"index: expected a 1-D tensor of sample ids, got shape {tuple(index.shape)}")
         if C.value_checks_enabled(index):
             C.check_range("index", index, 0, self.batch_size - 1, "sample ids")
+        if self._is_identity(index):
+            return self  # every row its own image, in order: nothing to gather (and nothing to scatter back)
+        # index_select, not advanced indexing: its backward is index_add, not an accumulating index_put.
         if not self.packed:
-            seqlens = None if self.seqlens_k is None else self.seqlens_k[index]
+            seqlens = None if self.seqlens_k is None else self.seqlens_k.index_select(0, index)
             return ImageKVCache(
-                tuple(k[index] for k in self.keys),
-                tuple(v[index] for v in self.values),
+                tuple(k.index_select(0, index) for k in self.keys),
+                tuple(v.index_select(0, index) for v in self.values),
                 self.layer_ids,
                 None,
                 seqlens,
@@ -105,13 +108,19 @@ class ImageKVCache:
         offset_in_row = torch.arange(total, device=device) - torch.repeat_interleave(new_cu[:-1], lengths, output_size=total)
         token = torch.repeat_interleave(starts, lengths, output_size=total) + offset_in_row
         return ImageKVCache(
-            tuple(k[token] for k in self.keys),
-            tuple(v[token] for v in self.values),
+            tuple(k.index_select(0, token) for k in self.keys),
+            tuple(v.index_select(0, token) for v in self.values),
             self.layer_ids,
             new_cu.to(torch.int32),
             None,
             index.numel(),
         )
+
+    def _is_identity(self, index: torch.Tensor) -> bool:
+        """Whether ``index`` is 0, 1, ..., B - 1. Only read for CPU tensors (on a GPU it would wait for the device)."""
+        if index.device.type != "cpu" or index.numel() != self.batch_size or torch.compiler.is_compiling():
+            return False
+        return bool(torch.equal(index, torch.arange(self.batch_size)))
 
     def detach(self) -> ImageKVCache:
         """The same K/V without autograd history (e.g. frozen images at evaluation)."""

@@ -15,7 +15,8 @@ from .._sdpa import attention
 def _dense_from_packed(x: torch.Tensor, cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Packed (total, H, D) + offsets (B + 1,) -> (B, longest, H, D) and lengths (B,).
 
-    One host read (the longest sample sets the width). ``index_select`` (not advanced indexing):
+    One host read (the longest sample sets the width); when all samples are equally long the
+    result is a view of ``x``. ``index_select`` (not advanced indexing):
     its backward is ``index_add``, which sums the padded slots' zero gradients into row 0 cheaply.
     """
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
@@ -23,6 +24,8 @@ def _dense_from_packed(x: torch.Tensor, cu_seqlens: torch.Tensor) -> tuple[torch
     longest = int(lengths.max()) if batch > 0 else 0
     if x.shape[0] == 0 or longest == 0:
         return x.new_zeros(batch, longest, *x.shape[1:]), lengths
+    if x.shape[0] == batch * longest:  # every sample equally long (e.g. one 257-token image each): a view, no gather
+        return x.unflatten(0, (batch, longest)), lengths
     positions = torch.arange(longest, device=x.device)
     index = cu_seqlens[:-1, None].long() + positions[None, :]
     index = torch.where(positions[None, :] < lengths[:, None], index, torch.zeros_like(index))  # padding reads row 0

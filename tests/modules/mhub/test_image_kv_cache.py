@@ -131,6 +131,21 @@ def test_select_rows_equals_encoding_the_selected_images(packed):
         hub.encode_image(image).select([3])
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_select_gradients_sum_over_repeated_rows_and_identity_is_free(packed):
+    """select's gradients reach each image once per row that shows it; selecting 0..B-1 returns the cache itself."""
+    hub = _hub(layers=2, freq=1)
+    image = _leaf(torch.randn(3, 7, ENCODER))
+    mask = torch.tensor([[1] * 7, [1, 1, 0, 0, 0, 0, 0], [0, 1, 1, 1, 0, 1, 0]])
+    cache = hub.encode_image(image, mask, packed=packed)
+    assert cache.select(torch.arange(3)) is cache
+    picked = cache.select([2, 0, 2, 1])
+    (g_picked,) = torch.autograd.grad(sum(k.square().sum() for k in picked.keys), image)
+    direct = [hub.encode_image(image, mask, packed=packed).select([i]) for i in (2, 0, 2, 1)]
+    (g_direct,) = torch.autograd.grad(sum(k.square().sum() for c in direct for k in c.keys), image)
+    torch.testing.assert_close(g_picked, g_direct, rtol=1e-5, atol=1e-5)
+
+
 def test_cache_errors():
     hub = _hub(layers=3, freq=2)
     other = _hub(layers=3, freq=1)

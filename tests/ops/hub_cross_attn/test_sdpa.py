@@ -47,6 +47,27 @@ def test_against_float64_oracle_ragged(layout, dtype):
     assert grads[0][1].abs().max() == 0  # the sample without image tokens: zero gradient, not NaN
 
 
+def test_packed_samples_of_equal_length_are_read_as_a_view():
+    """Every sample with the same token count (one image each): the packed K/V are viewed as dense, not gathered."""
+    gen = torch.Generator().manual_seed(8)
+    q = torch.randn(3, 4, 2, 16, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(3, 5, 2, 16, generator=gen, dtype=torch.float64) for _ in range(2))
+    cu = torch.tensor([0, 5, 10, 15], dtype=torch.int32)
+
+    def fn(q, k, v):
+        return ops.hub_cross_attention(q, k, v, cu, backend="torch")
+
+    def ref(q, k, v):
+        return ops.hub_cross_attention_reference(q, k, v, cu)[0]
+
+    check_against_oracle(fn, ref, [q, k.flatten(0, 1), v.flatten(0, 1)], grad_idx=(0, 1, 2), name="cross sdpa equal lengths")
+    from mmict_kernels.ops.hub_cross_attn.sdpa import _dense_from_packed
+
+    packed = k.flatten(0, 1)
+    dense, lengths = _dense_from_packed(packed, cu)
+    assert dense.data_ptr() == packed.data_ptr() and lengths.tolist() == [5, 5, 5]
+
+
 def test_empty_sample_gives_zeros_and_minus_inf_lse():
     q = torch.randn(3, 4, 2, 8)
     k, v = torch.randn(5, 2, 8), torch.randn(5, 2, 8)
