@@ -17,7 +17,7 @@ fused epilogues) read alike:
   (the registry's facts); :func:`check_attention_inputs` is the kernels' own check.
 - **Tiles**: each kernel family has its heuristic, all return :class:`Tiles`; tests shrink tiles
   through the one hook :func:`force_tiles` (so tiny shapes cross many blocks in the interpreter).
-- **Device facts**: :func:`num_sms` and :func:`targets_gpu` take the GPU branch for CUDA tensors
+- **Device facts**: :func:`num_sms`, :func:`capability` and :func:`targets_gpu` take the GPU branch for CUDA tensors
   and for CPU tensors under the compile-only harness (:func:`mmict_kernels.backends.simulate_gpu`).
 - **Arguments**: :func:`strides` and :func:`pointer_or` (an unused pointer argument).
 """
@@ -155,6 +155,17 @@ def _cuda_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def capability(device: torch.device) -> tuple[int, int] | None:
+    """Compute capability launches on ``device`` compile for (the simulated GPU's in the harness); None
+    in the CPU interpreter."""
+    simulated = backends.simulated_gpu()
+    if device.type == "cpu" and simulated is not None:
+        return tuple(simulated.capability)
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)
+    return None
+
+
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors the grid should fill (the simulated GPU's in the harness)."""
     simulated = backends.simulated_gpu()
@@ -208,6 +219,7 @@ __all__ = [
     "force_tiles",
     "apply_forced",
     "targets_gpu",
+    "capability",
     "num_sms",
     "strides",
     "pointer_or",

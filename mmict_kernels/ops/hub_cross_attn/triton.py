@@ -24,9 +24,8 @@ def _layout(cu_seqlens_k: torch.Tensor | None, seqlens_k: torch.Tensor | None):
     return HA.KEYS_DENSE if seqlens_k is None else HA.KEYS_DENSE_LENS
 
 
-def _keys(cu_seqlens_k, seqlens_k) -> dict:
-    return dict(key_layout=_layout(cu_seqlens_k, seqlens_k), key_start=cu_seqlens_k, key_len=seqlens_k, mask_mode=HA.MASK_NONE,
-                num_query_tokens=0)  # fmt: skip
+def _keys(cu_seqlens_k, seqlens_k) -> HA.Keys:
+    return HA.Keys(_layout(cu_seqlens_k, seqlens_k), start=cu_seqlens_k, length=seqlens_k)
 
 
 @torch.library.custom_op("mmict::hub_cross_attention_triton_fwd", mutates_args=())
@@ -34,7 +33,7 @@ def hub_cross_attention_triton_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_k: torch.Tensor | None, seqlens_k: torch.Tensor | None,
     seed: torch.Tensor | None, scale: float, dropout_p: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    return HA.attention_forward(q, k, v, **_keys(cu_seqlens_k, seqlens_k), scale=scale, dropout_p=dropout_p, seed=seed)
+    return HA.attention_forward(q, k, v, _keys(cu_seqlens_k, seqlens_k), scale=scale, dropout_p=dropout_p, seed=seed)
 
 
 @hub_cross_attention_triton_fwd.register_fake
@@ -48,9 +47,8 @@ def hub_cross_attention_triton_bwd(
     cu_seqlens_k: torch.Tensor | None, seqlens_k: torch.Tensor | None, seed: torch.Tensor | None,
     scale: float, dropout_p: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    return HA.attention_backward(
-        dout, q, k, v, out, lse, **_keys(cu_seqlens_k, seqlens_k), scale=scale, dropout_p=dropout_p, seed=seed
-    )
+    keys = _keys(cu_seqlens_k, seqlens_k)
+    return HA.attention_backward(dout, q, k, v, out, lse, keys, scale=scale, dropout_p=dropout_p, seed=seed)
 
 
 @hub_cross_attention_triton_bwd.register_fake

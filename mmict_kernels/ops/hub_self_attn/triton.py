@@ -20,14 +20,13 @@ from .reference import canonical_mask
 _MASK_MODES = {"bidirectional": HA.MASK_NONE, "unimodal": HA.MASK_UNIMODAL, "multimodal_causal": HA.MASK_MM_CAUSAL}
 
 
-def _keys(num_query_tokens: int, text_lengths: torch.Tensor | None, mask: str) -> dict:
+def _keys(num_query_tokens: int, text_lengths: torch.Tensor | None, mask: str) -> HA.Keys:
     """Key layout and per-sample valid key counts (the queries, then the valid text tokens), and the mask mode."""
+    mask_mode = _MASK_MODES[canonical_mask(mask)]
     if text_lengths is None:
-        layout, key_len = HA.KEYS_DENSE, None
-    else:
-        layout, key_len = HA.KEYS_DENSE_LENS, (text_lengths.to(torch.int32) + num_query_tokens).contiguous()
-    return dict(key_layout=layout, key_start=None, key_len=key_len, mask_mode=_MASK_MODES[canonical_mask(mask)],
-                num_query_tokens=num_query_tokens)  # fmt: skip
+        return HA.Keys(HA.KEYS_DENSE, mask_mode=mask_mode, num_query_tokens=num_query_tokens)
+    length = (text_lengths.to(torch.int32) + num_query_tokens).contiguous()
+    return HA.Keys(HA.KEYS_DENSE_LENS, length=length, mask_mode=mask_mode, num_query_tokens=num_query_tokens)
 
 
 @torch.library.custom_op("mmict::hub_self_attention_triton_fwd", mutates_args=())
@@ -35,9 +34,8 @@ def hub_self_attention_triton_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_lengths: torch.Tensor | None, seed: torch.Tensor | None,
     num_query_tokens: int, mask: str, scale: float, dropout_p: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    return HA.attention_forward(
-        q, k, v, **_keys(num_query_tokens, text_lengths, mask), scale=scale, dropout_p=dropout_p, seed=seed
-    )
+    keys = _keys(num_query_tokens, text_lengths, mask)
+    return HA.attention_forward(q, k, v, keys, scale=scale, dropout_p=dropout_p, seed=seed)
 
 
 @hub_self_attention_triton_fwd.register_fake
@@ -52,7 +50,7 @@ def hub_self_attention_triton_bwd(
     dropout_p: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     keys = _keys(num_query_tokens, text_lengths, mask)
-    return HA.attention_backward(dout, q, k, v, out, lse, **keys, scale=scale, dropout_p=dropout_p, seed=seed)
+    return HA.attention_backward(dout, q, k, v, out, lse, keys, scale=scale, dropout_p=dropout_p, seed=seed)
 
 
 @hub_self_attention_triton_bwd.register_fake

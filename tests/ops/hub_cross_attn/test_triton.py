@@ -2,7 +2,9 @@
 
 Runs in the CPU interpreter (TRITON_INTERPRET=1, tiny ragged shapes) or on a GPU; the default
 M-Hub shape runs only on a GPU. ``triton_toolkit.force_tiles(16, 16)`` makes tiny shapes span several
-query and key blocks, so partial tiles and the packed block table are exercised.
+query and key blocks, so partial tiles and the packed block table are exercised. The backward has
+two paths (one program per (head, sample) up to ``SHORT_QUERY_MAX`` queries, three kernels beyond):
+the ``backward_path`` fixture runs a test through both.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import torch
 
 from helpers.devices import TRITON_DEVICE, gpu_only_shape, requires_triton
 from helpers.oracle import assert_close_by_rule, check_against_oracle
-from mmict_kernels import BackendUnavailableError, ops
+from mmict_kernels import BackendUnavailableError, backends, ops
+from mmict_kernels.ops import hub_attention_triton as HA
 from mmict_kernels.ops import triton_toolkit as tk
 from mmict_kernels.ops.hub_cross_attn import triton as CT
 from mmict_kernels.ops.hub_cross_attn.reference import hub_cross_attention_reference
@@ -27,6 +30,14 @@ gpu_only = gpu_only_shape
 def many_blocks():
     with tk.force_tiles(16, 16):
         yield
+
+
+@pytest.fixture(params=["one-kernel", "three-kernels"])
+def backward_path(request, monkeypatch):
+    """The short-query backward (one program per (head, sample)), or the delta / dQ / dK-dV kernels of longer queries."""
+    if request.param == "three-kernels":
+        monkeypatch.setattr(HA, "SHORT_QUERY_MAX", 0)
+    return request.param
 
 
 def _rand(*shape, dtype):
@@ -64,7 +75,7 @@ def _check_packed(q, k, v, cu, name):
 # ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("len_q,len_k,lengths", [(5, 19, [7, 0, 19]), (33, 7, None)], ids=["ragged-lens", "all-valid"])
-def test_dense(dtype, len_q, len_k, lengths):
+def test_dense(backward_path, dtype, len_q, len_k, lengths):
     batch, heads, head_dim = 3, 2, 32
     q, k, v = (
         _rand(batch, len_q, heads, head_dim, dtype=dtype),
@@ -76,7 +87,7 @@ def test_dense(dtype, len_q, len_k, lengths):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_packed_varlen_with_empty_sample(dtype):
+def test_packed_varlen_with_empty_sample(backward_path, dtype):
     heads, head_dim, lengths = 2, 32, [7, 0, 40, 1]
     q = _rand(len(lengths), 5, heads, head_dim, dtype=dtype)
     k, v = (_rand(sum(lengths), heads, head_dim, dtype=dtype) for _ in range(2))
@@ -90,7 +101,7 @@ def test_head_dims(head_dim, dtype):
     _check_dense(q, k, v, _lengths([19, 11]), f"D={head_dim}", softmax_scale=0.3)
 
 
-def test_many_blocks_dense_and_packed(many_blocks):
+def test_many_blocks_dense_and_packed(backward_path, many_blocks):
     """Several query blocks (Lq = 33 > 16) and key blocks, partial last tiles, an empty sample."""
     heads, head_dim = 1, 32
     q = _rand(3, 33, heads, head_dim, dtype=torch.float32)
@@ -110,7 +121,7 @@ def test_strided_inputs():
     _check_dense(q, kv[:, :, 0], kv[:, :, 1], _lengths([19, 4]), "strided")
 
 
-def test_lse_and_empty_rows():
+def test_lse_and_empty_rows(backward_path):
     q = _rand(2, 5, 2, 32, dtype=torch.float32)
     k, v = (_rand(2, 19, 2, 32, dtype=torch.float32) for _ in range(2))
     seqlens = _lengths([0, 19])
@@ -135,6 +146,23 @@ def test_empty_batch_and_queries():
         assert (k.grad == 0).all()
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="bounds are checked in Triton's CPU interpreter")
+def test_packed_offsets_near_the_int32_limits_stay_in_bounds(backward_path):
+    """Value checks off, cu_seqlens jumping between the int32 extremes: every load and store of both
+    backwards stays inside its tensor (the dK/dV block table takes int64 differences, clamped as the kernels clamp)."""
+    from mmict_kernels.testing.interpreter_bounds import checked_memory_access
+
+    q, k, v = (
+        t.requires_grad_()
+        for t in (_rand(3, 4, 2, 32, dtype=torch.float32), *(_rand(10, 2, 32, dtype=torch.float32) for _ in range(2)))
+    )
+    cu = torch.tensor([0, 2**31 - 1, -(2**31), 10], dtype=torch.int32, device=DEVICE)
+    with ops.skip_value_checks(), checked_memory_access() as log:
+        ops.hub_cross_attention(q, k, v, cu, backend="triton", dropout_p=0.2).square().sum().backward()
+    assert not log.violations, log.violations
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
 def test_unsupported_head_dim_is_refused():
     q = _rand(1, 3, 1, 48, dtype=torch.float32)
     with pytest.raises(BackendUnavailableError, match="head dims"):
@@ -152,7 +180,7 @@ def _seed_of_call(seed: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
-def test_dropout_matches_reference_with_exported_mask(packed):
+def test_dropout_matches_reference_with_exported_mask(backward_path, packed):
     p, heads, head_dim, lengths = 0.3, 2, 32, [7, 0, 19]
     q = _rand(3, 5, heads, head_dim, dtype=torch.float32)
     if packed:
@@ -187,6 +215,37 @@ def test_dropout_reproducible_with_manual_seed():
     assert torch.equal(run(1), run(1))
     assert not torch.equal(run(1), run(2))
     assert not torch.equal(run(1), ops.hub_cross_attention(q, k, v, backend="triton"))
+
+
+def test_dropout_keep_mask_lanes_are_independent():
+    """One Philox call decides 4 neighbouring keys: each lane keeps 1 - p, and neighbours are not copies."""
+    p = 0.3
+    keep = HA.dropout_keep_mask(_seed_of_call(5), 2, 2, 32, 64, 64, p).float().reshape(-1, 4)  # (groups, 4 lanes)
+    assert ((keep.mean(0) - (1 - p)).abs() < 0.04).all()  # 2048 draws per lane: 4 standard deviations
+    assert (keep[:, 0] == keep[:, 1]).float().mean() < 0.65  # independent lanes agree 0.7^2 + 0.3^2 = 0.58 of the time
+    assert not torch.equal(keep[:64], keep[64:128])  # rows differ
+
+
+def test_short_backward_is_deterministic_and_chosen_by_length():
+    """Up to SHORT_QUERY_MAX queries the backward is one program per (head, sample), with no atomics: bitwise
+    reproducible (packed keys, dropout); longer queries take the three-kernel path."""
+    assert HA.short_backward_tiles(HA.SHORT_QUERY_MAX, 64, torch.bfloat16).block_m == 128
+    assert HA.short_backward_tiles(HA.SHORT_QUERY_MAX + 1, 64, torch.bfloat16) is None
+    assert HA.short_backward_tiles(64, 64, torch.float32).block_m == 64
+    assert HA.short_backward_tiles(65, 64, torch.float32) is None  # float32: at most 64 rows in the tile
+    with backends.simulate_gpu(backends.SimulatedGPU(capability=(8, 0))):  # sm_80: at most 64 rows
+        assert HA.short_backward_tiles(65, 64, torch.bfloat16, torch.device("cpu")) is None
+    lengths = [7, 0, 40]
+    q = _rand(3, 5, 2, 32, dtype=torch.float16)
+    k, v = (_rand(sum(lengths), 2, 32, dtype=torch.float16) for _ in range(2))
+
+    def grads():
+        torch.manual_seed(3)
+        qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+        ops.hub_cross_attention(qg, kg, vg, _cu(lengths), backend="triton", dropout_p=0.2).square().sum().backward()
+        return qg.grad, kg.grad, vg.grad
+
+    assert all(torch.equal(a, b) for a, b in zip(grads(), grads()))
 
 
 # ---------------------------------------------------------------------------------------

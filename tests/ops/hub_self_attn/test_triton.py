@@ -3,7 +3,9 @@
 Every BLIP-2 mask mode with ragged text lengths (including samples without text), in the CPU
 interpreter (TRITON_INTERPRET=1) or on a GPU; the default M-Hub shape only on a GPU.
 ``triton_toolkit.force_tiles(16, 16)`` splits tiny sequences into several query and key blocks whose
-edges do not line up with ``num_query_tokens``, so the block-skipping ranges are exercised.
+edges do not line up with ``num_query_tokens``, so the block-skipping ranges are exercised. The
+``backward_path`` fixture runs a test through both backwards (one program per (head, sample) up to
+``SHORT_QUERY_MAX`` queries, the delta / dQ / dK-dV kernels beyond).
 """
 
 from __future__ import annotations
@@ -32,6 +34,13 @@ def many_blocks():
         yield
 
 
+@pytest.fixture(params=["one-kernel", "three-kernels"])
+def backward_path(request, monkeypatch):
+    if request.param == "three-kernels":
+        monkeypatch.setattr(HA, "SHORT_QUERY_MAX", 0)
+    return request.param
+
+
 def _qkv(batch, seq_len, heads, head_dim, dtype):
     return [torch.randn(batch, seq_len, heads, head_dim, dtype=dtype, device=DEVICE) for _ in range(3)]
 
@@ -53,7 +62,7 @@ def _check(q, k, v, nq, text_lengths, mask, name, **kw):
 # ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("mask", MASKS)
-def test_masks_ragged_text(mask, dtype):
+def test_masks_ragged_text(backward_path, mask, dtype):
     nq, text = 5, 12  # sample 1 has no text: its text rows see nothing (unimodal) or only queries
     q, k, v = _qkv(3, nq + text, 2, 32, dtype)
     _check(q, k, v, nq, _lengths([12, 0, 7]), mask, f"{mask} {dtype}")
@@ -61,7 +70,7 @@ def test_masks_ragged_text(mask, dtype):
 
 @pytest.mark.parametrize("mask", MASKS)
 @pytest.mark.parametrize("nq,text", [(19, 20), (32, 7), (3, 30)], ids=["19+20", "32+7", "3+30"])
-def test_masks_many_blocks(many_blocks, mask, nq, text):
+def test_masks_many_blocks(backward_path, many_blocks, mask, nq, text):
     q, k, v = _qkv(2, nq + text, 1, 32, torch.float32)
     _check(q, k, v, nq, _lengths([text, text // 3]), mask, f"{mask} nq={nq} T={text}")
 
@@ -99,7 +108,7 @@ def test_strided_inputs():
     _check(q, k, v, 5, _lengths([8, 3]), "multimodal_causal", "strided")
 
 
-def test_lse_and_rows_without_keys():
+def test_lse_and_rows_without_keys(backward_path):
     """Unimodal: text rows of a sample without text see no key -> out 0, lse -inf, zero grads."""
     nq, text = 3, 4
     q, k, v = _qkv(2, nq + text, 2, 32, torch.float32)
@@ -119,23 +128,34 @@ def test_lse_and_rows_without_keys():
 # ---------------------------------------------------------------------------------------
 # Dropout
 # ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("mask", ["bidirectional", "multimodal_causal"])
-def test_dropout_matches_reference_with_exported_mask(mask):
-    p, nq, lengths = 0.25, 4, _lengths([6, 1])
-    q, k, v = _qkv(2, 10, 2, 32, torch.float32)
-    torch.manual_seed(3)
+def _check_dropout(q, k, v, nq, lengths, mask, p, seed, name):
+    """The kernels against the reference given the kernels' own keep-mask for the seed of the call."""
+    torch.manual_seed(seed)
     keep = ST.hub_self_attention_dropout_mask(tk.draw_seed(torch.device(DEVICE)), q, p)
-    assert keep.shape == (2, 2, 10, 10) and keep.dtype == torch.bool
+    assert keep.shape == (q.shape[0], q.shape[2], q.shape[1], q.shape[1]) and keep.dtype == torch.bool
 
     def kernel(q, k, v):
-        torch.manual_seed(3)
+        torch.manual_seed(seed)
         return ops.hub_self_attention(q, k, v, nq, lengths, mask, backend="triton", dropout_p=p)
 
     check_against_oracle(
         kernel,
         lambda q, k, v: hub_self_attention_reference(q, k, v, nq, lengths, mask, dropout_p=p, dropout_mask=keep)[0],
-        [q, k, v], grad_idx=(0, 1, 2), name=f"dropout {mask}",
+        [q, k, v], grad_idx=(0, 1, 2), name=name,
     )  # fmt: skip
+
+
+@pytest.mark.parametrize("mask", MASKS)
+def test_dropout_matches_reference_with_exported_mask(backward_path, mask):
+    _check_dropout(*_qkv(2, 10, 2, 32, torch.float32), 4, _lengths([6, 1]), mask, 0.25, 3, f"dropout {mask}")
+
+
+@pytest.mark.parametrize("mask", ["unimodal", "multimodal_causal"])
+def test_dropout_many_blocks_unaligned_text(backward_path, many_blocks, mask):
+    """Key tiles of text rows start at num_query_tokens = 5 (not a multiple of the 4 keys one Philox call
+    decides): the kernels align them down, and still draw exactly the exported mask."""
+    q, k, v = _qkv(2, 5 + 30, 1, 32, torch.float32)
+    _check_dropout(q, k, v, 5, _lengths([30, 11]), mask, 0.3, 4, f"dropout {mask} many blocks")
 
 
 def test_dropout_reproducible_with_manual_seed():
