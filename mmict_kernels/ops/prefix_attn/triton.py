@@ -19,10 +19,12 @@ Layout of the work:
 * Backward is FlashAttention-2 style: probabilities are recomputed from the saved
   log-sum-exp, ``delta = rowsum(out * dout)`` is precomputed, one kernel gives dq
   (loop over key blocks) and one gives dk/dv (loop over the packed query rows, which also
-  sums over the query heads sharing a K/V head, without atomics).
+  sums over the query heads sharing a K/V head, without atomics). The dk/dv grid runs the
+  key blocks of one (row, kv head) next to each other, so the programs that read the same
+  Q, dO, lse and delta rows share them in L2.
 * Prefix gradients must be summed over every row of a group. Default: each
-  (row, kv head, prefix block) program adds its share into a float32 buffer with atomics:
-  fast, but the order of the additions varies, so dprefix_k / dprefix_v are NOT bitwise
+  (row, kv head, prefix block) program adds its share into a float32 buffer with relaxed
+  atomics (only the sum matters, so no memory ordering is asked for): fast, but the order of the additions varies, so dprefix_k / dprefix_v are NOT bitwise
   reproducible (they agree to float32 rounding). ``deterministic=True``: each program
   writes its share to a per-row float32 buffer and a second kernel sums the rows of each
   group in row order, so every result is bitwise identical from run to run (costs
@@ -50,7 +52,7 @@ from ..triton_toolkit import LN2, LOG2E, cast, dot
 
 
 # ---------------------------------------------------------------------------------------
-# Forward
+# Device helpers (inlined into the kernels)
 # ---------------------------------------------------------------------------------------
 @triton.jit
 def _group_of_row(PREFIX_IDS, PREFIX_LENS, b, num_groups, len_p, HAS_PLEN: tl.constexpr):
@@ -78,27 +80,94 @@ def _own_start(SEQLENS, b, len_k, HAS_SEQLENS: tl.constexpr):
 
 
 @triton.jit
+def _row_of(pid_bh, heads, GQ: tl.constexpr):
+    """(row b as int64, K/V head hkv) of program pid_bh over B * Hkv."""
+    kv_heads = heads // GQ
+    return (pid_bh // kv_heads).to(tl.int64), pid_bh % kv_heads
+
+
+@triton.jit
+def _packed_rows(m0, len_q, hkv, GQ: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Packed GQA rows m0 .. m0 + BLOCK_M - 1 of K/V head hkv: (valid, query i, head h), row r
+    being query r // GQ of head hkv * GQ + r % GQ."""
+    rows = m0 + tl.arange(0, BLOCK_M)
+    return rows < len_q * GQ, rows // GQ, hkv * GQ + rows % GQ
+
+
+@triton.jit
+def _load_rows(X, b, i_pos, h, stride_b, stride_m, stride_h, offs_d, valid):
+    """(rows, HEAD_DIM) tile of (query i_pos, head h) pairs of row b (int64) of a (B, Lq, H, D) tensor."""
+    ptrs = X + b * stride_b + i_pos[:, None] * stride_m + h[:, None] * stride_h + offs_d[None, :]
+    return tl.load(ptrs, mask=valid[:, None], other=0.0)
+
+
+@triton.jit
+def _contiguous_rows(b, i_pos, h, len_q, heads, HEAD_DIM: tl.constexpr):
+    """Offsets of the (query i_pos, head h) rows of row b (int64) in a contiguous (B, Lq, H, D) tensor."""
+    return ((b * len_q + i_pos) * heads + h) * HEAD_DIM
+
+
+@triton.jit
+def _store_rows(X, b, i_pos, h, len_q, heads, offs_d, valid, x, HEAD_DIM: tl.constexpr):
+    """x into the (query i_pos, head h) rows of row b of a contiguous (B, Lq, H, D) tensor."""
+    rows = _contiguous_rows(b, i_pos, h, len_q, heads, HEAD_DIM)
+    tl.store(X + rows[:, None] + offs_d[None, :], cast(x, X.dtype.element_ty), mask=valid[:, None])
+
+
+@triton.jit
+def _load_keys(base, cols, stride_n, offs_d, ok):
+    """(BLOCK_N, HEAD_DIM) key (or value) tile ``cols`` of one head; keys not ``ok`` read 0."""
+    return tl.load(base + cols[:, None] * stride_n + offs_d[None, :], mask=ok[:, None], other=0.0)
+
+
+@triton.jit
+def _row_stats(LSE, DELTA, b, h, i_pos, heads, len_q, valid):
+    """(lse in base-2 units, delta) of (query i_pos, head h) of row b; LSE and DELTA are contiguous (B, H, Lq).
+
+    lse = -inf (the query sees nothing) becomes 0, so that exp2(masked - lse) stays 0."""
+    off = (b * heads + h) * len_q + i_pos
+    lse = tl.load(LSE + off, mask=valid, other=0.0)
+    return tl.where(lse == float("-inf"), 0.0, lse * LOG2E), tl.load(DELTA + off, mask=valid, other=0.0)
+
+
+@triton.jit
+def _own_keys_seen(pid_m, len_q, len_k, CAUSAL: tl.constexpr, GQ: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(diag, n_end): own key j is visible to query i iff j <= i + diag (bottom-right causal
+    alignment, or never binding), and no query of tile pid_m sees an own key >= n_end."""
+    if CAUSAL:
+        diag = len_k - len_q
+        last_i = tl.minimum(len_q - 1, (pid_m * BLOCK_M + BLOCK_M - 1) // GQ)
+        n_end = tl.minimum(len_k, last_i + diag + 1)
+    else:
+        diag = len_k
+        n_end = len_k
+    return diag, n_end
+
+
+@triton.jit
+def _query_block(
+    Q, PREFIX_IDS, PREFIX_LENS, SEQLENS, sqb, sqm, sqh, len_q, len_k, len_p, num_groups, heads,
+    GQ: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, HAS_PLEN: tl.constexpr, HAS_SEQLENS: tl.constexpr,
+):  # fmt: skip
+    """The start of a program over (row x kv head, packed query block) = program ids (0, 1): (row b,
+    kv head hkv, group g, its prefix length, the first valid own key, the packed rows, the Q tile).
+    B * Hkv is on axis 0 because CUDA caps axes 1 and 2 at 65535 programs."""
+    b, hkv = _row_of(tl.program_id(0), heads, GQ)
+    g, plen = _group_of_row(PREFIX_IDS, PREFIX_LENS, b, num_groups, len_p, HAS_PLEN)
+    own_lo = _own_start(SEQLENS, b, len_k, HAS_SEQLENS)
+    row_valid, i_pos, h = _packed_rows(tl.program_id(1) * BLOCK_M, len_q, hkv, GQ, BLOCK_M)
+    q = _load_rows(Q, b, i_pos, h, sqb, sqm, sqh, tl.arange(0, HEAD_DIM), row_valid)
+    return b, hkv, g, plen, own_lo, row_valid, i_pos, h, q
+
+
+# ---------------------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------------------
+@triton.jit
 def _fwd_key_range(
-    acc,
-    m_i,
-    l_i,
-    q,
-    k_base,
-    v_base,
-    stride_kn,
-    stride_vn,
-    n_begin,
-    n_end,
-    lo,
-    hi,
-    diag,
-    i_pos,
-    offs_n,
-    offs_d,
-    qk_scale,
-    BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
+    acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, n_begin, n_end, lo, hi, diag, i_pos, offs_n, offs_d, qk_scale,
+    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
     """Online softmax over key blocks [n_begin, n_end): key j visible iff lo <= j < hi and j <= i + diag.
 
     m_i is kept in base-2 units of the scaled scores (qk_scale includes log2(e)).
@@ -106,7 +175,7 @@ def _fwd_key_range(
     for n0 in range(n_begin, n_end, BLOCK_N):
         cols = n0 + offs_n
         in_range = (cols >= lo) & (cols < hi)
-        k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=in_range[:, None], other=0.0)
+        k = _load_keys(k_base, cols, stride_kn, offs_d, in_range)
         s = dot(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
         visible = in_range[None, :] & (cols[None, :] <= i_pos[:, None] + diag)
         s = tl.where(visible, s, float("-inf"))
@@ -116,7 +185,7 @@ def _fwd_key_range(
         p = tl.math.exp2(s - m_ref[:, None])
         alpha = tl.math.exp2(m_i - m_ref)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=in_range[:, None], other=0.0)
+        v = _load_keys(v_base, cols, stride_vn, offs_d, in_range)
         acc = dot(cast(p, v.dtype), v, acc * alpha[:, None], DOT_PRECISION)
         m_i = m_new
     return acc, m_i, l_i
@@ -124,127 +193,42 @@ def _fwd_key_range(
 
 @triton.jit
 def _prefix_attn_fwd_kernel(
-    Q,
-    K,
-    V,
-    PK,
-    PV,
-    PREFIX_IDS,
-    PREFIX_LENS,
-    SEQLENS,
-    OUT,
-    LSE,
-    sqb,
-    sqm,
-    sqh,
-    skb,
-    skn,
-    skh,
-    svb,
-    svn,
-    svh,
-    spkg,
-    spkn,
-    spkh,
-    spvg,
-    spvn,
-    spvh,
-    len_q,
-    len_k,
-    len_p,
-    num_groups,
-    heads,
-    qk_scale,
-    GQ: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    HAS_PLEN: tl.constexpr,
-    HAS_SEQLENS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    pid_bh = tl.program_id(0)  # B * Hkv on axis 0: CUDA caps axes 1 and 2 at 65535 programs
+    Q, K, V, PK, PV, PREFIX_IDS, PREFIX_LENS, SEQLENS, OUT, LSE,
+    sqb, sqm, sqh, skb, skn, skh, svb, svn, svh, spkg, spkn, spkh, spvg, spvn, spvh,
+    len_q, len_k, len_p, num_groups, heads, qk_scale,
+    GQ: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_PLEN: tl.constexpr, HAS_SEQLENS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
     pid_m = tl.program_id(1)
-    kv_heads = heads // GQ
-    b = (pid_bh // kv_heads).to(tl.int64)
-    hkv = pid_bh % kv_heads
-    g, plen = _group_of_row(PREFIX_IDS, PREFIX_LENS, b, num_groups, len_p, HAS_PLEN)
-    own_lo = _own_start(SEQLENS, b, len_k, HAS_SEQLENS)
-
-    # Packed GQA rows: row r is query r // GQ of head hkv * GQ + r % GQ.
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_valid = rows < len_q * GQ
-    i_pos = rows // GQ
-    h = hkv * GQ + rows % GQ
+    b, hkv, g, plen, own_lo, row_valid, i_pos, h, q = _query_block(
+        Q, PREFIX_IDS, PREFIX_LENS, SEQLENS, sqb, sqm, sqh, len_q, len_k, len_p, num_groups, heads,
+        GQ, HEAD_DIM, BLOCK_M, HAS_PLEN, HAS_SEQLENS,
+    )  # fmt: skip
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(Q + b * sqb + i_pos[:, None] * sqm + h[:, None] * sqh + offs_d[None, :], mask=row_valid[:, None], other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-
     # 1) the group's shared prefix, read in place: fully visible up to its length (diag = Lp never binds).
     acc, m_i, l_i = _fwd_key_range(
-        acc,
-        m_i,
-        l_i,
-        q,
-        PK + g * spkg + hkv * spkh,
-        PV + g * spvg + hkv * spvh,
-        spkn,
-        spvn,
-        0,
-        plen,
-        0,
-        plen,
-        len_p,
-        i_pos,
-        offs_n,
-        offs_d,
-        qk_scale,
-        BLOCK_N,
-        DOT_PRECISION,
-    )
+        acc, m_i, l_i, q, PK + g * spkg + hkv * spkh, PV + g * spvg + hkv * spvh, spkn, spvn,
+        0, plen, 0, plen, len_p, i_pos, offs_n, offs_d, qk_scale, BLOCK_N, DOT_PRECISION,
+    )  # fmt: skip
     # 2) the row's own keys: start at the first block holding a valid (non-padding) key and,
     #    when causal, stop after the last key the tile's last query can see.
-    if CAUSAL:
-        diag = len_k - len_q
-        last_i = tl.minimum(len_q - 1, (pid_m * BLOCK_M + BLOCK_M - 1) // GQ)
-        n_end = tl.minimum(len_k, last_i + diag + 1)
-    else:
-        diag = len_k
-        n_end = len_k
+    diag, n_end = _own_keys_seen(pid_m, len_q, len_k, CAUSAL, GQ, BLOCK_M)
     n_begin = (own_lo // BLOCK_N) * BLOCK_N
     acc, m_i, l_i = _fwd_key_range(
-        acc,
-        m_i,
-        l_i,
-        q,
-        K + b * skb + hkv * skh,
-        V + b * svb + hkv * svh,
-        skn,
-        svn,
-        n_begin,
-        n_end,
-        own_lo,
-        len_k,
-        diag,
-        i_pos,
-        offs_n,
-        offs_d,
-        qk_scale,
-        BLOCK_N,
-        DOT_PRECISION,
-    )
+        acc, m_i, l_i, q, K + b * skb + hkv * skh, V + b * svb + hkv * svh, skn, svn,
+        n_begin, n_end, own_lo, len_k, diag, i_pos, offs_n, offs_d, qk_scale, BLOCK_N, DOT_PRECISION,
+    )  # fmt: skip
 
     empty = l_i == 0.0  # nothing visible: out 0, lse -inf
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)  # base 2 -> natural log
-    out_off = ((b * len_q + i_pos) * heads + h) * HEAD_DIM  # OUT is contiguous (B, Lq, H, D)
-    tl.store(OUT + out_off[:, None] + offs_d[None, :], cast(out, OUT.dtype.element_ty), mask=row_valid[:, None])
+    _store_rows(OUT, b, i_pos, h, len_q, heads, offs_d, row_valid, out, HEAD_DIM)
     tl.store(LSE + (b * heads + h) * len_q + i_pos, lse, mask=row_valid)  # LSE is contiguous (B, H, Lq)
 
 
@@ -252,26 +236,13 @@ def _prefix_attn_fwd_kernel(
 # Backward
 # ---------------------------------------------------------------------------------------
 @triton.jit
-def _bwd_delta_kernel(
-    OUT,
-    DO,
-    DELTA,
-    sdb,
-    sdm,
-    sdh,
-    len_q,
-    heads,
-    HEAD_DIM: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
+def _bwd_delta_kernel(OUT, DO, DELTA, sdb, sdm, sdh, len_q, heads, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
     """delta[b, h, i] = sum_d out * dout: the softmax-backward row term."""
-    pid_bh = tl.program_id(0)
-    b = (pid_bh // heads).to(tl.int64)
-    h = pid_bh % heads
+    b, h = _row_of(tl.program_id(0), heads, 1)
     i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     valid = i < len_q
     offs_d = tl.arange(0, HEAD_DIM)
-    out_rows = ((b * len_q + i) * heads + h) * HEAD_DIM  # OUT is contiguous (B, Lq, H, D)
+    out_rows = _contiguous_rows(b, i, h, len_q, heads, HEAD_DIM)
     o = tl.load(OUT + out_rows[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
     do = tl.load(DO + b * sdb + h * sdh + i[:, None] * sdm + offs_d[None, :], mask=valid[:, None], other=0.0)
     delta = tl.sum(o * do.to(tl.float32), 1)
@@ -279,40 +250,15 @@ def _bwd_delta_kernel(
 
 
 @triton.jit
-def _load_lse2(LSE, off, mask):
-    """lse in base-2 units; -inf (row sees nothing) becomes 0 so that exp2(masked - lse) stays 0."""
-    lse = tl.load(LSE + off, mask=mask, other=0.0)
-    return tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
-
-
-@triton.jit
 def _dq_key_range(
-    dq,
-    q,
-    do,
-    lse2,
-    delta,
-    k_base,
-    v_base,
-    stride_kn,
-    stride_vn,
-    n_begin,
-    n_end,
-    lo,
-    hi,
-    diag,
-    i_pos,
-    offs_n,
-    offs_d,
-    qk_scale,
-    BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
+    dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, n_begin, n_end, lo, hi, diag, i_pos, offs_n, offs_d,
+    qk_scale, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
     for n0 in range(n_begin, n_end, BLOCK_N):
         cols = n0 + offs_n
         in_range = (cols >= lo) & (cols < hi)
-        k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=in_range[:, None], other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=in_range[:, None], other=0.0)
+        k = _load_keys(k_base, cols, stride_kn, offs_d, in_range)
+        v = _load_keys(v_base, cols, stride_vn, offs_d, in_range)
         s = dot(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
         visible = in_range[None, :] & (cols[None, :] <= i_pos[:, None] + diag)
         p = tl.where(visible, tl.math.exp2(s - lse2[:, None]), 0.0)
@@ -324,176 +270,53 @@ def _dq_key_range(
 
 @triton.jit
 def _prefix_attn_bwd_dq_kernel(
-    Q,
-    K,
-    V,
-    PK,
-    PV,
-    PREFIX_IDS,
-    PREFIX_LENS,
-    SEQLENS,
-    DO,
-    LSE,
-    DELTA,
-    DQ,
-    sqb,
-    sqm,
-    sqh,
-    skb,
-    skn,
-    skh,
-    svb,
-    svn,
-    svh,
-    spkg,
-    spkn,
-    spkh,
-    spvg,
-    spvn,
-    spvh,
-    sdb,
-    sdm,
-    sdh,
-    len_q,
-    len_k,
-    len_p,
-    num_groups,
-    heads,
-    qk_scale,
-    sm_scale,
-    GQ: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    HAS_PLEN: tl.constexpr,
-    HAS_SEQLENS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    pid_bh = tl.program_id(0)  # B * Hkv on axis 0: CUDA caps axes 1 and 2 at 65535 programs
+    Q, K, V, PK, PV, PREFIX_IDS, PREFIX_LENS, SEQLENS, DO, LSE, DELTA, DQ,
+    sqb, sqm, sqh, skb, skn, skh, svb, svn, svh, spkg, spkn, spkh, spvg, spvn, spvh, sdb, sdm, sdh,
+    len_q, len_k, len_p, num_groups, heads, qk_scale, sm_scale,
+    GQ: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_PLEN: tl.constexpr, HAS_SEQLENS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
     pid_m = tl.program_id(1)
-    kv_heads = heads // GQ
-    b = (pid_bh // kv_heads).to(tl.int64)
-    hkv = pid_bh % kv_heads
-    g, plen = _group_of_row(PREFIX_IDS, PREFIX_LENS, b, num_groups, len_p, HAS_PLEN)
-    own_lo = _own_start(SEQLENS, b, len_k, HAS_SEQLENS)
-
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_valid = rows < len_q * GQ
-    i_pos = rows // GQ
-    h = hkv * GQ + rows % GQ
+    b, hkv, g, plen, own_lo, row_valid, i_pos, h, q = _query_block(
+        Q, PREFIX_IDS, PREFIX_LENS, SEQLENS, sqb, sqm, sqh, len_q, len_k, len_p, num_groups, heads,
+        GQ, HEAD_DIM, BLOCK_M, HAS_PLEN, HAS_SEQLENS,
+    )  # fmt: skip
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(Q + b * sqb + i_pos[:, None] * sqm + h[:, None] * sqh + offs_d[None, :], mask=row_valid[:, None], other=0.0)
-    do = tl.load(DO + b * sdb + i_pos[:, None] * sdm + h[:, None] * sdh + offs_d[None, :], mask=row_valid[:, None], other=0.0)
-    row_off = (b * heads + h) * len_q + i_pos
-    lse2 = _load_lse2(LSE, row_off, row_valid)
-    delta = tl.load(DELTA + row_off, mask=row_valid, other=0.0)
+    do = _load_rows(DO, b, i_pos, h, sdb, sdm, sdh, offs_d, row_valid)
+    lse2, delta = _row_stats(LSE, DELTA, b, h, i_pos, heads, len_q, row_valid)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     dq = _dq_key_range(
-        dq,
-        q,
-        do,
-        lse2,
-        delta,
-        PK + g * spkg + hkv * spkh,
-        PV + g * spvg + hkv * spvh,
-        spkn,
-        spvn,
-        0,
-        plen,
-        0,
-        plen,
-        len_p,
-        i_pos,
-        offs_n,
-        offs_d,
-        qk_scale,
-        BLOCK_N,
-        DOT_PRECISION,
-    )
-    if CAUSAL:
-        diag = len_k - len_q
-        last_i = tl.minimum(len_q - 1, (pid_m * BLOCK_M + BLOCK_M - 1) // GQ)
-        n_end = tl.minimum(len_k, last_i + diag + 1)
-    else:
-        diag = len_k
-        n_end = len_k
+        dq, q, do, lse2, delta, PK + g * spkg + hkv * spkh, PV + g * spvg + hkv * spvh, spkn, spvn,
+        0, plen, 0, plen, len_p, i_pos, offs_n, offs_d, qk_scale, BLOCK_N, DOT_PRECISION,
+    )  # fmt: skip
+    diag, n_end = _own_keys_seen(pid_m, len_q, len_k, CAUSAL, GQ, BLOCK_M)
     dq = _dq_key_range(
-        dq,
-        q,
-        do,
-        lse2,
-        delta,
-        K + b * skb + hkv * skh,
-        V + b * svb + hkv * svh,
-        skn,
-        svn,
-        (own_lo // BLOCK_N) * BLOCK_N,
-        n_end,
-        own_lo,
-        len_k,
-        diag,
-        i_pos,
-        offs_n,
-        offs_d,
-        qk_scale,
-        BLOCK_N,
-        DOT_PRECISION,
-    )
-    dq_off = ((b * len_q + i_pos) * heads + h) * HEAD_DIM  # DQ is contiguous (B, Lq, H, D)
-    tl.store(DQ + dq_off[:, None] + offs_d[None, :], cast(dq * sm_scale, DQ.dtype.element_ty), mask=row_valid[:, None])
+        dq, q, do, lse2, delta, K + b * skb + hkv * skh, V + b * svb + hkv * svh, skn, svn,
+        (own_lo // BLOCK_N) * BLOCK_N, n_end, own_lo, len_k, diag, i_pos, offs_n, offs_d, qk_scale, BLOCK_N, DOT_PRECISION,
+    )  # fmt: skip
+    _store_rows(DQ, b, i_pos, h, len_q, heads, offs_d, row_valid, dq * sm_scale, HEAD_DIM)
 
 
 @triton.jit
 def _dkdv_query_range(
-    k,
-    v,
-    cols,
-    in_range,
-    Q,
-    DO,
-    LSE,
-    DELTA,
-    b,
-    hkv,
-    sqb,
-    sqm,
-    sqh,
-    sdb,
-    sdm,
-    sdh,
-    m_begin,
-    m_end,
-    len_q,
-    heads,
-    diag,
-    qk_scale,
-    GQ: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    k, v, cols, in_range, Q, DO, LSE, DELTA, b, hkv, sqb, sqm, sqh, sdb, sdm, sdh, m_begin, m_end, len_q, heads, diag,
+    qk_scale, GQ: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-):
+):  # fmt: skip
     """dk, dv (unscaled dk) of one key block over packed query rows [m_begin, m_end) of row b.
 
     Works on transposed scores (keys x queries) so no probability tile is ever transposed.
     """
-    offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     for m0 in range(m_begin, m_end, BLOCK_M):
-        rows = m0 + offs_m
-        row_valid = rows < len_q * GQ
-        i_pos = rows // GQ
-        h = hkv * GQ + rows % GQ
-        q = tl.load(Q + b * sqb + i_pos[:, None] * sqm + h[:, None] * sqh + offs_d[None, :], mask=row_valid[:, None], other=0.0)
-        do = tl.load(DO + b * sdb + i_pos[:, None] * sdm + h[:, None] * sdh + offs_d[None, :], mask=row_valid[:, None], other=0.0)
-        row_off = (b * heads + h) * len_q + i_pos
-        lse2 = _load_lse2(LSE, row_off, row_valid)
-        delta = tl.load(DELTA + row_off, mask=row_valid, other=0.0)
+        row_valid, i_pos, h = _packed_rows(m0, len_q, hkv, GQ, BLOCK_M)
+        q = _load_rows(Q, b, i_pos, h, sqb, sqm, sqh, offs_d, row_valid)
+        do = _load_rows(DO, b, i_pos, h, sdb, sdm, sdh, offs_d, row_valid)
+        lse2, delta = _row_stats(LSE, DELTA, b, h, i_pos, heads, len_q, row_valid)
         s_t = dot(k, tl.trans(q), None, DOT_PRECISION) * qk_scale
         visible = in_range[:, None] & row_valid[None, :] & (cols[:, None] <= i_pos[None, :] + diag)
         p_t = tl.where(visible, tl.math.exp2(s_t - lse2[None, :]), 0.0)
@@ -506,106 +329,42 @@ def _dkdv_query_range(
 
 @triton.jit
 def _prefix_attn_bwd_dkdv_kernel(
-    Q,
-    K,
-    V,
-    PK,
-    PV,
-    PREFIX_IDS,
-    PREFIX_LENS,
-    SEQLENS,
-    DO,
-    LSE,
-    DELTA,
-    DK,
-    DV,
-    DPK,
-    DPV,
-    sqb,
-    sqm,
-    sqh,
-    skb,
-    skn,
-    skh,
-    svb,
-    svn,
-    svh,
-    spkg,
-    spkn,
-    spkh,
-    spvg,
-    spvn,
-    spvh,
-    sdb,
-    sdm,
-    sdh,
-    len_q,
-    len_k,
-    len_p,
-    num_groups,
-    heads,
-    n_prefix_blocks,
-    qk_scale,
-    sm_scale,
-    GQ: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    HAS_PLEN: tl.constexpr,
-    HAS_SEQLENS: tl.constexpr,
-    DETERMINISTIC: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
+    Q, K, V, PK, PV, PREFIX_IDS, PREFIX_LENS, SEQLENS, DO, LSE, DELTA, DK, DV, DPK, DPV,
+    sqb, sqm, sqh, skb, skn, skh, svb, svn, svh, spkg, spkn, spkh, spvg, spvn, spvh, sdb, sdm, sdh,
+    len_q, len_k, len_p, num_groups, heads, n_prefix_blocks, qk_scale, sm_scale,
+    GQ: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_PLEN: tl.constexpr, HAS_SEQLENS: tl.constexpr, DETERMINISTIC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCKS_ON_X: tl.constexpr,
+):  # fmt: skip
     """One program per (key block, row, kv head): the first n_prefix_blocks key blocks are the
-    group's prefix (this row's share of its gradient), the rest are the row's own keys."""
-    pid_bh = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    kv_heads = heads // GQ
-    b = (pid_bh // kv_heads).to(tl.int64)
-    hkv = pid_bh % kv_heads
+    group's prefix (this row's share of its gradient), the rest are the row's own keys.
+
+    BLOCKS_ON_X: the grid is (key blocks, B * Hkv), so the key blocks of one (row, kv head), which
+    all read that row's Q, dO, lse and delta, are launched side by side and share them in L2.
+    Otherwise (B * Hkv, key blocks), for B * Hkv beyond the 65535 programs CUDA allows on axis 1."""
+    if BLOCKS_ON_X:
+        pid_n = tl.program_id(0)
+        b, hkv = _row_of(tl.program_id(1), heads, GQ)
+    else:
+        pid_n = tl.program_id(1)
+        b, hkv = _row_of(tl.program_id(0), heads, GQ)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     n_rows = len_q * GQ
-    kv_row = kv_heads * HEAD_DIM  # DK/DV/DPK/DPV are contiguous (.., L, Hkv, D)
+    kv_row = (heads // GQ) * HEAD_DIM  # DK/DV/DPK/DPV are contiguous (.., L, Hkv, D)
 
     if pid_n < n_prefix_blocks:
         g, plen = _group_of_row(PREFIX_IDS, PREFIX_LENS, b, num_groups, len_p, HAS_PLEN)
         n0 = pid_n * BLOCK_N
         cols = n0 + offs_n
         in_range = cols < plen
-        k = tl.load(PK + g * spkg + hkv * spkh + cols[:, None] * spkn + offs_d[None, :], mask=in_range[:, None], other=0.0)
-        v = tl.load(PV + g * spvg + hkv * spvh + cols[:, None] * spvn + offs_d[None, :], mask=in_range[:, None], other=0.0)
+        k = _load_keys(PK + g * spkg + hkv * spkh, cols, spkn, offs_d, in_range)
+        v = _load_keys(PV + g * spvg + hkv * spvh, cols, spvn, offs_d, in_range)
         m_end = tl.where(n0 < plen, n_rows, 0)  # a block past the group's prefix length has no gradient
         dk, dv = _dkdv_query_range(
-            k,
-            v,
-            cols,
-            in_range,
-            Q,
-            DO,
-            LSE,
-            DELTA,
-            b,
-            hkv,
-            sqb,
-            sqm,
-            sqh,
-            sdb,
-            sdm,
-            sdh,
-            0,
-            m_end,
-            len_q,
-            heads,
-            len_p,
-            qk_scale,
-            GQ,
-            HEAD_DIM,
-            BLOCK_M,
-            BLOCK_N,
-            DOT_PRECISION,
-        )
+            k, v, cols, in_range, Q, DO, LSE, DELTA, b, hkv, sqb, sqm, sqh, sdb, sdm, sdh, 0, m_end, len_q, heads, len_p,
+            qk_scale, GQ, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION,
+        )  # fmt: skip
         dk = dk * sm_scale
         if DETERMINISTIC:
             # This row's share goes to its own slot (B, Lp, Hkv, D); _sum_rows_by_group_kernel adds
@@ -614,16 +373,18 @@ def _prefix_attn_bwd_dkdv_kernel(
             tl.store(DPK + off, dk, mask=(cols < len_p)[:, None])
             tl.store(DPV + off, dv, mask=(cols < len_p)[:, None])
         else:
+            # Only the sum matters, not the order or visibility of the additions: relaxed atomics
+            # (no fences around each one, unlike the default acq_rel).
             off = (g * len_p + cols)[:, None] * kv_row + hkv * HEAD_DIM + offs_d[None, :]
-            tl.atomic_add(DPK + off, dk, mask=in_range[:, None])
-            tl.atomic_add(DPV + off, dv, mask=in_range[:, None])
+            tl.atomic_add(DPK + off, dk, mask=in_range[:, None], sem="relaxed")
+            tl.atomic_add(DPV + off, dv, mask=in_range[:, None], sem="relaxed")
     else:
         own_lo = _own_start(SEQLENS, b, len_k, HAS_SEQLENS)
         n0 = (pid_n - n_prefix_blocks) * BLOCK_N
         cols = n0 + offs_n
         in_range = (cols >= own_lo) & (cols < len_k)
-        k = tl.load(K + b * skb + hkv * skh + cols[:, None] * skn + offs_d[None, :], mask=in_range[:, None], other=0.0)
-        v = tl.load(V + b * svb + hkv * svh + cols[:, None] * svn + offs_d[None, :], mask=in_range[:, None], other=0.0)
+        k = _load_keys(K + b * skb + hkv * skh, cols, skn, offs_d, in_range)
+        v = _load_keys(V + b * svb + hkv * svh, cols, svn, offs_d, in_range)
         if CAUSAL:
             diag = len_k - len_q
             first_i = tl.maximum(n0 - diag, 0)  # earlier queries cannot see this block
@@ -633,34 +394,9 @@ def _prefix_attn_bwd_dkdv_kernel(
             m_begin = 0
         m_end = tl.where(n0 + BLOCK_N <= own_lo, 0, n_rows)  # all left padding: skip
         dk, dv = _dkdv_query_range(
-            k,
-            v,
-            cols,
-            in_range,
-            Q,
-            DO,
-            LSE,
-            DELTA,
-            b,
-            hkv,
-            sqb,
-            sqm,
-            sqh,
-            sdb,
-            sdm,
-            sdh,
-            m_begin,
-            m_end,
-            len_q,
-            heads,
-            diag,
-            qk_scale,
-            GQ,
-            HEAD_DIM,
-            BLOCK_M,
-            BLOCK_N,
-            DOT_PRECISION,
-        )
+            k, v, cols, in_range, Q, DO, LSE, DELTA, b, hkv, sqb, sqm, sqh, sdb, sdm, sdh, m_begin, m_end, len_q, heads, diag,
+            qk_scale, GQ, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION,
+        )  # fmt: skip
         off = (b * len_k + cols)[:, None] * kv_row + hkv * HEAD_DIM + offs_d[None, :]
         tl.store(DK + off, cast(dk * sm_scale, DK.dtype.element_ty), mask=(cols < len_k)[:, None])
         tl.store(DV + off, cast(dv, DV.dtype.element_ty), mask=(cols < len_k)[:, None])
@@ -709,7 +445,29 @@ def tiles_for(dtype: torch.dtype, head_dim: int, packed_rows: int, backward: boo
 
 
 DELTA_ROWS = 64  # rows per program of the delta kernel
+MAX_GRID_YZ = 65535  # programs CUDA allows along grid axes 1 and 2
 GROUP_SUM_BLOCK = 1024  # elements per program of the deterministic group sum
+
+
+def _flags(q, prefix_lengths, seqlens_k, causal, gq, tiles) -> dict:
+    """The constexpr arguments and launch options the three attention kernels share."""
+    return dict(GQ=gq, HEAD_DIM=q.shape[-1], BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, CAUSAL=causal,
+                HAS_PLEN=prefix_lengths is not None, HAS_SEQLENS=seqlens_k is not None,
+                DOT_PRECISION=tk.dot_precision(q.dtype), **tiles.launch())  # fmt: skip
+
+
+def _inputs(q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lengths, seqlens_k) -> tuple:
+    """The leading pointer arguments of the attention kernels (unused optional tensors become placeholders, never read)."""
+    return (
+        q,
+        k,
+        v,
+        prefix_k,
+        prefix_v,
+        prefix_ids,
+        tk.pointer_or(prefix_lengths, prefix_ids),
+        tk.pointer_or(seqlens_k, prefix_ids),
+    )
 
 
 def _fwd(q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lengths, seqlens_k, causal, scale):
@@ -723,39 +481,12 @@ def _fwd(q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lengths, seqlens_k, cau
     if out.numel() == 0:
         return out, lse
     tiles = tiles_for(q.dtype, head_dim, len_q * gq, backward=False)
-    grid = (batch * kv_heads, triton.cdiv(len_q * gq, tiles.block_m))
-    _prefix_attn_fwd_kernel[grid](
-        q,
-        k,
-        v,
-        prefix_k,
-        prefix_v,
-        prefix_ids,
-        tk.pointer_or(prefix_lengths, prefix_ids),
-        tk.pointer_or(seqlens_k, prefix_ids),  # placeholders are never read
-        out,
-        lse,
-        *tk.strides(q),
-        *tk.strides(k),
-        *tk.strides(v),
-        *tk.strides(prefix_k),
-        *tk.strides(prefix_v),
-        len_q,
-        len_k,
-        len_p,
-        num_groups,
-        heads,
-        scale * LOG2E.value,
-        GQ=gq,
-        HEAD_DIM=head_dim,
-        BLOCK_M=tiles.block_m,
-        BLOCK_N=tiles.block_n,
-        CAUSAL=causal,
-        HAS_PLEN=prefix_lengths is not None,
-        HAS_SEQLENS=seqlens_k is not None,
-        DOT_PRECISION=tk.dot_precision(q.dtype),
-        **tiles.launch(),
-    )
+    _prefix_attn_fwd_kernel[(batch * kv_heads, triton.cdiv(len_q * gq, tiles.block_m))](
+        *_inputs(q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lengths, seqlens_k), out, lse,
+        *tk.strides(q), *tk.strides(k), *tk.strides(v), *tk.strides(prefix_k), *tk.strides(prefix_v),
+        len_q, len_k, len_p, num_groups, heads, scale * LOG2E.value,
+        **_flags(q, prefix_lengths, seqlens_k, causal, gq, tiles),
+    )  # fmt: skip
     return out, lse
 
 
@@ -778,55 +509,16 @@ def _bwd(dout, q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lengths, seqlens_
 
     delta = torch.empty((batch, heads, len_q), dtype=torch.float32, device=dev)
     _bwd_delta_kernel[(batch * heads, triton.cdiv(len_q, DELTA_ROWS))](
-        out,
-        dout,
-        delta,
-        *tk.strides(dout),
-        len_q,
-        heads,
-        HEAD_DIM=head_dim,
-        BLOCK=DELTA_ROWS,
-        num_warps=4,
+        out, dout, delta, *tk.strides(dout), len_q, heads, HEAD_DIM=head_dim, BLOCK=DELTA_ROWS, num_warps=4
     )
 
-    plen_arg, seqlens_arg = tk.pointer_or(prefix_lengths, prefix_ids), tk.pointer_or(seqlens_k, prefix_ids)
+    inputs = _inputs(q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lengths, seqlens_k)
     strides = (*tk.strides(q), *tk.strides(k), *tk.strides(v), *tk.strides(prefix_k), *tk.strides(prefix_v), *tk.strides(dout))
     tiles = tiles_for(q.dtype, head_dim, len_q * gq, backward=True)
-    flags = dict(
-        GQ=gq,
-        HEAD_DIM=head_dim,
-        BLOCK_M=tiles.block_m,
-        BLOCK_N=tiles.block_n,
-        CAUSAL=causal,
-        HAS_PLEN=prefix_lengths is not None,
-        HAS_SEQLENS=seqlens_k is not None,
-        DOT_PRECISION=tk.dot_precision(q.dtype),
-        **tiles.launch(),
-    )
+    flags = _flags(q, prefix_lengths, seqlens_k, causal, gq, tiles)
     qk_scale = scale * LOG2E.value
-
     _prefix_attn_bwd_dq_kernel[(batch * kv_heads, triton.cdiv(len_q * gq, tiles.block_m))](
-        q,
-        k,
-        v,
-        prefix_k,
-        prefix_v,
-        prefix_ids,
-        plen_arg,
-        seqlens_arg,
-        dout,
-        lse,
-        delta,
-        dq,
-        *strides,
-        len_q,
-        len_k,
-        len_p,
-        num_groups,
-        heads,
-        qk_scale,
-        scale,
-        **flags,
+        *inputs, dout, lse, delta, dq, *strides, len_q, len_k, len_p, num_groups, heads, qk_scale, scale, **flags
     )
 
     # Prefix gradients accumulate in float32: per group with atomics, or per row then summed in order.
@@ -835,36 +527,15 @@ def _bwd(dout, q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lengths, seqlens_
     dpk32 = alloc((scratch_rows, len_p, kv_heads, head_dim), dtype=torch.float32, device=dev)
     dpv32 = alloc((scratch_rows, len_p, kv_heads, head_dim), dtype=torch.float32, device=dev)
     n_prefix_blocks = triton.cdiv(len_p, tiles.block_n)
-    grid = (batch * kv_heads, n_prefix_blocks + triton.cdiv(len_k, tiles.block_n))
-    if grid[1] > 0:
+    n_blocks = n_prefix_blocks + triton.cdiv(len_k, tiles.block_n)  # key blocks of one (row, kv head)
+    blocks_on_x = batch * kv_heads <= MAX_GRID_YZ  # key blocks fastest: neighbours share Q / dO in L2
+    grid = (n_blocks, batch * kv_heads) if blocks_on_x else (batch * kv_heads, n_blocks)
+    if n_blocks > 0:
         _prefix_attn_bwd_dkdv_kernel[grid](
-            q,
-            k,
-            v,
-            prefix_k,
-            prefix_v,
-            prefix_ids,
-            plen_arg,
-            seqlens_arg,
-            dout,
-            lse,
-            delta,
-            dk,
-            dv,
-            dpk32,
-            dpv32,
-            *strides,
-            len_q,
-            len_k,
-            len_p,
-            num_groups,
-            heads,
-            n_prefix_blocks,
-            qk_scale,
-            scale,
-            DETERMINISTIC=deterministic,
-            **flags,
-        )
+            *inputs, dout, lse, delta, dk, dv, dpk32, dpv32, *strides,
+            len_q, len_k, len_p, num_groups, heads, n_prefix_blocks, qk_scale, scale,
+            DETERMINISTIC=deterministic, BLOCKS_ON_X=blocks_on_x, **flags,
+        )  # fmt: skip
 
     if deterministic:
         dpk = torch.empty(prefix_shape, dtype=prefix_k.dtype, device=dev)
@@ -950,7 +621,7 @@ def _backward(ctx, dout, _dlse):
     q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lengths, seqlens_k, out, lse = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv, dpk, dpv = prefix_attention_triton_bwd(
+    grads = prefix_attention_triton_bwd(
         dout,
         q,
         k,
@@ -966,7 +637,7 @@ def _backward(ctx, dout, _dlse):
         ctx.scale,
         ctx.deterministic,
     )
-    return dq, dk, dv, dpk, dpv, None, None, None, None, None, None
+    return (*grads, None, None, None, None, None, None)
 
 
 prefix_attention_triton_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -33,20 +33,9 @@ def _many_blocks():
 
 
 def make_case(
-    batch=3,
-    len_q=5,
-    len_k=7,
-    heads=4,
-    kv_heads=2,
-    head_dim=32,
-    groups=2,
-    len_p=19,
-    dtype=torch.float32,
-    prefix_ids=(1, 0, 1),
-    prefix_lengths=(17, 0),
-    seqlens_k=(7, 3, 0),
-    device=DEVICE,
-):
+    batch=3, len_q=5, len_k=7, heads=4, kv_heads=2, head_dim=32, groups=2, len_p=19, dtype=torch.float32,
+    prefix_ids=(1, 0, 1), prefix_lengths=(17, 0), seqlens_k=(7, 3, 0), device=DEVICE,
+):  # fmt: skip
     """Random inputs; None for prefix_lengths / seqlens_k leaves them out (all valid).
 
     Default: row 0 = empty prefix + 7 own keys, row 1 = 17 prefix tokens + 3 own keys (4 left-padded),
@@ -69,19 +58,25 @@ def make_case(
     )
 
 
+TENSORS = ("q", "k", "v", "prefix_k", "prefix_v")  # the differentiable inputs, in argument order
+
+
+def prefix_attention(case, tensors=None, causal=True, backend="triton", **kw):
+    """ops.prefix_attention on ``tensors`` (default: the case's own) with the case's groups and lengths."""
+    tensors = [case[n] for n in TENSORS] if tensors is None else tensors
+    return ops.prefix_attention(*tensors, case["prefix_ids"], causal, None, backend, prefix_lengths=case["prefix_lengths"],
+                                seqlens_k=case["seqlens_k"], **kw)  # fmt: skip
+
+
 def run_oracle(case, causal, name, deterministic=False):
-    extra = dict(prefix_lengths=case["prefix_lengths"], seqlens_k=case["seqlens_k"])
-
-    def triton_fn(q, k, v, pk, pv):
-        return ops.prefix_attention(
-            q, k, v, pk, pv, case["prefix_ids"], causal, None, "triton", deterministic=deterministic, **extra
-        )
-
     def reference(q, k, v, pk, pv):
-        return prefix_attention_reference(q, k, v, pk, pv, case["prefix_ids"], causal, None, **extra)[0]
+        ids, extra = case["prefix_ids"], dict(prefix_lengths=case["prefix_lengths"], seqlens_k=case["seqlens_k"])
+        return prefix_attention_reference(q, k, v, pk, pv, ids, causal, None, **extra)[0]
 
-    inputs = [case[n] for n in ("q", "k", "v", "prefix_k", "prefix_v")]
-    return check_against_oracle(triton_fn, reference, inputs, grad_idx=range(5), name=name)
+    return check_against_oracle(
+        lambda *t: prefix_attention(case, t, causal, deterministic=deterministic), reference, [case[n] for n in TENSORS],
+        grad_idx=range(5), name=name,
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -95,18 +90,8 @@ def test_matches_oracle_ragged(dtype, causal, kv_heads):
 
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_head_dims(head_dim):
-    case = make_case(
-        batch=2,
-        len_q=3,
-        len_k=4,
-        head_dim=head_dim,
-        groups=1,
-        len_p=6,
-        prefix_ids=(0, 0),
-        prefix_lengths=(5,),
-        seqlens_k=(4, 2),
-        dtype=torch.bfloat16,
-    )
+    case = make_case(batch=2, len_q=3, len_k=4, head_dim=head_dim, groups=1, len_p=6, prefix_ids=(0, 0), prefix_lengths=(5,),
+                     seqlens_k=(4, 2), dtype=torch.bfloat16)  # fmt: skip
     run_oracle(case, True, f"prefix D={head_dim}")
 
 
@@ -114,18 +99,8 @@ def test_head_dims(head_dim):
 def test_decode_step(dtype):
     """Lq = 1 against a longer own cache (Lk > Lq), H=4 query heads packed on Hkv=1."""
     # Lk = 17: the query's last visible key (16) starts a new 16-wide tile, the edge causal skipping must include.
-    case = make_case(
-        batch=4,
-        len_q=1,
-        len_k=17,
-        kv_heads=1,
-        groups=3,
-        len_p=9,
-        prefix_ids=(2, 0, 1, 2),
-        prefix_lengths=(9, 0, 4),
-        seqlens_k=(17, 5, 16, 1),
-        dtype=dtype,
-    )
+    case = make_case(batch=4, len_q=1, len_k=17, kv_heads=1, groups=3, len_p=9, prefix_ids=(2, 0, 1, 2),
+                     prefix_lengths=(9, 0, 4), seqlens_k=(17, 5, 16, 1), dtype=dtype)  # fmt: skip
     run_oracle(case, True, f"decode {dtype}")
 
 
@@ -133,18 +108,8 @@ def test_defaults_all_valid_and_long_rows():
     """No prefix_lengths / seqlens_k; 2 x 29 packed GQA rows and 37 own keys span several 16-wide tiles,
     so the causal block skipping (forward, dq and dk/dv) crosses tile edges inside a query. Lk - Lq = 9
     puts the last visible key of the 1st and 3rd query tiles (queries 7, 23) first in a key tile."""
-    case = make_case(
-        batch=2,
-        len_q=29,
-        len_k=38,
-        heads=4,
-        kv_heads=2,
-        groups=2,
-        len_p=21,
-        prefix_ids=(1, 1),
-        prefix_lengths=None,
-        seqlens_k=None,
-    )
+    case = make_case(batch=2, len_q=29, len_k=38, heads=4, kv_heads=2, groups=2, len_p=21, prefix_ids=(1, 1),
+                     prefix_lengths=None, seqlens_k=None)  # fmt: skip
     run_oracle(case, True, "defaults")
 
 
@@ -168,19 +133,8 @@ def test_strided_inputs():
     pkv = torch.cat([case["prefix_k"], case["prefix_v"]], dim=-1)  # (G, Lp, Hkv, 2D)
     strided = dict(case, q=q, k=kv[:, :, :, 0], v=kv[:, :, :, 1], prefix_k=pkv[..., :32], prefix_v=pkv[..., 32:])
     assert not strided["k"].is_contiguous() and not strided["prefix_v"].is_contiguous()
-    out = ops.prefix_attention(
-        **{n: strided[n] for n in ("q", "k", "v", "prefix_k", "prefix_v", "prefix_ids")},
-        prefix_lengths=case["prefix_lengths"],
-        seqlens_k=case["seqlens_k"],
-        backend="triton",
-    )
-    dense = ops.prefix_attention(
-        **{n: case[n] for n in ("q", "k", "v", "prefix_k", "prefix_v", "prefix_ids")},
-        prefix_lengths=case["prefix_lengths"],
-        seqlens_k=case["seqlens_k"],
-        backend="triton",
-    )
-    torch.testing.assert_close(out, dense, rtol=0, atol=0)
+    out = prefix_attention(case, [strided[n] for n in TENSORS])
+    torch.testing.assert_close(out, prefix_attention(case), rtol=0, atol=0)
     run_oracle(strided, False, "strided")
 
 
@@ -188,15 +142,8 @@ def test_strided_inputs():
 def test_row_with_nothing_visible(dtype):
     """Empty prefix + no own keys: out 0, lse -inf, and every gradient finite (zero where it must be)."""
     case = make_case(dtype=dtype, prefix_ids=(0, 1, 0), prefix_lengths=(0, 11), seqlens_k=(7, 2, 0))  # row 2: nothing
-    leaves = {n: case[n].clone().requires_grad_() for n in ("q", "k", "v", "prefix_k", "prefix_v")}
-    out, lse = ops.prefix_attention(
-        **leaves,
-        prefix_ids=case["prefix_ids"],
-        prefix_lengths=case["prefix_lengths"],
-        seqlens_k=case["seqlens_k"],
-        backend="triton",
-        return_lse=True,
-    )
+    leaves = {n: case[n].clone().requires_grad_() for n in TENSORS}
+    out, lse = prefix_attention(case, list(leaves.values()), return_lse=True)
     assert (out[2] == 0).all() and torch.isneginf(lse[2]).all()
     assert torch.isfinite(lse[:2]).all()
     out.backward(torch.randn_like(out))
@@ -225,20 +172,10 @@ def _lse_oracle(case, causal):
 def test_lse_is_a_statistic_not_differentiated(backend):
     """The package-wide rule (ops/__init__.py): lse has the float64 logsumexp's values and no gradient, on every backend."""
     case = make_case(seqlens_k=(7, 3, 1))
-    names = ("q", "k", "v", "prefix_k", "prefix_v")
-    leaves = [case[n].clone().requires_grad_() for n in names]
-    out, lse = ops.prefix_attention(
-        *leaves,
-        case["prefix_ids"],
-        True,
-        None,
-        backend,
-        prefix_lengths=case["prefix_lengths"],
-        seqlens_k=case["seqlens_k"],
-        return_lse=True,
-    )
+    leaves = [case[n].clone().requires_grad_() for n in TENSORS]
+    out, lse = prefix_attention(case, leaves, backend=backend, return_lse=True)
     assert out.requires_grad and not lse.requires_grad
-    lse64 = _lse_oracle(case, True)(*[case[n].double() for n in names])
+    lse64 = _lse_oracle(case, True)(*[case[n].double() for n in TENSORS])
     torch.testing.assert_close(lse.double(), lse64, rtol=1e-5, atol=1e-5)
 
 
@@ -248,20 +185,10 @@ def test_deterministic_mode(dtype):
     default (atomic) path up to the float32 summation order of the prefix gradients."""
     case = make_case(batch=5, prefix_ids=(1, 0, 1, 1, 0), seqlens_k=(7, 3, 0, 5, 6), prefix_lengths=(13, 17), dtype=dtype)
     out_a, grads_a = run_oracle(case, True, "deterministic", deterministic=True)
-    names = ("q", "k", "v", "prefix_k", "prefix_v")
 
     def grads(deterministic):
-        leaves = [case[n].clone().requires_grad_() for n in names]
-        out = ops.prefix_attention(
-            *leaves,
-            case["prefix_ids"],
-            True,
-            None,
-            "triton",
-            prefix_lengths=case["prefix_lengths"],
-            seqlens_k=case["seqlens_k"],
-            deterministic=deterministic,
-        )
+        leaves = [case[n].clone().requires_grad_() for n in TENSORS]
+        out = prefix_attention(case, leaves, deterministic=deterministic)
         gen = torch.Generator(device="cpu").manual_seed(0)  # the upstream gradient run_oracle used
         dout = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out)
         return out.detach(), torch.autograd.grad(out, leaves, dout)
@@ -279,20 +206,22 @@ def test_deterministic_mode(dtype):
         torch.testing.assert_close(ga, gc, rtol=ulp, atol=ulp)
 
 
+@pytest.mark.parametrize("blocks_on_x", [True, False], ids=["blocks-on-x", "rows-on-x"])
+def test_dkdv_grid_orders(monkeypatch, blocks_on_x):
+    """The dK/dV grid puts the key blocks of one (row, kv head) side by side (axis 0); past CUDA's 65535
+    programs on axis 1 the rows go to axis 0. Both orders give the oracle's gradients (atomic and deterministic)."""
+    from mmict_kernels.ops.prefix_attn import triton as prefix_triton
+
+    if not blocks_on_x:
+        monkeypatch.setattr(prefix_triton, "MAX_GRID_YZ", 0)
+    case = make_case(batch=4, prefix_ids=(1, 0, 1, 1), seqlens_k=(7, 3, 0, 5), prefix_lengths=(19, 6))
+    run_oracle(case, True, f"blocks_on_x={blocks_on_x}")
+    run_oracle(case, False, f"blocks_on_x={blocks_on_x} deterministic", deterministic=True)
+
+
 def _op_args(case, causal=True, deterministic=False):
-    return (
-        case["q"],
-        case["k"],
-        case["v"],
-        case["prefix_k"],
-        case["prefix_v"],
-        case["prefix_ids"],
-        case["prefix_lengths"],
-        case["seqlens_k"],
-        causal,
-        32**-0.5,
-        deterministic,
-    )
+    return (*[case[n] for n in TENSORS], case["prefix_ids"], case["prefix_lengths"], case["seqlens_k"], causal, 32**-0.5,
+            deterministic)  # fmt: skip
 
 
 def test_opcheck():
@@ -300,7 +229,7 @@ def test_opcheck():
     from mmict_kernels.ops.prefix_attn import triton as prefix_triton
 
     case = make_case(batch=2, len_q=3, len_k=4, prefix_ids=(1, 0), seqlens_k=(4, 2))
-    grad_case = dict(case, **{n: case[n].clone().requires_grad_() for n in ("q", "k", "v", "prefix_k", "prefix_v")})
+    grad_case = dict(case, **{n: case[n].clone().requires_grad_() for n in TENSORS})
     torch.library.opcheck(prefix_triton.prefix_attention_triton_fwd, _op_args(grad_case))
     no_optionals = dict(case, prefix_lengths=None, seqlens_k=None)  # the fake kernel with None optionals
     torch.library.opcheck(
@@ -319,9 +248,8 @@ def _compile_check(entry):
         out, lse = entry(q, k, v, pk, pv, case)
         return out.float().square().sum() + torch.where(torch.isfinite(lse), lse, 0.0).sum()
 
-    names = ("q", "k", "v", "prefix_k", "prefix_v")
-    eager_leaves = [case[n].clone().requires_grad_() for n in names]
-    compiled_leaves = [case[n].clone().requires_grad_() for n in names]
+    eager_leaves = [case[n].clone().requires_grad_() for n in TENSORS]
+    compiled_leaves = [case[n].clone().requires_grad_() for n in TENSORS]
     torch._dynamo.reset()
     # Inductor on GPU; on CPU aot_eager (dynamo + AOTAutograd + fake tensors, no 60 s C++ build).
     compiled = torch.compile(f, fullgraph=True, backend="inductor" if DEVICE == "cuda" else "aot_eager")
@@ -345,22 +273,7 @@ def test_torch_compile_fullgraph():
 
 def test_torch_compile_fullgraph_front_end():
     """The same through ops.prefix_attention(backend="triton", return_lse=True)."""
-    _compile_check(
-        lambda q, k, v, pk, pv, c: ops.prefix_attention(
-            q,
-            k,
-            v,
-            pk,
-            pv,
-            c["prefix_ids"],
-            True,
-            None,
-            "triton",
-            prefix_lengths=c["prefix_lengths"],
-            seqlens_k=c["seqlens_k"],
-            return_lse=True,
-        )
-    )
+    _compile_check(lambda q, k, v, pk, pv, c: prefix_attention(c, [q, k, v, pk, pv], return_lse=True))
 
 
 def test_unsupported_head_dim_is_refused():
@@ -377,21 +290,8 @@ def test_unsupported_head_dim_is_refused():
 def realistic_case(dtype, len_q=128):
     gen = torch.Generator(device="cpu").manual_seed(1)
     lengths = lambda lo, hi, n, dt: torch.randint(lo, hi + 1, (n,), generator=gen).to(dt).cuda()  # noqa: E731
-    case = make_case(
-        batch=64,
-        len_q=len_q,
-        len_k=128,
-        heads=32,
-        kv_heads=8,
-        head_dim=128,
-        groups=4,
-        len_p=256,
-        dtype=dtype,
-        prefix_ids=(0,),
-        prefix_lengths=None,
-        seqlens_k=None,
-        device="cuda",
-    )
+    case = make_case(batch=64, len_q=len_q, len_k=128, heads=32, kv_heads=8, head_dim=128, groups=4, len_p=256, dtype=dtype,
+                     prefix_ids=(0,), prefix_lengths=None, seqlens_k=None, device="cuda")  # fmt: skip
     case["prefix_ids"] = torch.arange(64, device="cuda") % 4
     case["prefix_lengths"] = lengths(192, 256, 4, torch.int32)
     case["seqlens_k"] = lengths(64, 128, 64, torch.int32)
