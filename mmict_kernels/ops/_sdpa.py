@@ -31,6 +31,12 @@ def _heads_first(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(1, 2)  # (B, L, H, D) <-> (B, H, L, D), a view
 
 
+def _heads_first_copy(t: torch.Tensor) -> torch.Tensor:
+    # (B, L, H, D) -> contiguous (B, H, L, D): every batched matmul would otherwise copy the strided
+    # operand itself (the (B, H) batch dims of a (B, L, H, D) tensor do not flatten), once per use.
+    return t.transpose(1, 2).contiguous()
+
+
 def _additive_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     if mask is None:
         return None
@@ -93,7 +99,7 @@ class _DropoutAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, mask, scale: float, dropout_p: float, seed: int):
-        qh, kh, vh = _heads_first(q), _heads_first(k), _heads_first(v)
+        qh, kh, vh = _heads_first_copy(q), _heads_first_copy(k), _heads_first_copy(v)
         heads = qh.shape[1]
         kh, vh = _expand_kv_heads(kh, heads), _expand_kv_heads(vh, heads)
         acc = softmax_dtype(q.dtype)
@@ -116,14 +122,14 @@ class _DropoutAttention(torch.autograd.Function):
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse, mask = ctx.saved_tensors
         scale, p = ctx.scale, ctx.dropout_p
-        qh, kh, vh = _heads_first(q), _heads_first(k), _heads_first(v)
+        qh, kh, vh = _heads_first_copy(q), _heads_first_copy(k), _heads_first_copy(v)
         heads, kv_heads = qh.shape[1], kh.shape[1]
         kh_full, vh_full = _expand_kv_heads(kh, heads), _expand_kv_heads(vh, heads)
         acc = softmax_dtype(q.dtype)
         probs = _probabilities(qh, kh_full, mask, scale, lse)
         keep = keep_mask(ctx.seed, probs.shape, p, probs.device)
         dropped = torch.where(keep, probs * (1.0 / (1.0 - p)), 0.0)
-        douth = _heads_first(dout)
+        douth = _heads_first_copy(dout)
         dv = torch.matmul(dropped.to(v.dtype).transpose(-1, -2), douth)
         ddropped = torch.matmul(douth, vh_full.transpose(-1, -2)).to(acc)
         dprobs = torch.where(keep, ddropped * (1.0 / (1.0 - p)), 0.0)
