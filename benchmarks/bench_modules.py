@@ -223,25 +223,98 @@ GPU_STEP_MODEL = dict(
     llm_config=dict(hidden_size=2048, intermediate_size=5504, num_hidden_layers=4, num_attention_heads=16,
                     num_key_value_heads=16, max_position_embeddings=2048),
 )  # fmt: skip
-# The two ways of running the same step: ours (FusedMHub + shared-prefix cache) and the
-# baseline (transformers' Q-Former, every row gets its own copy of the demonstration prefix).
+# The CPU rows of benchmarks/cpu_speed.py and memory.py: the same M-Hub on the same features, a
+# 4-layer Llama-style LLM of width 1024 (8 x 128 heads).
+CPU_STEP_MODEL = {**GPU_STEP_MODEL, "llm_config": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
+                                                       num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=2048)}  # fmt: skip
+# Three ways of running the same step (name, ours, model config, official):
+# - mmict-fused: ours (FusedMHub, image K/V once per image, every turn in one batched call, the
+#   shared-prefix cache: each group's demonstrations run through the LLM once);
+# - mmict-baseline: the driver with transformers' Q-Former (still one batched call over the
+#   de-duplicated turns) and every row with its own copy of the demonstrations in the LLM;
+# - mmict-official: what the authors' code (KDEGroup/MMICT, blip2_t5.py / blip2_opt.py forward)
+#   runs: transformers' Q-Former once per turn at batch 1 in a Python loop, every demonstration
+#   recomputed for every row (dialog) it appears in, each row's LLM context its own copy.
 STEP_PROVIDERS = (
-    ("mmict-fused", True, dict(mhub_impl="fused", use_prefix_cache=True)),
-    ("mmict-baseline", False, dict(mhub_impl="transformers", use_prefix_cache=False)),
+    ("mmict-fused", True, dict(mhub_impl="fused", use_prefix_cache=True), False),
+    ("mmict-baseline", False, dict(mhub_impl="transformers", use_prefix_cache=False), False),
+    ("mmict-official", False, dict(mhub_impl="transformers", use_prefix_cache=False), True),
 )
 
 
-def _step_config(device, provider_model: dict, out_dir: str):
+def official_forward(model, batch):
+    """The official code's forward on the driver's batch: (sum of the target NLL, target count).
+
+    The authors' ``forward`` loops over the dialogs (one LLM row each: its demonstrations, then its
+    query) and calls ``Qformer.bert`` once per turn with batch 1; a demonstration shared by several
+    rows is computed again for each. Here: the same loop over (row, turn) pairs on the driver's
+    batch (its turns, images and LLM layout), transformers' Q-Former at batch 1, ``ln_vision`` per
+    call (the official code normalises every turn's image features), then the FC, the LLM with each
+    row's own context, and the driver's loss. The frozen image encoder is skipped, as in every
+    provider (its features are cached).
+    """
+    import torch.nn.functional as F
+
+    from mmict_kernels.icl.batch import IGNORE
+
+    nq = model.num_query_tokens
+    span = nq + batch.turn_ids.shape[1]
+    llm = batch.llm
+    width = llm.token_ids.shape[1]
+    rows = (llm.feat_positions // width).tolist()
+    turns = (llm.feat_sources // span).tolist()
+    pairs = list(dict.fromkeys(zip(rows, turns)))  # (row, turn) in the rows' order: one M-Hub call each
+    slot = {pair: i for i, pair in enumerate(pairs)}
+    outputs = []
+    for _, u in pairs:
+        image = batch.turn_image[u : u + 1]
+        mask = torch.cat([batch.turn_mask.new_ones(1, nq), batch.turn_mask[u : u + 1]], dim=1)
+        out = model.mhub(
+            input_ids=batch.turn_ids[u : u + 1],
+            attention_mask=mask,
+            encoder_hidden_states=model.ln_vision(batch.images[image]),
+            encoder_attention_mask=batch.image_mask[image],
+        )
+        outputs.append(out.last_hidden_state)
+    flat = torch.cat(outputs).flatten(0, 1)
+    index = torch.tensor([slot[p] * span for p in zip(rows, turns)], device=flat.device) + llm.feat_sources % span
+    embeds = model.llm.get_input_embeddings()(llm.token_ids)
+    feats = model.proj(flat[index])
+    embeds = embeds.flatten(0, 1).index_put((llm.feat_positions,), feats.to(embeds.dtype)).view_as(embeds)
+    first, last = llm.target_span
+    logits = model.llm(inputs_embeds=embeds, attention_mask=llm.attention_mask, use_cache=False).logits[:, first:last]
+    targets = llm.labels[:, first + 1 : last + 1]
+    nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+    return nll, batch.num_label_tokens
+
+
+def make_step_trainer(device, provider: str, out_dir: str, model_config: dict | None = None):
+    """The driver's Trainer for one of STEP_PROVIDERS (``model_config``: default GPU_STEP_MODEL on a GPU, tiny on CPU)."""
+    import types
+
+    from mmict_kernels.icl.training import Trainer
+
+    _, _, provider_model, official = next(p for p in STEP_PROVIDERS if p[0] == provider)
+    trainer = Trainer(_step_config(device, provider_model, out_dir, model_config))
+    if official:
+        if trainer.run.model.llm_family != "decoder":
+            raise RuntimeError("mmict-official is written for a decoder-only LLM here (the step's LLM is Llama-style)")
+        trainer.model.forward = types.MethodType(official_forward, trainer.model)
+    return trainer
+
+
+def _step_config(device, provider_model: dict, out_dir: str, model_config: dict | None = None):
     from mmict_kernels.icl.config import config_from_dict
 
-    model = {**(GPU_STEP_MODEL if device.type == "cuda" else {}), **provider_model}
+    base = model_config if model_config is not None else (GPU_STEP_MODEL if device.type == "cuda" else {})
+    model = {**base, **provider_model}
     return config_from_dict(
         {
             "model": model,
             "data": {"shapes_train_size": 64, "shapes_eval_size": 16},
             "demos": {"num_demos": STEP_DEMOS, "sampling": "one-to-many", "group_size": STEP_GROUP},
             "train": {"batch_size": STEP_QUERIES, "max_steps": 10_000, "device": device.type, "progress": False,
-                      "output_dir": out_dir, "log_every": 10_000, "bf16": True},
+                      "output_dir": out_dir, "log_every": 10_000, "precision": "bf16"},
             "eval": {"batch_size": STEP_QUERIES, "max_new_tokens": 4},
         }
     )  # fmt: skip
@@ -262,7 +335,7 @@ def _step_flops(fn) -> float:
 
 
 def run_mmict_step(device, dtype, modes, options, floors, results) -> None:
-    """A whole MMICT training step and evaluation step, ours against the baseline.
+    """A whole MMICT training step and evaluation step, ours against the batched baseline and the official code's step.
 
     ``train_step``: ``Trainer.train_step`` (batch building, forward, backward, clipping, AdamW),
     the batch rotated with the step index. ``eval_step``: ``evaluation.predict`` on one batch of
@@ -277,7 +350,6 @@ def run_mmict_step(device, dtype, modes, options, floors, results) -> None:
     label = f"{STEP_QUERIES} queries x {STEP_DEMOS} demos ({STEP_QUERIES // STEP_GROUP} groups of {STEP_GROUP})"
     try:
         from mmict_kernels.icl import evaluation
-        from mmict_kernels.icl.training import Trainer
     except Exception as exc:
         reason = f"not available yet: the MMICT driver (mmict_kernels/icl/) is not importable ({type(exc).__name__}: {exc})"
         results.add_skip(Skip(op, "all", label, dname, reason))
@@ -289,10 +361,10 @@ def run_mmict_step(device, dtype, modes, options, floors, results) -> None:
     )
     from bench_timing import bench, peak_extra_memory_mb
 
-    for name, ours, provider_model in STEP_PROVIDERS:
+    for name, ours, provider_model, official in STEP_PROVIDERS:
         try:
             with tempfile.TemporaryDirectory() as out_dir:
-                trainer = Trainer(_step_config(device, provider_model, out_dir))
+                trainer = make_step_trainer(device, name, out_dir)
                 run = trainer.run
                 shape = f"{label}; {run.model.mhub.config.hidden_size}-wide M-Hub, LLM {run.model.llm.config.hidden_size}"
                 params = list(run.model.parameters())
@@ -314,6 +386,11 @@ def run_mmict_step(device, dtype, modes, options, floors, results) -> None:
                     if mode == "train_step" and not any(m in modes for m in ("bwd", "fwd+bwd")):
                         continue
                     if mode == "eval_step" and "fwd" not in modes:
+                        continue
+                    if mode == "eval_step" and official:
+                        reason = "eval_step: the official code generates without demonstrations (nothing comparable to time)"
+                        results.add_skip(Skip(op, name, label, dname, reason))
+                        print(f"   {name:<18} {reason}")
                         continue
                     fn(0)  # build, warm, and check it runs
                     flops = _step_flops(fn)

@@ -1,0 +1,272 @@
+#!/usr/bin/env python3
+"""cpu_speed.py: FusedMHub and the MMICT step against transformers on a CPU, side by side in one run.
+
+    python benchmarks/cpu_speed.py                     # every case, 7 repetitions, 2 intra-op threads
+    python benchmarks/cpu_speed.py --cases qformer --reps 5
+
+Wall-clock seconds of whole training passes (forward + backward), on the CPU this runs on; they
+say nothing about GPU speed. Every case builds all its providers first, then repeats: each
+repetition runs every provider once, in an order rotated from one repetition to the next, so
+a slow spell of a shared machine hits every provider alike; rows report the median and the
+20th / 80th percentiles over the repetitions (``cpu_median_s``: the process's CPU time, a
+second view that other processes disturb less). ``speedup`` = the reference provider's median
+over this provider's (> 1: faster than the reference).
+
+Cases:
+- ``qformer``: transformers' default InstructBLIP Q-Former (768 x 12 layers, 12 x 64 heads,
+  cross-attention every 2nd layer), B = 4, 32 queries + 32 text slots (ragged valid lengths),
+  257 x 1408 image tokens, float32: ``hf-eager``, ``hf-sdpa``, ``fused-mhub-torch`` (the CPU
+  default) from the same weights; ``eval`` (dropout off: every provider computes the same
+  function) and ``train`` (dropout on). Reference: hf-sdpa.
+- ``reuse``: 4 images x 4 texts each (16 rows), eval: ``hf-sdpa`` on the 16 rows with each image
+  repeated (one call), ``hf-sdpa-4-calls`` (4 calls of 4 rows, one text per image each), and
+  ``fused-mhub-torch`` with ``encode_image`` once per image and ``ImageKVCache.select`` for the
+  16 rows; ``frozen`` image features (no gradient) and ``trained`` ones (a gradient to the
+  features, as when ``ln_vision`` trains). Reference: the faster transformers provider.
+- ``step``: the MMICT train step (``Trainer.train_step``: batch, forward, backward, clipping,
+  AdamW) of benchmarks/bench_modules.py at CPU_STEP_MODEL (M-Hub 768 x 12 on 257 x 1408
+  features, 8 queries x 4 demonstrations in 2 groups of 4, a 4-layer 1024-wide Llama):
+  ``mmict-fused`` (ours), ``mmict-baseline`` (batched transformers Q-Former, demonstrations
+  copied per row) and ``mmict-official`` (the authors' loop: Q-Former per turn at batch 1,
+  demonstrations recomputed per row); FLOPs by FlopCounterMode over one step. Reference:
+  mmict-baseline. Each provider's batches rotate with the step index, the same for all.
+
+Rows are appended to ``benchmarks/results/cpu_speed.csv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+CSV_COLUMNS = [
+    "op", "provider", "mode", "shape", "dtype", "median_s", "p20_s", "p80_s", "cpu_median_s", "reps", "reference",
+    "speedup", "gflop", "threads", "device", "torch", "transformers", "commit", "date",
+]  # fmt: skip
+CASES = ("qformer", "reuse", "step")
+
+
+def _percentile(values, q):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def interleaved(fns: dict, reps: int, label: str) -> dict:
+    """{name: (wall times, cpu times)}: one untimed call each, then ``reps`` rounds over every provider, order rotated."""
+    names = list(fns)
+    for name in names:
+        fns[name]()
+    walls = {n: [] for n in names}
+    cpus = {n: [] for n in names}
+    for r in range(reps):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for name in order:
+            c0, w0 = time.process_time(), time.perf_counter()
+            fns[name]()
+            walls[name].append(time.perf_counter() - w0)
+            cpus[name].append(time.process_time() - c0)
+        print(f"   {label} round {r + 1}/{reps}: " + ", ".join(f"{n} {walls[n][-1]:.2f}s" for n in names), flush=True)
+    return {n: (walls[n], cpus[n]) for n in names}
+
+
+# ---------------------------------------------------------------------------------------------
+# Q-Former cases
+# ---------------------------------------------------------------------------------------------
+def _qformer():
+    from transformers import InstructBlipQFormerConfig, InstructBlipQFormerModel
+
+    torch.manual_seed(0)
+    config = InstructBlipQFormerConfig()  # 768 x 12, 1408-wide image features
+    return InstructBlipQFormerModel(config), config
+
+
+def _text(config, rows: int, seed: int = 1234):
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 33, (rows,), generator=gen)  # ragged, right-padded
+    mask = torch.ones(rows, 64, dtype=torch.long)
+    mask[:, 32:] = (torch.arange(32)[None, :] < lengths[:, None]).long()
+    ids = torch.randint(1, config.vocab_size, (rows, 32), generator=gen)
+    queries = torch.randn(rows, 32, config.hidden_size, generator=gen)
+    return ids, mask, queries
+
+
+def _fwd_bwd(model, **inputs):
+    def run():
+        out = model(**inputs).last_hidden_state
+        out.backward(torch.ones_like(out))
+        model.zero_grad(set_to_none=True)
+
+    return run
+
+
+def qformer_case(reps: int, write) -> None:
+    from mmict_kernels import FusedMHub
+
+    hf, config = _qformer()
+    batch = 4
+    ids, mask, queries = _text(config, batch)
+    images = torch.randn(batch, 257, config.encoder_hidden_size, generator=torch.Generator().manual_seed(5))
+    inputs = dict(input_ids=ids, attention_mask=mask, query_embeds=queries, encoder_hidden_states=images)
+    shape = f"B={batch} Nq=32+32 ragged text image=257x1408 hidden=768 layers=12 heads=12"
+    for mode in ("eval", "train"):
+        models = {}
+        for impl in ("eager", "sdpa"):
+            m = copy.deepcopy(hf)
+            m.set_attn_implementation(impl)
+            models[f"hf-{impl}"] = m
+        models["fused-mhub-torch"] = FusedMHub.from_hf(copy.deepcopy(hf), backend="torch")
+        fns = {}
+        for name, m in models.items():
+            m.train(mode == "train")
+            fns[name] = _fwd_bwd(m, **inputs)
+        print(f"== qformer | {shape} | fwd+bwd {mode}", flush=True)
+        times = interleaved(fns, reps, f"qformer {mode}")
+        write_case("qformer_instructblip", f"fwd+bwd {mode}", shape, times, "hf-sdpa", write)
+
+
+def reuse_case(reps: int, write) -> None:
+    from mmict_kernels import FusedMHub
+
+    hf, config = _qformer()
+    images_n, per_image = 4, 4
+    rows = images_n * per_image
+    ids, mask, queries = _text(config, rows)
+    images = torch.randn(images_n, 257, config.encoder_hidden_size, generator=torch.Generator().manual_seed(5))
+    index = torch.arange(images_n).repeat_interleave(per_image)  # row r shows image r // 4
+    sdpa = copy.deepcopy(hf).eval()
+    sdpa.set_attn_implementation("sdpa")
+    hub = FusedMHub.from_hf(copy.deepcopy(hf), backend="torch").eval()
+    shape = f"{images_n} images x {per_image} texts (16 rows) Nq=32+32 ragged text image=257x1408 hidden=768 layers=12"
+    for features in ("frozen", "trained"):
+        grad = features == "trained"
+
+        def feats():
+            return images.clone().requires_grad_(grad)
+
+        def batched():
+            out = sdpa(input_ids=ids, attention_mask=mask, query_embeds=queries, encoder_hidden_states=feats()[index])
+            out.last_hidden_state.backward(torch.ones_like(out.last_hidden_state))
+            sdpa.zero_grad(set_to_none=True)
+
+        def four_calls():
+            x = feats()
+            for r in range(per_image):
+                rows_r = torch.arange(images_n) * per_image + r  # one text per image
+                out = sdpa(
+                    input_ids=ids[rows_r], attention_mask=mask[rows_r], query_embeds=queries[rows_r], encoder_hidden_states=x
+                )
+                out.last_hidden_state.backward(torch.ones_like(out.last_hidden_state))
+            sdpa.zero_grad(set_to_none=True)
+
+        def ours():
+            cache = hub.encode_image(feats()).select(index)
+            out = hub(input_ids=ids, attention_mask=mask, query_embeds=queries, image_kv=cache).last_hidden_state
+            out.backward(torch.ones_like(out))
+            hub.zero_grad(set_to_none=True)
+
+        print(f"== reuse | {shape} | image features {features}", flush=True)
+        times = interleaved(
+            {"hf-sdpa": batched, "hf-sdpa-4-calls": four_calls, "fused-mhub-torch": ours}, reps, f"reuse {features}"
+        )
+        reference = min(("hf-sdpa", "hf-sdpa-4-calls"), key=lambda n: statistics.median(times[n][0]))
+        write_case("qformer_image_kv_reuse", f"fwd+bwd eval, image features {features}", shape, times, reference, write)
+
+
+def step_case(reps: int, write) -> None:
+    from bench_modules import CPU_STEP_MODEL, STEP_PROVIDERS, make_step_trainer
+    from torch.utils.flop_counter import FlopCounterMode
+
+    fns, flops, shape = {}, {}, ""
+    tmp = tempfile.TemporaryDirectory()
+    for name, *_ in STEP_PROVIDERS:
+        trainer = make_step_trainer(torch.device("cpu"), name, os.path.join(tmp.name, name), CPU_STEP_MODEL)
+        steps = iter(range(10**9))
+        fns[name] = lambda t=trainer, s=steps: t.train_step(next(s))
+        with FlopCounterMode(display=False) as counter:
+            fns[name]()
+        flops[name] = counter.get_total_flops() / 1e9
+        model = trainer.run.model
+        feats = trainer.run.train_set.image_tokens(0).shape
+        shape = (
+            f"8 queries x 4 demos (2 groups of 4); M-Hub {model.mhub.config.hidden_size}x{model.mhub.config.num_hidden_layers} "
+            f"on {feats[0]}x{feats[1]} features, {model.num_query_tokens} query tokens; LLM llama "
+            f"{model.llm.config.hidden_size}x{model.llm.config.num_hidden_layers}"
+        )
+        print(f"   {name}: built, {flops[name]:.0f} GFLOP per step", flush=True)
+    print(f"== mmict_step | {shape} | train_step", flush=True)
+    times = interleaved(fns, reps, "step")
+    write_case("mmict_step", "train_step", shape, times, "mmict-baseline", write, flops)
+    tmp.cleanup()
+
+
+def write_case(op, mode, shape, times, reference, write, flops=None) -> None:
+    ref = statistics.median(times[reference][0])
+    for name, (walls, cpus) in times.items():
+        median = statistics.median(walls)
+        row = dict(
+            op=op, provider=name, mode=mode, shape=shape, dtype="float32", median_s=median, p20_s=_percentile(walls, 0.2),
+            p80_s=_percentile(walls, 0.8), cpu_median_s=statistics.median(cpus), reps=len(walls), reference=reference,
+            speedup=ref / median, gflop=(flops or {}).get(name, ""),
+        )  # fmt: skip
+        print(f"   {name:<18} median {median:7.3f}s  [p20 {row['p20_s']:.3f}, p80 {row['p80_s']:.3f}]  "
+              f"cpu {row['cpu_median_s']:.3f}s  {ref / median:.3f}x vs {reference}", flush=True)  # fmt: skip
+        write(row)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}")
+    p.add_argument("--reps", type=int, default=7, help="repetitions per provider (default 7)")
+    p.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")
+    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"), help="folder of cpu_speed.csv (rows appended)")
+    args = p.parse_args(argv)
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    if any(c not in CASES for c in cases):
+        raise SystemExit(f"--cases: expected some of {CASES}, got {cases}")
+    if torch.cuda.is_available():
+        print("note: this script times the CPU; the GPU is not used")
+    os.environ.setdefault("MMICT_KERNELS_SKIP_VALUE_CHECKS", "1")  # as bench_hub.py: time the work, not the input checks
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    torch.set_num_threads(args.threads)
+
+    import transformers
+    from bench_timing import environment
+
+    env = environment(torch.device("cpu"), ROOT)
+    common = dict(threads=args.threads, device=env["gpu"], torch=env["torch"], transformers=transformers.__version__,
+                  commit=env["commit"], date=env["date"])  # fmt: skip
+    print(f"cpu_speed on {env['gpu']} | {args.threads} threads | torch {env['torch']} | transformers {transformers.__version__} "
+          f"| commit {env['commit']} | {env['date']}\nCPU NUMBERS: wall clock on this machine; nothing here is a GPU claim.")  # fmt: skip
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "cpu_speed.csv")
+    new_file = not os.path.exists(path)
+    with open(path, "a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
+        if new_file:
+            writer.writeheader()
+
+        def write(row):
+            row = {**common, **row}
+            writer.writerow({c: (f"{row[c]:.4g}" if isinstance(row.get(c), float) else row.get(c, "")) for c in CSV_COLUMNS})
+            handle.flush()
+
+        for case in cases:
+            {"qformer": qformer_case, "reuse": reuse_case, "step": step_case}[case](args.reps, write)
+    print(f"rows appended to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
