@@ -5,7 +5,7 @@
 # (--system-site-packages); its wheel (~190 MB) bundles ptxas, so it compiles for sm_90 without a GPU.
 #
 #   bash scripts/compile_only_triton36.sh          # the harness's own checks + one scenario per kernel family (sm_90)
-#   bash scripts/compile_only_triton36.sh --full   # + every training scenario (sm_90) and the sm_80 subset
+#   bash scripts/compile_only_triton36.sh --full   # every training scenario (sm_90) and the smoke set at sm_80
 #
 # Env: VENV (default ${TMPDIR:-/tmp}/venv-triton36, reused when it already has Triton 3.6.0).
 # Exit status: non-zero on a compile error, a spill in a training scenario or a host-sync count over its allowance.
@@ -27,17 +27,17 @@ echo "compile_only_triton36: environment ready in $(( $(date +%s) - start )) s"
 # launch limits are reported, HostSyncCounter, bounds checks) with this Triton.
 "$PY" -m pytest -q -p no:cacheprovider tests/gpu_readiness/test_harness_catches.py
 
-# One scenario per kernel family and dtype class: the M-Hub (attention, dropout, epilogues), packed
-# video cross-attention, prefix attention (head dims 128 and 64, GQA, deterministic, decode), float32.
-SMOKE="mhub_train_bf16,mhub_no_dropout_fp32,mhub_video_packed_bf16,prefix_llm2048_bf16,prefix_llm2048_bf16_deterministic,prefix_llm4096_gqa_bf16_decode,prefix_qwen2_d64_gqa7_fp16"
-run_harness() {
-    env -u TRITON_INTERPRET TRITON_CACHE_DIR="$(mktemp -d)" "$PY" -m mmict_kernels.testing.gpu_scenarios --fail-on-spill "$@"
+# One scenario per kernel family and dtype class (gpu_scenarios.SMOKE_SCENARIOS): the M-Hub
+# (attention, dropout, epilogues, float32), packed video, prefix attention (head dims 128 and 64,
+# GQA, deterministic, decode, the MMICT step's short rows).
+harness() {
+    env -u TRITON_INTERPRET TRITON_CACHE_DIR="$(mktemp -d)" "$PY" -m mmict_kernels.testing.gpu_scenarios "$@"
 }
 if [ "${1:-}" = --full ]; then
-    run_harness --arch 90 --training
+    harness --arch 90 --training --fail-on-spill
     # sm_80 (A100): compile errors and launch limits only (the tiles are chosen for sm_90; see kernel_resources.md)
-    env -u TRITON_INTERPRET TRITON_CACHE_DIR="$(mktemp -d)" "$PY" -m mmict_kernels.testing.gpu_scenarios --arch 80 --names "$SMOKE"
+    harness --arch 80 --smoke
 else
-    run_harness --arch 90 --names "$SMOKE"
+    harness --arch 90 --smoke --fail-on-spill
 fi
 echo "compile_only_triton36: done in $(( $(date +%s) - start )) s"

@@ -325,6 +325,29 @@ def scenarios() -> list[Scenario]:
     return out
 
 
+class OutOfTime(BaseException):
+    """SIGTERM (e.g. from ``timeout``) during a run: stop, and still write what was compiled so far."""
+
+
+def _stop_on_sigterm() -> None:
+    import signal
+
+    def stop(signum, frame):
+        raise OutOfTime()
+
+    signal.signal(signal.SIGTERM, stop)
+
+
+# One scenario per kernel family and dtype class (--smoke): the M-Hub (attention with dropout, the
+# epilogues, float32), packed video cross-attention, prefix attention at head dims 128 and 64 with
+# GQA, deterministic, decode and the MMICT step's short rows. A quick pass for other Triton versions.
+SMOKE_SCENARIOS = (
+    "mhub_train_bf16", "mhub_no_dropout_fp32", "mhub_video_packed_bf16", "prefix_llm2048_bf16",
+    "prefix_llm2048_bf16_deterministic", "prefix_llm2048_bf16_short_rows", "prefix_llm4096_gqa_bf16_decode",
+    "prefix_qwen2_d64_gqa7_fp16",
+)  # fmt: skip
+
+
 def run_scenarios(selected: list[Scenario], arch: int, num_sms: int | None = None):
     """Run the scenarios compile-only; returns (log, {scenario: {"syncs", "where", "seconds", ...}})."""
     from .compile_only import compile_only
@@ -337,10 +360,17 @@ def run_scenarios(selected: list[Scenario], arch: int, num_sms: int | None = Non
             start = time.perf_counter()
             errors_before = len(log.errors)
             syncs = HostSyncCounter()
-            with log.run(scenario.name):
-                step = scenario.setup()
-                with syncs:
-                    step()
+            try:
+                with log.run(scenario.name):
+                    step = scenario.setup()
+                    with syncs:
+                        step()
+            except OutOfTime:
+                log.errors.append((scenario.name, "stopped: SIGTERM (out of time); later scenarios not run"))
+                summary[scenario.name] = {"syncs": syncs.count, "where": syncs.where, "seconds": round(time.perf_counter() - start, 1),
+                                          "training": scenario.training, "max_syncs": scenario.max_syncs, "why_syncs": "",
+                                          "ok": False, "errors": [log.errors[-1][1]]}  # fmt: skip
+                break
             summary[scenario.name] = {
                 "syncs": syncs.count, "where": syncs.where, "seconds": round(time.perf_counter() - start, 1),
                 "training": scenario.training, "max_syncs": scenario.max_syncs, "why_syncs": scenario.why_syncs,
@@ -409,6 +439,7 @@ def main(argv=None) -> int:
     p.add_argument("--only", default="", help="comma-separated name prefixes of the scenarios to run")
     p.add_argument("--names", default="", help="comma-separated exact names of the scenarios to run")
     p.add_argument("--training", action="store_true", help="only the default training configurations")
+    p.add_argument("--smoke", action="store_true", help="only SMOKE_SCENARIOS (one per kernel family and dtype class)")
     p.add_argument("--csv", help="write one row per compiled kernel (the kernel_resources.csv columns)")
     p.add_argument("--append", action="store_true", help="append to --csv instead of replacing it")
     p.add_argument("--device-label", default=DEVICE_LABEL, help="the CSV's device column")
@@ -421,6 +452,8 @@ def main(argv=None) -> int:
     selected = scenarios()
     if args.training:
         selected = [s for s in selected if s.training]
+    if args.smoke:
+        selected = [s for s in selected if s.name in SMOKE_SCENARIOS]
     if args.only:
         prefixes = tuple(x.strip() for x in args.only.split(",") if x.strip())
         selected = [s for s in selected if s.name.startswith(prefixes)]
@@ -436,6 +469,7 @@ def main(argv=None) -> int:
     if not args.keep_cache:
         os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="mmict-triton-cache-")
     start = time.perf_counter()
+    _stop_on_sigterm()  # a time limit still gets the CSV / JSON of what was compiled until then
     log, summary = run_scenarios(selected, args.arch, args.num_sms)
     if args.csv:
         write_table(args.csv, log, append=args.append, device=args.device_label, commit=args.commit)
