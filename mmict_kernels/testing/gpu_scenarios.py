@@ -267,7 +267,7 @@ def mmict_train_step() -> None:
         "data": {"shapes_train_size": 64, "shapes_eval_size": 8},
         "demos": {"num_demos": 4, "sampling": "one-to-many", "group_size": 4},
         "train": {"batch_size": 8, "max_steps": 10, "device": "cpu", "progress": False, "output_dir": out_dir, "log_every": 1000,
-                  "bf16": True},
+                  "precision": "bf16"},
     })  # fmt: skip
     trainer = Trainer(cfg)
     batch = trainer.make_batch(0)  # built on the host, as the training loop's prefetch thread does

@@ -70,16 +70,7 @@ def test_prefix_attention(ids, prefix_lengths, seqlens_k, deterministic):
         [0, 7, 3, 40],  # decreasing, and past total_k = 10
         [-5, 7, 3, 10],  # negative start
         [0, 2**31 - 1024, 5, 10],  # a huge (not overflowing) jump
-        pytest.param(
-            [0, 2**31 - 1, -(2**31), 10],  # int32 extremes
-            marks=pytest.mark.xfail(
-                strict=False,  # the kernel's fix may land any time: then this passes (XPASS) and the mark goes
-                reason="known kernel bug at the time of writing: the packed dK/dV launcher's block table (hub_attention_triton.py, "
-                "_bwd) takes int32 differences of cu_seqlens, which overflow near the int32 limits; "
-                "_attn_bwd_dkdv_kernel then gets a negative key block offset that its `cols < key_len` mask lets through "
-                "and reads (and would write) keys before the tensor",
-            ),
-        ),
+        [0, 2**31 - 1, -(2**31), 10],  # int32 extremes (the block table's differences are taken in int64)
     ],
 )
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2])

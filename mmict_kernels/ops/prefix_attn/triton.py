@@ -434,8 +434,10 @@ def tiles_for(dtype: torch.dtype, head_dim: int, packed_rows: int, backward: boo
     elif backward and head_dim == 128:
         # dK/dV holds a key block's K, V and their float32 gradients: 64 keys x 128 dims spilled
         # (255 registers, 44/76 B spill stores/loads at llm2048); 32 keys fit in 146 registers.
+        # Short rows (16-row tiles, the MMICT step): 32-key tiles compile with a small spill under
+        # Triton 3.6 (dQ 80 registers, 8/4 B; dK/dV 168, 4/4 B), 16-key tiles with none (80 / 126).
         block_m = min(64, rows)
-        tiles = tk.Tiles(block_m, 32, 8 if block_m == 64 else 4, 2)
+        tiles = tk.Tiles(block_m, 16 if block_m == 16 else 32, 8 if block_m == 64 else 4, 2)
     elif backward:
         tiles = tk.Tiles(min(64, rows), 64, 4, 2)
     else:
