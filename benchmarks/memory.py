@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gc
 import json
 import os
 import subprocess
@@ -145,6 +146,8 @@ def count_qformer(name: str, hf, inputs, checkpointing: bool) -> SavedBytes:
     torch.manual_seed(0)
     with context, counter:
         model(**inputs)
+    del model
+    gc.collect()  # the graph (and its kept tensors, GBs at B = 64) can sit in reference cycles until collected
     return counter
 
 
