@@ -8,10 +8,11 @@
   of ``triton_gelu.py``.
 - :func:`dropout_add_layernorm`: ``LayerNorm(dropout(h) + residual)`` with torch's random numbers
   (the ``torch`` path of FusedMHub: ``nn.Dropout``'s rate and scaling). Autograd of the ops apart
-  keeps the dropout mask (a float tensor on CPU) and the LayerNorm input; here only ``h`` is kept
-  (``residual`` is the block's input, which the previous matmul keeps anyway): the mask is drawn
-  from a private generator seeded from torch's default one and drawn again in backward, and the
-  LayerNorm statistics are recomputed.
+  keeps the dropout mask (a float tensor on CPU) and the LayerNorm input; here only the LayerNorm
+  input (and its two per-row statistics) is kept: the mask is drawn from a private generator
+  seeded from torch's default one, and drawn again in backward. No recomputation beyond the mask
+  (on a CPU every extra pass over a (rows x hidden) tensor costs a parallel region; the Triton
+  kernel, which rebuilds its input anyway, recomputes the statistics too).
 
 Under ``torch.compile`` both run as plain ops (the compiler plans what to keep); under autocast the
 callers use the plain ops too.
@@ -157,35 +158,21 @@ def keep_mask_from_seed(seed: int, shape, dropout_p: float, device) -> torch.Ten
     return torch.rand(shape, generator=generator, device=device) >= dropout_p
 
 
-class _DropoutAddLayerNorm(torch.autograd.Function):
-    """y = LayerNorm(dropout(h) + residual); keeps h and residual, recomputes the mask and the statistics."""
+class _DropoutAdd(torch.autograd.Function):
+    """z = dropout(h) + residual, keeping nothing for backward but the seed: the keep-mask is drawn again."""
 
     @staticmethod
-    def forward(ctx, h, residual, weight, ln_bias, eps: float, dropout_p: float, seed: int):
-        z = _dropped(h, dropout_p, seed) + residual
-        y = F.layer_norm(z, (z.shape[-1],), weight, ln_bias, eps)
-        ctx.save_for_backward(h, residual, weight, ln_bias)
-        ctx.eps, ctx.dropout_p, ctx.seed = eps, dropout_p, seed
-        return y
+    def forward(ctx, h, residual, dropout_p: float, seed: int):
+        ctx.dropout_p, ctx.seed = dropout_p, seed
+        return _dropped(h, dropout_p, seed) + residual
 
     @staticmethod
-    def backward(ctx, dy):
-        h, residual, weight, ln_bias = ctx.saved_tensors
-        keep = keep_mask_from_seed(ctx.seed, h.shape, ctx.dropout_p, h.device) if ctx.dropout_p > 0 else None
-        z = (h if keep is None else torch.where(keep, h * (1.0 / (1.0 - ctx.dropout_p)), 0.0)) + residual
-        hidden = z.shape[-1]
-        # The statistics are recomputed (one pass over z) instead of kept.
-        _, mean, rstd = torch.native_layer_norm(z, (hidden,), weight, ln_bias, ctx.eps)
-        needs = ctx.needs_input_grad
-        mask = [needs[0] or needs[1], weight is not None and needs[2], ln_bias is not None and needs[3]]
-        dz, dweight, dln_bias = torch.ops.aten.native_layer_norm_backward(
-            dy.contiguous(), z, (hidden,), mean, rstd, weight, ln_bias, mask
-        )
+    def backward(ctx, dz):
         dh = None
-        if needs[0] and dz is not None:
-            dh = dz if keep is None else torch.where(keep, dz * (1.0 / (1.0 - ctx.dropout_p)), 0.0)
-        dresidual = dz if needs[1] else None
-        return dh, dresidual, dweight, dln_bias, None, None, None
+        if ctx.needs_input_grad[0]:
+            keep = keep_mask_from_seed(ctx.seed, dz.shape, ctx.dropout_p, dz.device)
+            dh = torch.where(keep, dz * (1.0 / (1.0 - ctx.dropout_p)), 0.0)
+        return dh, (dz if ctx.needs_input_grad[1] else None), None, None
 
 
 def _dropped(h: torch.Tensor, dropout_p: float, seed: int | None) -> torch.Tensor:
@@ -205,7 +192,12 @@ def dropout_add_layernorm(
     *,
     seed: int | None = None,
 ) -> torch.Tensor:
-    """``LayerNorm(dropout(h) + residual)`` over the last dim, keeping only ``h`` (and ``residual``) for backward.
+    """``LayerNorm(dropout(h) + residual)`` over the last dim, keeping one (rows x hidden) tensor for backward.
+
+    The ops apart keep the dropout mask (a float tensor on CPU, as large as ``h``) and the
+    LayerNorm input; here the mask is drawn again from its seed in backward, so what is kept is
+    LayerNorm's own: its input and two statistics per row. (``h`` and ``residual`` are not kept:
+    the dropout's backward needs neither.) Without dropout it is the plain ``LayerNorm(h + residual)``.
 
     Args:
         h: (..., hidden) the dense layer's output, bias included; residual: same shape.
@@ -223,13 +215,13 @@ def dropout_add_layernorm(
     if residual.shape != h.shape:
         raise ValueError(f"residual: expected shape {tuple(h.shape)} (same as h), got {tuple(residual.shape)}")
     dropout_p = C.check_dropout(dropout_p)
-    if torch.compiler.is_compiling():
-        # Traced as plain ops: the compiler decides what to keep (and draws the mask with its own RNG).
-        z = (F.dropout(h, dropout_p) if dropout_p > 0 else h) + residual
-        return F.layer_norm(z, (z.shape[-1],), weight, ln_bias, eps)
-    if dropout_p > 0 and seed is None:
-        seed = _draw_seed()
-    return _DropoutAddLayerNorm.apply(h, residual, weight, ln_bias, float(eps), dropout_p, seed)
+    if dropout_p <= 0.0:
+        z = h + residual
+    elif torch.compiler.is_compiling():
+        z = F.dropout(h, dropout_p) + residual  # traced as plain ops (the compiler's own RNG and memory plan)
+    else:
+        z = _DropoutAdd.apply(h, residual, dropout_p, _draw_seed() if seed is None else seed)
+    return F.layer_norm(z, (z.shape[-1],), weight, ln_bias, eps)
 
 
 __all__ = ["bias_gelu_linear", "dropout_add_layernorm", "keep_mask_from_seed"]
