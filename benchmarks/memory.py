@@ -83,7 +83,10 @@ class SavedBytes:
         ptr = storage.data_ptr()
         if ptr not in self.params and ptr not in self.storages:
             self.storages[ptr] = (storage.nbytes(), tuple(t.shape) in self.weight_shapes)
-        return t
+        # An alias without autograd history: handing back ``t`` itself would let a node that keeps its own
+        # output hold that output's Python object, a reference cycle through C++ that gc never frees
+        # (every counted graph would leak; a full run was OOM-killed that way).
+        return t.detach()
 
     def __enter__(self):
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)

@@ -6,7 +6,8 @@
   turned into the text lengths the kernels read;
 - ``objectives.py``: several BLIP-2 stage-1 masks in one pass (ITC and ITG share a query stream);
 - ``layers.py``: the parameter tree, named exactly as transformers names it (state dicts load as is);
-- ``epilogue.py``: bias / dropout / residual / LayerNorm / GELU / QKV glue, fused on GPU;
+- ``projections.py``: Q/K/V (cross-attention K/V) weights stored fused, saved and loaded under transformers' keys;
+- ``epilogue.py``: bias / dropout / residual / LayerNorm / GELU / QKV glue, fused on GPU, keeping little for backward;
 - ``image_kv_cache.py``: :class:`ImageKVCache`, every cross-attention layer's image K/V computed once;
 - ``lavis.py``: LAVIS / MMICT checkpoints -> FusedMHub; ``swap_in.py``: FusedMHub into BLIP-2 / InstructBLIP models.
 """

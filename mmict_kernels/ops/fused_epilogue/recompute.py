@@ -82,7 +82,9 @@ class _BiasGeluLinear(torch.autograd.Function):
         dweight = dbias2 = dx = dbias = None
         if needs[2]:
             a = gelu(x, bias)  # recomputed: the one thing this function does not keep
-            dweight = dout2d.t().mm(a.reshape(-1, a.shape[-1]))
+            # a^T dout, transposed (autograd's own layout for F.linear): with 2 MKL threads ~25% faster
+            # than dout^T a at the FFN's shapes (128 x 3072 x 768)
+            dweight = a.reshape(-1, a.shape[-1]).t().mm(dout2d).t()
         if ctx.has_bias2 and needs[3]:
             dbias2 = dout2d.sum(0)
         if needs[0] or needs[1]:

@@ -22,7 +22,7 @@ def saved_bytes(model, inputs) -> int:
         storage = t.untyped_storage()
         if storage.data_ptr() not in params:
             seen[storage.data_ptr()] = storage.nbytes()
-        return t
+        return t.detach()  # not t itself: a node keeping its own output would form an uncollectable cycle
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(**inputs)

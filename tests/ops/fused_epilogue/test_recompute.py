@@ -34,7 +34,7 @@ def _saved_storages(fn, *args, excluded=()):
         ptr = t.untyped_storage().data_ptr()
         if ptr not in excluded:
             seen.setdefault(ptr, tuple(t.shape))
-        return t
+        return t.detach()  # not t itself: a node keeping its own output would form an uncollectable cycle
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn(*args)
