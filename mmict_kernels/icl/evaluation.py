@@ -46,10 +46,23 @@ def evaluation_groups(queries, sampling: str, group_size: int, seed: int, limit:
 
 
 @torch.no_grad()
-def predict(run: Run, num_demos: int, sampling: str = "random", group_size: int = 4, batch_size: int = 32,
-            num_beams: int = 1, max_new_tokens: int = 10, min_new_tokens: int = 1, seed: int = 0,
-            device: str | torch.device = "cpu", use_prefix_cache: bool = True, limit: int | None = None,
-            generation_lengths: dict | None = None, builder_cls=None, return_context_lengths: bool = False):
+def predict(
+    run: Run,
+    num_demos: int,
+    sampling: str = "random",
+    group_size: int = 4,
+    batch_size: int = 32,
+    num_beams: int = 1,
+    max_new_tokens: int = 10,
+    min_new_tokens: int = 1,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    use_prefix_cache: bool = True,
+    limit: int | None = None,
+    generation_lengths: dict | None = None,
+    builder_cls=None,
+    return_context_lengths: bool = False,
+):
     """One record per evaluation query: prediction, answers, task.
 
     ``generation_lengths``: ``{task or kind: [min_new_tokens, max_new_tokens]}`` (``eval.generation_lengths``);
@@ -72,8 +85,16 @@ def predict(run: Run, num_demos: int, sampling: str = "random", group_size: int 
     sharded = world > 1 and is_sharded(model)
     use_prefix_cache = use_prefix_cache and not sharded
     shared = sampling == "one-to-many" and num_demos > 0 and m.llm_family == "decoder" and use_prefix_cache and num_beams == 1
-    builder = (builder_cls or BatchBuilder)(run.mhub_tokenizer, run.llm_tokenizer, m.num_query_tokens, m.separator, m.llm_family,
-                           cfg.data.max_text_tokens, mode="generate", shared_prefix=shared)
+    builder = (builder_cls or BatchBuilder)(
+        run.mhub_tokenizer,
+        run.llm_tokenizer,
+        m.num_query_tokens,
+        m.separator,
+        m.llm_family,
+        cfg.data.max_text_tokens,
+        mode="generate",
+        shared_prefix=shared,
+    )
     order = evaluation_groups(queries, sampling, group_size, seed, limit)
     # One generation setting per group (a one-to-many group holds one task); settings in order of first use.
     by_setting: dict[tuple[int, int], list] = {}
@@ -206,8 +227,9 @@ def save_predictions(records: list[dict], output: str, num_demos: int) -> dict[s
     return paths
 
 
-def evaluate(run: Run, demo_counts=(0, 2), sampling: str = "random", output: str | None = None, print_table: bool = True,
-             **kwargs) -> dict:
+def evaluate(
+    run: Run, demo_counts=(0, 2), sampling: str = "random", output: str | None = None, print_table: bool = True, **kwargs
+) -> dict:
     """Scores for each number of demonstrations; prints a table and writes JSON when ``output`` is set.
 
     Each count's results are written as soon as they are scored, so a failure at a later count
