@@ -7,9 +7,22 @@ from mmict_kernels import backends, ops
 from mmict_kernels.backends import BackendUnavailableError
 
 
-def test_auto_on_cpu_is_the_reference():
-    name, impl = backends.resolve("hub_cross_attention", "auto", device_type="cpu", dtype=torch.float32, head_dim=64)
-    assert name == "torch" and impl is ops.hub_cross_attention_reference
+def test_auto_on_cpu_is_the_torch_backend_through_sdpa():
+    """On a CPU ``auto`` picks the torch backend, which runs torch's SDPA kernels; the readable
+    reference is not a backend, it stays the oracle the tests compare every backend against."""
+    from mmict_kernels.ops.hub_cross_attn import sdpa as cross_sdpa
+    from mmict_kernels.ops.hub_self_attn import sdpa as self_sdpa
+    from mmict_kernels.ops.prefix_attn import sdpa as prefix_sdpa
+
+    expected = {
+        "hub_cross_attention": cross_sdpa.hub_cross_attention_sdpa,
+        "hub_self_attention": self_sdpa.hub_self_attention_sdpa,
+        "prefix_attention": prefix_sdpa.prefix_attention_sdpa,
+    }
+    for op, impl_expected in expected.items():
+        name, impl = backends.resolve(op, "auto", device_type="cpu", dtype=torch.float32, head_dim=64)
+        assert name == "torch" and impl is impl_expected, op
+        assert impl is not getattr(ops, f"{op}_reference")
 
 
 def test_every_refusal_has_a_reason():

@@ -18,6 +18,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
+from ... import backends
 from ...ops import checks as C
 
 
@@ -117,8 +118,9 @@ class ImageKVCache:
         )
 
     def _is_identity(self, index: torch.Tensor) -> bool:
-        """Whether ``index`` is 0, 1, ..., B - 1. Only read for CPU tensors (on a GPU it would wait for the device)."""
-        if index.device.type != "cpu" or index.numel() != self.batch_size or torch.compiler.is_compiling():
+        """Whether ``index`` is 0, 1, ..., B - 1. Only read for CPU tensors: on a GPU (real or simulated by
+        the compile-only harness) reading it would wait for the device."""
+        if index.device.type != "cpu" or backends.on_gpu(index) or index.numel() != self.batch_size or torch.compiler.is_compiling():
             return False
         return bool(torch.equal(index, torch.arange(self.batch_size)))
 
