@@ -302,7 +302,7 @@ def format_table(results: dict) -> str:
     for questions, exact match on the embedded data), then exact match, VQA accuracy and CIDEr ("-": not computed)."""
     lines = [
         f"sampling: {results['sampling']}",
-        f"{'demos':>5}  {'task':<14} {'n':>5} {'headline':>22} {'exact':>7} {'vqa_acc':>8} {'CIDEr':>7}",
+        f"{'demos':>5}  {'task':<14} {'n':>5}  {'headline':<12} {'value':>6} {'exact':>7} {'vqa_acc':>8} {'CIDEr':>7}",
     ]
     approximate = False
     for k, res in results["by_num_demos"].items():
@@ -312,8 +312,8 @@ def format_table(results: dict) -> str:
             approximate |= captions.get("tokenizer", metrics.TOKENIZER_PTB) != metrics.TOKENIZER_PTB
             head = s.get("headline") or {}
             value = head.get("value")
-            shown = f"{head['metric']} {value:.1f}" if value is not None else (f"{head['metric']} -" if head else "-")
-            lines.append(f"{k:>5}  {task:<14} {s['n']:>5} {shown:>22} {s['exact_match']:7.1f} {s['vqa_accuracy']:8.1f} {cider}")
+            shown = f"{head.get('metric', '-'):<12} " + (f"{value:6.1f}" if value is not None else f"{'-':>6}")
+            lines.append(f"{k:>5}  {task:<14} {s['n']:>5}  {shown} {s['exact_match']:7.1f} {s['vqa_accuracy']:8.1f} {cider}")
     if approximate:
         lines.append(f"caption tokens: {metrics.TOKENIZER_PYTHON}")
     return "\n".join(lines)
