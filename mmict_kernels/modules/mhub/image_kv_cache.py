@@ -120,7 +120,12 @@ class ImageKVCache:
     def _is_identity(self, index: torch.Tensor) -> bool:
         """Whether ``index`` is 0, 1, ..., B - 1. Only read for CPU tensors: on a GPU (real or simulated by
         the compile-only harness) reading it would wait for the device."""
-        if index.device.type != "cpu" or backends.on_gpu(index) or index.numel() != self.batch_size or torch.compiler.is_compiling():
+        if (
+            index.device.type != "cpu"
+            or backends.on_gpu(index)
+            or index.numel() != self.batch_size
+            or torch.compiler.is_compiling()
+        ):
             return False
         return bool(torch.equal(index, torch.arange(self.batch_size)))
 
