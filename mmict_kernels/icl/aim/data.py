@@ -22,6 +22,7 @@ import torch
 
 from .. import shapes as shapes_mod
 from ..data import read_jsonl
+from ..datasets.media import load_image
 from ..tokenizer import build_word_tokenizer
 from .backbones import Backbone
 from .config import AIMConfig
@@ -78,32 +79,6 @@ def shapes_data(num: int, tasks, seed: int, image_size: int, tok, backbone: Back
     )
 
 
-def read_frame(path: str, where: str) -> np.ndarray:
-    """(H, W, 3) uint8 at the file's own size (the backbone's processor resizes or tiles it).
-
-    ``.npy`` arrays (H, W, 3) uint8, or any image Pillow reads.
-    """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"image file not found: {path} (referenced by {where})")
-    if path.endswith(".npy"):
-        try:
-            arr = np.load(path, allow_pickle=False)
-        except Exception as exc:
-            raise ValueError(f"image file {path} (referenced by {where}) cannot be read: {exc}") from exc
-        if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
-            raise ValueError(
-                f"image file {path} (referenced by {where}): expected a (H, W, 3) uint8 array, got {arr.dtype} {arr.shape}"
-            )
-        return arr
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError) as exc:
-        raise ValueError(f"image file {path} (referenced by {where}) cannot be read: {exc}") from exc
-
-
 def jsonl_data(path: str, image_root: str | None, tok, backbone: Backbone, tasks=None, video_fps: float = 2.0) -> AIMData:
     """Own data: one JSON object per line with ``image`` or ``frames``, ``prompt``, ``answer`` (optional ``task``).
 
@@ -122,7 +97,7 @@ def jsonl_data(path: str, image_root: str | None, tok, backbone: Backbone, tasks
     for lineno, r in records:
         where = f"{path}, line {lineno}"
         paths = r["frames"] if "frames" in r else [r["image"]]
-        frames = [read_frame(os.path.join(root, p), where) for p in paths]
+        frames = [load_image(os.path.join(root, p), None, where) for p in paths]  # each at its own size
         try:
             visuals.append(backbone.preprocess(frames, "video" if "frames" in r else "image", fps=video_fps))
         except ValueError as exc:

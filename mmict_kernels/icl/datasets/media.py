@@ -56,8 +56,11 @@ def resize_uint8(arr: np.ndarray, size: int) -> np.ndarray:
     return x[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
 
 
-def load_image(path: str, size: int, where: str) -> np.ndarray:
-    """(size, size, 3) uint8 from an image file (Pillow) or a ``.npy`` array of shape (H, W, 3) uint8."""
+def load_image(path: str, size: int | None, where: str) -> np.ndarray:
+    """(size, size, 3) uint8 from an image file (Pillow) or a ``.npy`` array of shape (H, W, 3) uint8.
+
+    ``size=None``: (H, W, 3) at the file's own size (a processor that resizes or tiles it comes next).
+    """
     check_file(path, "image", where)
     if path.endswith(".npy"):
         try:
@@ -68,14 +71,14 @@ def load_image(path: str, size: int, where: str) -> np.ndarray:
             raise ValueError(
                 f"image file {path} (referenced by {where}): expected a (H, W, 3) uint8 array, got {arr.dtype} {arr.shape}"
             )
-        return resize_uint8(arr, size)
+        return arr if size is None else resize_uint8(arr, size)
     try:
         from PIL import Image, UnidentifiedImageError
     except ImportError as exc:
         raise ImportError(f"reading {path} needs Pillow (`pip install pillow`), or store images as .npy arrays") from exc
     try:
         with Image.open(path) as im:
-            return pil_to_uint8(im, size)
+            return np.asarray(im.convert("RGB"), dtype=np.uint8) if size is None else pil_to_uint8(im, size)
     except (UnidentifiedImageError, OSError) as exc:
         raise ValueError(f"image file {path} (referenced by {where}) cannot be read: {exc}") from exc
 
