@@ -13,16 +13,18 @@ import os
 import torch
 
 # Tiny LLMs for the embedded data (the paper's: FlanT5-XL, OPT-2.7b/6.7b).
+# Llama and Qwen2 share their config keys (grouped-query attention, 2 K/V heads for 4 query heads).
+_TINY_LLAMA_LIKE = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "initializer_range": 0.2,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+}
 TINY_LLM = {
-    "llama": {
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "initializer_range": 0.2,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 512,
-    },
+    "llama": _TINY_LLAMA_LIKE,
     "opt": {
         "hidden_size": 64,
         "ffn_dim": 128,
@@ -32,15 +34,7 @@ TINY_LLM = {
         "init_std": 0.2,
         "max_position_embeddings": 512,
     },
-    "qwen2": {
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "initializer_range": 0.2,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 512,
-    },
+    "qwen2": _TINY_LLAMA_LIKE,
     # Untied output head: T5's tied head rescales by d_model ** -0.5, too flat for a frozen random model.
     "t5": {
         "d_model": 64,
