@@ -173,32 +173,24 @@ class MMICTModel(nn.Module):
         ``synced_gpus``: keep stepping until every process has finished (an FSDP-sharded LLM needs
         the same forwards on every process); not for the shared-prefix path."""
         flat = self.mhub_outputs(batch).flatten(0, 1)
-        embeds = self.embed(batch.llm, flat)
+        common = dict(  # what both generation paths take alike
+            inputs_embeds=self.embed(batch.llm, flat),
+            attention_mask=batch.llm.attention_mask,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+        )
         if batch.prefix is not None:
             from ..modules.prefix_cache import generate_with_prefix
 
             if num_beams != 1:
                 raise ValueError("num_beams: the shared-prefix generation is greedy (num_beams=1)")
-            cache = self._prefix_cache(batch, flat)
-            return generate_with_prefix(
-                self.llm,
-                cache,
-                inputs_embeds=embeds,
-                attention_mask=batch.llm.attention_mask,
-                prefix_ids=batch.prefix_ids,
-                max_new_tokens=max_new_tokens,
-                eos_token_id=eos_token_id,
-                pad_token_id=pad_token_id,
-            )
+            return generate_with_prefix(self.llm, self._prefix_cache(batch, flat), prefix_ids=batch.prefix_ids, **common)
         out = self.llm.generate(
-            inputs_embeds=embeds,
-            attention_mask=batch.llm.attention_mask,
-            max_new_tokens=max_new_tokens,
+            **common,
             min_new_tokens=min_new_tokens,
             num_beams=num_beams,
             do_sample=False,
-            eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id,
             **({"synced_gpus": True} if synced_gpus else {}),
         )
         if self.llm_family == "encoder-decoder":

@@ -247,18 +247,20 @@ class AIMModel(nn.Module):
         return embeds, mask, lab, positions
 
     # ------------------------------------------------------------------------------------------
+    def _prefix_call(self, batch: AIMBatch, training: bool) -> tuple[DemoPrefixCache, torch.Tensor, dict]:
+        """(the groups' demonstration cache, the rows' labels, the row arguments of ``forward_with_prefix`` /
+        ``generate_with_prefix``): with the answers, right-padded, in training; prompts only, left-padded, to generate."""
+        cache = self._cache(batch)
+        embeds, mask, labels, positions = self._query_rows(batch, with_answer=training, left_pad=not training)
+        rows = dict(
+            inputs_embeds=embeds, attention_mask=mask, prefix_ids=batch.query_group.to(embeds.device), row_position_ids=positions
+        )
+        return cache, labels, rows
+
     def forward(self, batch: AIMBatch) -> tuple[torch.Tensor, int]:
         """(sum of the answer tokens' NLL, number of answer tokens)."""
-        cache = self._cache(batch)
-        embeds, mask, labels, positions = self._query_rows(batch, with_answer=True, left_pad=False)
-        logits = forward_with_prefix(
-            self.backbone.lm,
-            cache,
-            inputs_embeds=embeds,
-            attention_mask=mask,
-            prefix_ids=batch.query_group.to(embeds.device),
-            row_position_ids=positions,
-        ).logits
+        cache, labels, rows = self._prefix_call(batch, training=True)
+        logits = forward_with_prefix(self.backbone.lm, cache, **rows).logits
         # logits at t predict token t + 1 of the row's own sequence
         target = labels[:, 1:]
         loss = F.cross_entropy(
@@ -278,19 +280,15 @@ class AIMModel(nn.Module):
     @torch.no_grad()
     def generate(self, batch: AIMBatch, max_new_tokens: int = 4) -> list[list[int]]:
         """Greedy answers (token ids, up to the first eos) for every query of ``batch``."""
-        cache = self._cache(batch)
-        embeds, mask, _, positions = self._query_rows(batch, with_answer=False, left_pad=True)
+        cache, _, rows = self._prefix_call(batch, training=False)
         new = generate_with_prefix(
             self.backbone.lm,
             cache,
-            inputs_embeds=embeds,
-            attention_mask=mask,
-            prefix_ids=batch.query_group.to(embeds.device),
+            **rows,
             max_new_tokens=max_new_tokens,
             eos_token_id=self.eos_id,
             pad_token_id=self.pad_id,
             backend=self.backend,
-            row_position_ids=positions,
         )
         out = []
         for row in new.tolist():
