@@ -298,3 +298,20 @@ class BatchBuilder:
             image_cu_seqlens,
             turn_image_tokens,
         )
+
+
+def batch_builder(run, mode: str, shared_prefix: bool = False, builder_cls=None) -> BatchBuilder:
+    """``run``'s batch builder: its M-Hub and LLM tokenizers and its config's layout (query tokens,
+    separator, LLM family, text cap). ``builder_cls``: another layout (a :class:`BatchBuilder`
+    subclass, e.g. a baseline's, or any callable taking its arguments); default :class:`BatchBuilder`."""
+    m = run.cfg.model
+    return (builder_cls or BatchBuilder)(
+        run.mhub_tokenizer,
+        run.llm_tokenizer,
+        m.num_query_tokens,
+        m.separator,
+        m.llm_family,
+        run.cfg.data.max_text_tokens,
+        mode=mode,
+        shared_prefix=shared_prefix,
+    )

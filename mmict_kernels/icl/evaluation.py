@@ -14,7 +14,7 @@ import sys
 import torch
 
 from . import metrics
-from .batch import BatchBuilder
+from .batch import batch_builder
 from .build import Run
 from .config import check_generation_lengths
 from .data import task_kind
@@ -85,16 +85,7 @@ def predict(
     sharded = world > 1 and is_sharded(model)
     use_prefix_cache = use_prefix_cache and not sharded
     shared = sampling == "one-to-many" and num_demos > 0 and m.llm_family == "decoder" and use_prefix_cache and num_beams == 1
-    builder = (builder_cls or BatchBuilder)(
-        run.mhub_tokenizer,
-        run.llm_tokenizer,
-        m.num_query_tokens,
-        m.separator,
-        m.llm_family,
-        cfg.data.max_text_tokens,
-        mode="generate",
-        shared_prefix=shared,
-    )
+    builder = batch_builder(run, "generate", shared, builder_cls)
     order = evaluation_groups(queries, sampling, group_size, seed, limit)
     # One generation setting per group (a one-to-many group holds one task); settings in order of first use.
     by_setting: dict[tuple[int, int], list] = {}

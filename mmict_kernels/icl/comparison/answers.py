@@ -7,7 +7,7 @@ import dataclasses
 import torch
 
 from ..baselines import aim_batch, builder_class
-from ..batch import BatchBuilder
+from ..batch import batch_builder
 from ..evaluation import evaluation_groups, score
 from ..evaluation import predict as driver_predict
 from ..metrics import corpus_bleu
@@ -63,9 +63,7 @@ def predict(
     queries, pool, tok = base_run.eval_set, base_run.train_set, base_run.llm_tokenizer
     sampler = DemoSampler(pool, queries, num_demos, sampling, cfg.demos.same_task, seed=seed)
     # Only its tokenisation is used (aim_batch): the layout options do not matter.
-    builder = BatchBuilder(
-        base_run.mhub_tokenizer, tok, m.num_query_tokens, m.separator, m.llm_family, cfg.data.max_text_tokens, mode="generate"
-    )
+    builder = batch_builder(base_run, "generate")
     order = evaluation_groups(queries, sampling, cfg.demos.group_size, seed, limit)  # the driver's queries, in its order
     model.eval()
     records, ctx, computed = [], [], 0
