@@ -50,7 +50,7 @@ import triton
 import triton.language as tl
 
 from . import triton_toolkit as tk
-from .triton_toolkit import LN2, LOG2E, cast, dot
+from .triton_toolkit import LN2, LOG2E, cast, dot, dropout_seed
 
 # How a sample's keys are found (constexpr KEY_LAYOUT).
 KEYS_DENSE = tl.constexpr(0)  # k: (B, Lk, H, D), all Lk keys valid
@@ -131,15 +131,6 @@ def _store_tile(base, idx, dims, stride_row, ok, x):
 
 
 @triton.jit
-def _dropout_seed(SEED, HAS_DROPOUT: tl.constexpr):
-    """The Philox seed (0, never used, without dropout)."""
-    seed = 0
-    if HAS_DROPOUT:
-        seed = tl.load(SEED)
-    return seed
-
-
-@triton.jit
 def _query_block(
     Q, K, V, KEY_START, KEY_LEN, SEED,
     stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
@@ -161,7 +152,7 @@ def _query_block(
     k_base = _head_ptr(K, b, key_start, h, stride_kb, stride_kn, stride_kh)
     v_base = _head_ptr(V, b, key_start, h, stride_vb, stride_vn, stride_vh)
     lo, hi = _visible_keys(m0, key_len, nq, BLOCK_M, MASK_MODE)
-    seed = _dropout_seed(SEED, HAS_DROPOUT)
+    seed = dropout_seed(SEED, HAS_DROPOUT)
     return b, h, b * num_heads + h, key_len, rows, dims, row_ok, q, k_base, v_base, seed, lo, hi
 
 
@@ -359,7 +350,7 @@ def _attn_bwd_short_kernel(
     v_base = _head_ptr(V, b, key_start, h, stride_vb, stride_vn, stride_vh)
     dk_base = _head_ptr(DK, b, key_start, h, stride_dkb, stride_dkn, stride_dkh)
     dv_base = _head_ptr(DV, b, key_start, h, stride_dkb, stride_dkn, stride_dkh)
-    seed = _dropout_seed(SEED, HAS_DROPOUT)
+    seed = dropout_seed(SEED, HAS_DROPOUT)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     for start_n in range(0, key_len, BLOCK_N):
@@ -447,7 +438,7 @@ def _attn_bwd_dkdv_kernel(
     v = _load_tile(_head_ptr(V, b, key_start, h, stride_vb, stride_vn, stride_vh), cols, dims, stride_vn, col_ok)
     q_base = _head_ptr(Q, b, 0, h, stride_qb, stride_qm, stride_qh)
     do_base = _head_ptr(DO, b, 0, h, stride_dob, stride_dom, stride_doh)
-    seed = _dropout_seed(SEED, HAS_DROPOUT)
+    seed = dropout_seed(SEED, HAS_DROPOUT)
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)

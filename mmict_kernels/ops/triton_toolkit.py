@@ -73,6 +73,15 @@ def cast(x, dtype: tl.constexpr):
     return x.to(dtype)
 
 
+@triton.jit
+def dropout_seed(SEED, HAS_DROPOUT: tl.constexpr):
+    """The Philox seed, read from the 1-element int64 tensor SEED (0, never used, without dropout)."""
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
+    return seed
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """``input_precision`` of tl.dot: IEEE for float32 (no silent TF32), the MMA for 16-bit inputs."""
     return "ieee" if dtype == torch.float32 else "tf32"
