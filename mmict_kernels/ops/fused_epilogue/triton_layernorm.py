@@ -25,8 +25,36 @@ import torch
 import triton
 import triton.language as tl
 
+from ..triton_toolkit import dropout_seed
 from .philox import MAX_ELEMENTS
 from .triton_common import num_partials, num_warps_for, row_block
+
+
+@triton.jit
+def _residual_row(
+    X, RES, bias, seed, row, cols, col_mask, n_cols, rows_per_batch, stride_xb, stride_xr, stride_rb, stride_rr, eps,
+    dropout_p, keep_scale, HAS_DROPOUT: tl.constexpr,
+):  # fmt: skip
+    """h = dropout(x + bias) + residual of one row and its LayerNorm statistics, in float32:
+    (offs, keep, centered = h - mean (0 past n_cols), rstd). The backward calls it again, so h,
+    the keep-mask and the statistics are rebuilt exactly as the forward made them, never stored.
+
+    offs = row * n_cols + cols is int32 on purpose: it is also the dropout stream's offset
+    (the same stream as philox.dropout_keep_mask: element offset = row * hidden + col).
+    """
+    batch = (row // rows_per_batch).to(tl.int64)
+    within = (row % rows_per_batch).to(tl.int64)
+    offs = row * n_cols + cols
+    h = tl.load(X + batch * stride_xb + within * stride_xr + cols, mask=col_mask, other=0.0).to(tl.float32) + bias
+    keep = col_mask  # no dropout: every element kept (unused)
+    if HAS_DROPOUT:
+        keep = tl.rand(seed, offs) >= dropout_p
+        h = tl.where(keep, h * keep_scale, 0.0)
+    h += tl.load(RES + batch * stride_rb + within * stride_rr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    mean = tl.sum(h, axis=0) / n_cols
+    centered = tl.where(col_mask, h - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / n_cols + eps)
+    return offs, keep, centered, rstd
 
 
 @triton.jit
@@ -53,19 +81,11 @@ def _bdaln_fwd_kernel(
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     col_mask = cols < n_cols
-    batch = (row // rows_per_batch).to(tl.int64)
-    within = (row % rows_per_batch).to(tl.int64)
-    offs = row * n_cols + cols  # int32 on purpose: it is also the dropout stream's offset
-    h = tl.load(X + batch * stride_xb + within * stride_xr + cols, mask=col_mask, other=0.0).to(tl.float32)
-    h += tl.load(BIAS + cols, mask=col_mask, other=0.0).to(tl.float32)
-    if HAS_DROPOUT:
-        # Same stream as philox.dropout_keep_mask: element offset = row * hidden + col.
-        keep = tl.rand(tl.load(SEED), offs) >= dropout_p
-        h = tl.where(keep, h * keep_scale, 0.0)
-    h += tl.load(RES + batch * stride_rb + within * stride_rr + cols, mask=col_mask, other=0.0).to(tl.float32)
-    mean = tl.sum(h, axis=0) / n_cols
-    centered = tl.where(col_mask, h - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / n_cols + eps)
+    bias = tl.load(BIAS + cols, mask=col_mask, other=0.0).to(tl.float32)
+    offs, _, centered, rstd = _residual_row(
+        X, RES, bias, dropout_seed(SEED, HAS_DROPOUT), row, cols, col_mask, n_cols, rows_per_batch,
+        stride_xb, stride_xr, stride_rb, stride_rr, eps, dropout_p, keep_scale, HAS_DROPOUT,
+    )  # fmt: skip
     w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
     b = tl.load(LNB + cols, mask=col_mask, other=0.0).to(tl.float32)
     tl.store(OUT + offs, (centered * rstd * w + b).to(OUT.dtype.element_ty), mask=col_mask)
@@ -104,24 +124,15 @@ def _bdaln_bwd_kernel(
     dweight = tl.zeros([BLOCK], dtype=tl.float32)
     dln_bias = tl.zeros([BLOCK], dtype=tl.float32)
     dbias = tl.zeros([BLOCK], dtype=tl.float32)
-    if HAS_DROPOUT:
-        seed = tl.load(SEED)
+    seed = dropout_seed(SEED, HAS_DROPOUT)
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, n_rows)
     for row in range(row_start, row_end):
-        offs = row * n_cols + cols
-        batch = (row // rows_per_batch).to(tl.int64)
-        within = (row % rows_per_batch).to(tl.int64)
-        # Rebuild h exactly as the forward did (the keep-mask is regenerated, never stored) ...
-        h = tl.load(X + batch * stride_xb + within * stride_xr + cols, mask=col_mask, other=0.0).to(tl.float32) + bias
-        if HAS_DROPOUT:
-            keep = tl.rand(seed, offs) >= dropout_p
-            h = tl.where(keep, h * keep_scale, 0.0)
-        h += tl.load(RES + batch * stride_rb + within * stride_rr + cols, mask=col_mask, other=0.0).to(tl.float32)
-        # ... and its statistics (never stored).
-        mean = tl.sum(h, axis=0) / n_cols
-        centered = tl.where(col_mask, h - mean, 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / n_cols + eps)
+        # Rebuild h, its keep-mask and its statistics exactly as the forward did.
+        offs, keep, centered, rstd = _residual_row(
+            X, RES, bias, seed, row, cols, col_mask, n_cols, rows_per_batch,
+            stride_xb, stride_xr, stride_rb, stride_rr, eps, dropout_p, keep_scale, HAS_DROPOUT,
+        )  # fmt: skip
         xhat = centered * rstd
         dy = tl.load(DOUT + offs, mask=col_mask, other=0.0).to(tl.float32)
         g = dy * w
