@@ -71,9 +71,14 @@ def flash_cpu_attention(q, k, v, mask, scale: float) -> tuple[torch.Tensor, torc
 # ---------------------------------------------------------------------------------------------
 def keep_mask(seed: int, shape, dropout_p: float, device) -> torch.Tensor:
     """The attention keep-mask (True = kept) that ``seed`` gives: ``torch.rand`` of a private generator."""
+    return ~_drop_mask(seed, shape, dropout_p, device)
+
+
+def _drop_mask(seed: int, shape, dropout_p: float, device) -> torch.Tensor:
+    # The complement of keep_mask from the same draws: what masked_fill_ wants, without a negation pass.
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
-    return torch.rand(shape, generator=generator, device=device) >= dropout_p
+    return torch.rand(shape, generator=generator, device=device) < dropout_p
 
 
 def _expand_kv_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -84,18 +89,21 @@ def _expand_kv_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
     return t.repeat_interleave(heads // kv_heads, dim=1)
 
 
-def _probabilities(qh, kh, mask, scale, lse):
-    """softmax(q k^T * scale, masked) rebuilt from the log-sum-exp; rows that see nothing give 0."""
-    acc = softmax_dtype(qh.dtype)
-    scores = torch.matmul(qh, kh.transpose(-1, -2)).to(acc) * scale
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    lse_safe = torch.where(torch.isfinite(lse), lse, torch.full_like(lse, float("inf")))  # empty row: exp(-inf) = 0
-    return torch.exp(scores - lse_safe[..., None])
+def _scaled_product(a: torch.Tensor, b: torch.Tensor, alpha: float, dtype: torch.dtype) -> torch.Tensor:
+    """alpha * a @ b over the (B, H) batch dims, in ``dtype``: the scale rides in the GEMM (baddbmm's alpha)."""
+    batch = a.shape[:2]
+    a3, b3 = a.reshape(-1, *a.shape[2:]), b.reshape(-1, *b.shape[2:])  # views of heads-first copies
+    out = torch.baddbmm(a3.new_empty(()).expand(a3.shape[0], a3.shape[1], b3.shape[2]), a3, b3, beta=0.0, alpha=alpha)
+    return out.unflatten(0, batch).to(dtype)
 
 
 class _DropoutAttention(torch.autograd.Function):
-    """Attention with dropout on the probabilities; keeps q, k, v, out, lse and a seed (not the probabilities)."""
+    """Attention with dropout on the probabilities; keeps q, k, v, out, lse and a seed (not the probabilities).
+
+    Every pass over the (B, H, Lq, Lk) scores runs in place on one buffer, and the softmax scale and
+    the dropout's 1 / (1 - p) ride in the GEMMs (alpha) or in the per-row normaliser: on a CPU each
+    extra pass (and each fresh buffer) costs as much as the small batched matmuls themselves.
+    """
 
     @staticmethod
     def forward(ctx, q, k, v, mask, scale: float, dropout_p: float, seed: int):
@@ -103,14 +111,18 @@ class _DropoutAttention(torch.autograd.Function):
         heads = qh.shape[1]
         kh, vh = _expand_kv_heads(kh, heads), _expand_kv_heads(vh, heads)
         acc = softmax_dtype(q.dtype)
-        scores = torch.matmul(qh, kh.transpose(-1, -2)).to(acc) * scale
+        probs = _scaled_product(qh, kh.transpose(-1, -2), scale, acc)  # the scores, turned into P in place
         if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        lse = torch.logsumexp(scores, dim=-1)  # -inf for a row that sees nothing
-        lse_safe = torch.where(torch.isfinite(lse), lse, torch.full_like(lse, float("inf")))
-        probs = torch.exp(scores - lse_safe[..., None])
-        keep = keep_mask(seed, probs.shape, dropout_p, probs.device)
-        probs = torch.where(keep, probs * (1.0 / (1.0 - dropout_p)), 0.0)
+            probs.masked_fill_(~mask, float("-inf"))
+        row_max = probs.amax(dim=-1, keepdim=True)
+        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))  # a row that sees nothing: 0
+        probs.sub_(row_max).exp_()  # unnormalised; exp(-inf) = 0
+        row_sum = probs.sum(dim=-1, keepdim=True)
+        lse = (row_max + row_sum.log()).squeeze(-1)  # -inf for a row that sees nothing
+        # normalisation, dropout and its 1 / (1 - p) in two passes: dropped entries zeroed, kept ones scaled per row
+        probs.masked_fill_(_drop_mask(seed, probs.shape, dropout_p, probs.device), 0.0)
+        row_scale = torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum)).reciprocal_().mul_(1.0 / (1.0 - dropout_p))
+        probs.mul_(row_scale)
         # (B, L, H, D) in memory, as the fused kernel writes it: the caller's reshape to (B, L, H * D) is a view.
         out = _heads_first(torch.matmul(probs.to(v.dtype), vh)).contiguous()
         ctx.save_for_backward(q, k, v, out, lse, mask)
@@ -126,18 +138,23 @@ class _DropoutAttention(torch.autograd.Function):
         heads, kv_heads = qh.shape[1], kh.shape[1]
         kh_full, vh_full = _expand_kv_heads(kh, heads), _expand_kv_heads(vh, heads)
         acc = softmax_dtype(q.dtype)
-        probs = _probabilities(qh, kh_full, mask, scale, lse)
-        keep = keep_mask(ctx.seed, probs.shape, p, probs.device)
-        dropped = torch.where(keep, probs * (1.0 / (1.0 - p)), 0.0)
+        # P again from the log-sum-exp, in place (a row that sees nothing: lse -inf -> shift +inf -> 0)
+        probs = _scaled_product(qh, kh_full.transpose(-1, -2), scale, acc)
+        if mask is not None:
+            probs.masked_fill_(~mask, float("-inf"))
+        lse_safe = torch.where(torch.isfinite(lse), lse, torch.full_like(lse, float("inf")))
+        probs.sub_(lse_safe[..., None]).exp_()
+        drop = _drop_mask(ctx.seed, probs.shape, p, probs.device)
+        keep_scale = 1.0 / (1.0 - p)
         douth = _heads_first_copy(dout)
-        dv = torch.matmul(dropped.to(v.dtype).transpose(-1, -2), douth)
-        ddropped = torch.matmul(douth, vh_full.transpose(-1, -2)).to(acc)
-        dprobs = torch.where(keep, ddropped * (1.0 / (1.0 - p)), 0.0)
-        # softmax backward: dS = P * (dP - rowsum(P * dP)), and rowsum(P * dP) = rowsum(dout * out).
+        # dV = (kept P / (1 - p))^T dout, dP = dout V^T / (1 - p) on kept entries: 1 / (1 - p) as the GEMMs' alpha
+        dv = _scaled_product(probs.masked_fill(drop, 0.0).to(v.dtype).transpose(-1, -2), douth, keep_scale, v.dtype)
+        dprobs = _scaled_product(douth, vh_full.transpose(-1, -2), keep_scale, acc).masked_fill_(drop, 0.0)
+        # softmax backward: dS = P * (dP - rowsum(P * dP)), and rowsum(P * dP) = rowsum(dout * out); scale in the GEMMs.
         delta = (douth.to(acc) * _heads_first(out).to(acc)).sum(-1, keepdim=True)
-        dscores = (probs * (dprobs - delta) * scale).to(q.dtype)
-        dq = torch.matmul(dscores, kh_full)
-        dk = torch.matmul(dscores.transpose(-1, -2), qh)
+        dscores = dprobs.sub_(delta).mul_(probs).to(q.dtype)
+        dq = _scaled_product(dscores, kh_full, scale, q.dtype)
+        dk = _scaled_product(dscores.transpose(-1, -2), qh, scale, q.dtype)
         if kv_heads != heads:  # grouped-query attention: sum the gradients of the query heads sharing a K/V head
             group = heads // kv_heads
             dk = dk.unflatten(1, (kv_heads, group)).sum(2)

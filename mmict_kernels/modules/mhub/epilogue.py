@@ -132,15 +132,74 @@ def _heads(y: torch.Tensor, num_heads: int) -> torch.Tensor:
     return y.view(*y.shape[:-1], num_heads, y.shape[-1] // num_heads)
 
 
+class _RowBlockLinear(torch.autograd.Function):
+    """``F.linear(x, W, b).split(size, -1)`` as one GEMM per row block of the fused weight, on a CPU.
+
+    One GEMM into a (rows x 3A) buffer gives q, k, v as strided views; on a CPU the per-block GEMMs
+    write their own (rows x A) outputs as fast (the image K/V's 1536-wide GEMM ran slower in place than
+    two 768-wide ones, profiled with 2 threads), and the backward needs no concatenation of dq, dk, dv:
+    each block's dW is written into its rows of one weight gradient, and dx accumulates block by block.
+    Keeps what ``F.linear`` keeps: x (and the parameters themselves).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, size: int):
+        ctx.save_for_backward(x, weight)
+        ctx.size, ctx.has_bias = size, bias is not None
+        weights = weight.split(size)
+        biases = bias.split(size) if bias is not None else [None] * len(weights)
+        return tuple(F.linear(x, w, b) for w, b in zip(weights, biases))
+
+    @staticmethod
+    def backward(ctx, *douts):
+        x, weight = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        x2d = x.reshape(-1, x.shape[-1])
+        blocks = [
+            (d.reshape(-1, d.shape[-1]), w)
+            for d, w in zip(douts, weight.split(ctx.size))
+            if d is not None  # an output nobody used
+        ]
+        dx = dweight = dbias = None
+        if needs[0]:
+            for i, (d, w) in enumerate(blocks):
+                dx = d.mm(w) if i == 0 else dx.addmm_(d, w)
+            dx = dx.view(x.shape) if dx is not None else torch.zeros_like(x)
+        if needs[1] or (needs[2] and ctx.has_bias):
+            dweight = torch.zeros_like(weight) if len(blocks) < len(douts) else torch.empty_like(weight)
+            dbias = dweight.new_zeros(weight.shape[0]) if ctx.has_bias else None
+            for d, rows, db in zip(douts, dweight.split(ctx.size), dbias.split(ctx.size) if ctx.has_bias else douts):
+                if d is None:
+                    continue
+                d2d = d.reshape(-1, d.shape[-1])
+                if needs[1]:
+                    torch.mm(d2d.t(), x2d, out=rows)  # dout^T x, F.linear autograd's own layout
+                if ctx.has_bias and needs[2]:
+                    torch.sum(d2d, dim=0, out=db)
+        return dx, (dweight if needs[1] else None), (dbias if needs[2] else None), None
+
+
+def _projection(linear: torch.nn.Linear, x: torch.Tensor, size: int):
+    """``linear(x).split(size, -1)``: per-block GEMMs on a CPU (see _RowBlockLinear), one GEMM elsewhere.
+
+    One GEMM on GPUs, under torch.compile (the compiler plans the split) and under autocast (F.linear's
+    own casts).
+    """
+    weight, bias = linear.weight, linear.bias
+    if x.device.type != "cpu" or torch.compiler.is_compiling() or _autocast(x):
+        return F.linear(x, weight, bias).split(size, dim=-1)
+    return _RowBlockLinear.apply(x, weight, bias, size)
+
+
 def qkv_projection(proj, x: torch.Tensor, num_heads: int):
-    """(q, k, v), each (..., H, D): views into one matmul against the fused ``qkv`` weight."""
-    q, k, v = F.linear(x, proj.qkv.weight, proj.qkv.bias).split(proj.all_head_size, dim=-1)
+    """(q, k, v), each (..., H, D), from the fused ``qkv`` weight (one GEMM, or one per block on a CPU)."""
+    q, k, v = _projection(proj.qkv, x, proj.all_head_size)
     return _heads(q, num_heads), _heads(k, num_heads), _heads(v, num_heads)
 
 
 def kv_projection(proj, x: torch.Tensor, num_heads: int):
-    """(k, v), each (..., H, D), of a cross-attention block applied to image tokens: one matmul against ``kv``."""
-    k, v = F.linear(x, proj.kv.weight, proj.kv.bias).split(proj.all_head_size, dim=-1)
+    """(k, v), each (..., H, D), of a cross-attention block applied to image tokens, from the fused ``kv`` weight."""
+    k, v = _projection(proj.kv, x, proj.all_head_size)
     return _heads(k, num_heads), _heads(v, num_heads)
 
 

@@ -166,7 +166,8 @@ class _DropoutAdd(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, residual, dropout_p: float, seed: int):
         ctx.dropout_p, ctx.seed = dropout_p, seed
-        return _dropped(h, dropout_p, seed) + residual
+        keep = keep_mask_from_seed(seed, h.shape, dropout_p, h.device)
+        return torch.addcmul(residual, h, keep, value=1.0 / (1.0 - dropout_p))  # one pass: residual + h * keep / (1 - p)
 
     @staticmethod
     def backward(ctx, dz):
@@ -175,13 +176,6 @@ class _DropoutAdd(torch.autograd.Function):
             keep = keep_mask_from_seed(ctx.seed, dz.shape, ctx.dropout_p, dz.device)
             dh = torch.where(keep, dz * (1.0 / (1.0 - ctx.dropout_p)), 0.0)
         return dh, (dz if ctx.needs_input_grad[1] else None), None, None
-
-
-def _dropped(h: torch.Tensor, dropout_p: float, seed: int | None) -> torch.Tensor:
-    if dropout_p <= 0.0:
-        return h
-    keep = keep_mask_from_seed(seed, h.shape, dropout_p, h.device)
-    return torch.where(keep, h * (1.0 / (1.0 - dropout_p)), 0.0)
 
 
 def dropout_add_layernorm(
