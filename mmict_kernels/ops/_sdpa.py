@@ -11,9 +11,9 @@ keeps them all for backward: fine as an oracle, slow and memory-hungry as the CP
   reference.
 - attention dropout (training): torch's fused CPU kernels have none (SDPA would fall back to its math
   path, which keeps every intermediate). :class:`_DropoutAttention` computes the attention in plain
-  PyTorch but keeps only q, k, v, the output, the log-sum-exp and a seed: the backward recomputes the
-  probabilities from the log-sum-exp and draws the keep-mask again from the seed (FlashAttention's
-  recomputation, in PyTorch).
+  PyTorch but keeps only q, k, v, the output, the log-sum-exp and the keep-mask packed 8 to a byte
+  (on a GPU, its seed): the backward recomputes the probabilities from the log-sum-exp
+  (FlashAttention's recomputation, in PyTorch) and unpacks the mask (or draws it again).
 - anything else (CUDA tensors on the torch backend, the dropout path under ``torch.compile``): the
   reference itself.
 """
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from ._bitmask import pack_bool, unpack_bool
 from ._reference import masked_attention, softmax_dtype
 
 _SEED_HIGH = 2**62
@@ -98,7 +99,7 @@ def _scaled_product(a: torch.Tensor, b: torch.Tensor, alpha: float, dtype: torch
 
 
 class _DropoutAttention(torch.autograd.Function):
-    """Attention with dropout on the probabilities; keeps q, k, v, out, lse and a seed (not the probabilities).
+    """Attention with dropout on the probabilities; keeps q, k, v, out, lse and the packed mask (not the probabilities).
 
     Every pass over the (B, H, Lq, Lk) scores runs in place on one buffer, and the softmax scale and
     the dropout's 1 / (1 - p) ride in the GEMMs (alpha) or in the per-row normaliser: on a CPU each
@@ -120,19 +121,23 @@ class _DropoutAttention(torch.autograd.Function):
         row_sum = probs.sum(dim=-1, keepdim=True)
         lse = (row_max + row_sum.log()).squeeze(-1)  # -inf for a row that sees nothing
         # normalisation, dropout and its 1 / (1 - p) in two passes: dropped entries zeroed, kept ones scaled per row
-        probs.masked_fill_(_drop_mask(seed, probs.shape, dropout_p, probs.device), 0.0)
+        drop = _drop_mask(seed, probs.shape, dropout_p, probs.device)
+        probs.masked_fill_(drop, 0.0)
         row_scale = torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum)).reciprocal_().mul_(1.0 / (1.0 - dropout_p))
         probs.mul_(row_scale)
         # (B, L, H, D) in memory, as the fused kernel writes it: the caller's reshape to (B, L, H * D) is a view.
         out = _heads_first(torch.matmul(probs.to(v.dtype), vh)).contiguous()
-        ctx.save_for_backward(q, k, v, out, lse, mask)
+        # On a CPU the drop-mask is kept packed 8 to a byte: unpacking it costs ~1/10 of drawing it
+        # again (torch's CPU generator is single-threaded). Elsewhere the seed draws it again.
+        packed_drop = pack_bool(drop) if drop.device.type == "cpu" else None
+        ctx.save_for_backward(q, k, v, out, lse, mask, packed_drop)
         ctx.scale, ctx.dropout_p, ctx.seed = scale, dropout_p, seed
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, mask = ctx.saved_tensors
+        q, k, v, out, lse, mask, packed_drop = ctx.saved_tensors
         scale, p = ctx.scale, ctx.dropout_p
         qh, kh, vh = _heads_first_copy(q), _heads_first_copy(k), _heads_first_copy(v)
         heads, kv_heads = qh.shape[1], kh.shape[1]
@@ -144,7 +149,10 @@ class _DropoutAttention(torch.autograd.Function):
             probs.masked_fill_(~mask, float("-inf"))
         lse_safe = torch.where(torch.isfinite(lse), lse, torch.full_like(lse, float("inf")))
         probs.sub_(lse_safe[..., None]).exp_()
-        drop = _drop_mask(ctx.seed, probs.shape, p, probs.device)
+        if packed_drop is not None:
+            drop = unpack_bool(packed_drop, probs.shape)
+        else:
+            drop = _drop_mask(ctx.seed, probs.shape, p, probs.device)
         keep_scale = 1.0 / (1.0 - p)
         douth = _heads_first_copy(dout)
         # dV = (kept P / (1 - p))^T dout, dP = dout V^T / (1 - p) on kept entries: 1 / (1 - p) as the GEMMs' alpha

@@ -16,8 +16,8 @@ Which path runs, and what it keeps for backward:
 - ``backend="torch"``, and ``"auto"`` on CPU: the same arithmetic as transformers (``F.linear``,
   dropout with torch's random numbers, ``F.layer_norm``, ``F.gelu``) through
   ``fused_epilogue.dropout_add_layernorm`` and ``fused_epilogue.bias_gelu_linear``, which keep the
-  dense output only (the dropout mask is drawn again from a seed, the LayerNorm statistics and the
-  GELU are recomputed in backward).
+  dense output and, on a CPU, the dropout mask packed 8 to a byte (elsewhere it is drawn again from
+  a seed; the GELU is recomputed in backward).
 - under autocast, under ``torch.compile``, and for activations other than ``"gelu"`` (the fused GELU
   is the exact erf GELU): the plain modules, as transformers runs them.
 """

@@ -8,9 +8,10 @@
   of ``triton_gelu.py``.
 - :func:`dropout_add_layernorm`: ``LayerNorm(dropout(h) + residual)`` with torch's random numbers
   (the ``torch`` path of FusedMHub: ``nn.Dropout``'s rate and scaling). Autograd of the ops apart
-  keeps the dropout mask (a float tensor on CPU) and the LayerNorm input; here only the LayerNorm
-  input (and its two per-row statistics) is kept: the mask is drawn from a private generator
-  seeded from torch's default one, and drawn again in backward. No recomputation beyond the mask
+  keeps the dropout mask (a float tensor on CPU) and the LayerNorm input; here the LayerNorm input
+  (and its two per-row statistics) is kept, and the mask, drawn from a private generator seeded
+  from torch's default one, packed 8 to a byte on a CPU (1/32 of the float mask; elsewhere it is
+  drawn again in backward from the seed). No recomputation beyond the mask
   (on a CPU every extra pass over a (rows x hidden) tensor costs a parallel region; the Triton
   kernel, which rebuilds its input anyway, recomputes the statistics too).
 
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 
 from ... import backends
 from .. import checks as C
+from .._bitmask import pack_bool, unpack_bool
 
 GELU_OP = "bias_gelu"
 _SEED_HIGH = 2**62
@@ -161,19 +163,28 @@ def keep_mask_from_seed(seed: int, shape, dropout_p: float, device) -> torch.Ten
 
 
 class _DropoutAdd(torch.autograd.Function):
-    """z = dropout(h) + residual, keeping nothing for backward but the seed: the keep-mask is drawn again."""
+    """z = dropout(h) + residual, keeping for backward the keep-mask packed 8 to a byte (on a GPU: its seed).
+
+    On a CPU, unpacking the mask costs ~1/10 of drawing it again (torch's CPU generator is
+    single-threaded); elsewhere the seed draws it again and nothing is kept.
+    """
 
     @staticmethod
     def forward(ctx, h, residual, dropout_p: float, seed: int):
         ctx.dropout_p, ctx.seed = dropout_p, seed
         keep = keep_mask_from_seed(seed, h.shape, dropout_p, h.device)
+        ctx.save_for_backward(pack_bool(keep) if keep.device.type == "cpu" else None)
         return torch.addcmul(residual, h, keep, value=1.0 / (1.0 - dropout_p))  # one pass: residual + h * keep / (1 - p)
 
     @staticmethod
     def backward(ctx, dz):
         dh = None
         if ctx.needs_input_grad[0]:
-            keep = keep_mask_from_seed(ctx.seed, dz.shape, ctx.dropout_p, dz.device)
+            (packed,) = ctx.saved_tensors
+            if packed is not None:
+                keep = unpack_bool(packed, dz.shape)
+            else:
+                keep = keep_mask_from_seed(ctx.seed, dz.shape, ctx.dropout_p, dz.device)
             dh = torch.where(keep, dz * (1.0 / (1.0 - ctx.dropout_p)), 0.0)
         return dh, (dz if ctx.needs_input_grad[1] else None), None, None
 
@@ -191,8 +202,9 @@ def dropout_add_layernorm(
     """``LayerNorm(dropout(h) + residual)`` over the last dim, keeping one (rows x hidden) tensor for backward.
 
     The ops apart keep the dropout mask (a float tensor on CPU, as large as ``h``) and the
-    LayerNorm input; here the mask is drawn again from its seed in backward, so what is kept is
-    LayerNorm's own: its input and two statistics per row. (``h`` and ``residual`` are not kept:
+    LayerNorm input; here what is kept is LayerNorm's own (its input and two statistics per row)
+    and, on a CPU, the keep-mask packed 8 to a byte (elsewhere it is drawn again from its seed in
+    backward). (``h`` and ``residual`` are not kept:
     the dropout's backward needs neither.) Without dropout it is the plain ``LayerNorm(h + residual)``.
 
     Args:

@@ -128,8 +128,8 @@ def test_dropout_add_layernorm_keeps_one_tensor_and_reproduces_from_torch_seed()
     r.requires_grad_(True)
     torch.manual_seed(3)
     out, saved = _saved_storages(lambda h, r: dropout_add_layernorm(h, r, w, b, 1e-12, 0.3), h, r, excluded=(h, w, b))
-    # LayerNorm's input and its per-row statistics: no mask, and neither h nor the residual
-    assert sorted(saved) == sorted([tuple(h.shape), (3, 4, 1), (3, 4, 1)]), saved
+    # LayerNorm's input and its per-row statistics, the keep-mask packed 8 to a byte, neither h nor the residual
+    assert sorted(saved) == sorted([tuple(h.shape), (3, 4, 1), (3, 4, 1), ((h.numel() + 7) // 8,)]), saved
     torch.manual_seed(3)
     assert torch.equal(out, dropout_add_layernorm(h, r, w, b, 1e-12, 0.3))
     dropped = (out.detach() != F.layer_norm(h + r, (48,), w, b, 1e-12)).any(-1)

@@ -83,7 +83,8 @@ def test_dropout_path_keeps_no_score_sized_tensor_and_reproduces_from_the_seed()
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t.detach(), lambda t: t):
         torch.manual_seed(7)
         out = ops.hub_self_attention(q, k, v, 8, None, backend="torch", dropout_p=0.2)
-    assert (2, 2, 40, 40) not in saved  # no probabilities, no keep-mask: q, k, v, out, lse only
+    assert (2, 2, 40, 40) not in saved  # no probabilities, no bool keep-mask: q, k, v, out, lse, the packed mask
+    assert (2 * 2 * 40 * 40 // 8,) in saved
     torch.manual_seed(7)
     again = ops.hub_self_attention(q, k, v, 8, None, backend="torch", dropout_p=0.2)
     assert torch.equal(out, again)
