@@ -12,7 +12,8 @@ sites in training. On top of that:
 - ``mask=`` picks the BLIP-2 stage-1 self-attention mask: "bidirectional" (ITM, InstructBLIP; the
   default, what transformers does), "unimodal" (ITC), "multimodal_causal" (ITG);
 - :meth:`FusedMHub.encode_image` computes every cross-attention layer's image K/V once
-  (:class:`ImageKVCache`), and ``forward(..., image_kv=cache)`` reuses it;
+  (:class:`ImageKVCache`), and ``forward(..., image_kv=cache)`` reuses it (given
+  ``encoder_hidden_states`` instead, on a CPU, each layer projects its K/V right before it attends);
 - :meth:`FusedMHub.forward_objectives` runs several masks over the same images in one pass;
 - the module owns the learned ``query_tokens`` (transformers keeps them outside the Q-Former) and uses
   them when no ``query_embeds`` are given;
@@ -79,6 +80,16 @@ def _copy_config(config):
         return copy.deepcopy(config)
     except Exception:  # an exotic config object: keep a reference
         return config
+
+
+@dataclasses.dataclass
+class _ImageTokens:
+    """Image tokens laid out for the kernels, before projection: each cross-attention layer projects its own K/V."""
+
+    tokens: torch.Tensor  # (B, Li, E) dense or (total, E) packed, in the Q-Former's dtype
+    cu_seqlens_k: torch.Tensor | None
+    seqlens_k: torch.Tensor | None
+    batch_size: int
 
 
 class FusedMHub(nn.Module):
@@ -301,23 +312,22 @@ class FusedMHub(nn.Module):
         Returns an :class:`ImageKVCache` to pass as ``forward(..., image_kv=cache)``; gradients of every
         pass that uses it flow back to ``image_embeds`` and to the key/value weights.
         """
-        tokens, cu_seqlens_k, seqlens_k, batch = arrange_image_tokens(
-            image_embeds,
-            image_mask,
-            num_frames=num_frames,
-            cu_seqlens=cu_seqlens,
-            packed=packed,
-            encoder_hidden_size=self.encoder_hidden_size,
-            device=self._param_device(),
-        )
-        dtype = self._param_dtype()
-        tokens = tokens.to(dtype)  # transformers casts image features to the Q-Former's dtype too
+        tokens = self._image_tokens(image_embeds, image_mask, num_frames=num_frames, cu_seqlens=cu_seqlens, packed=packed)
         keys, values = [], []
         for i in self.cross_attention_layers:
-            k, v = epilogue.kv_projection(self.encoder.layer[i].crossattention.attention, tokens, self.num_heads)
+            k, v = epilogue.kv_projection(self.encoder.layer[i].crossattention.attention, tokens.tokens, self.num_heads)
             keys.append(k)
             values.append(v)
-        return ImageKVCache(tuple(keys), tuple(values), self.cross_attention_layers, cu_seqlens_k, seqlens_k, batch)
+        return ImageKVCache(
+            tuple(keys), tuple(values), self.cross_attention_layers, tokens.cu_seqlens_k, tokens.seqlens_k, tokens.batch_size
+        )
+
+    def _image_tokens(self, image_embeds, image_mask, **layout) -> _ImageTokens:
+        tokens, cu_seqlens_k, seqlens_k, batch = arrange_image_tokens(
+            image_embeds, image_mask, encoder_hidden_size=self.encoder_hidden_size, device=self._param_device(), **layout
+        )
+        tokens = tokens.to(self._param_dtype())  # transformers casts image features to the Q-Former's dtype too
+        return _ImageTokens(tokens, cu_seqlens_k, seqlens_k, batch)
 
     # -----------------------------------------------------------------------------------------
     # Forward
@@ -404,7 +414,13 @@ class FusedMHub(nn.Module):
         elif encoder_hidden_states is not None:
             C.check_tensor("encoder_hidden_states", encoder_hidden_states, ndim=3, dtypes=C.FLOAT_DTYPES)
             # Dense layout (no data-dependent shapes): padding anywhere is moved behind the valid tokens.
-            cache = self.encode_image(encoder_hidden_states, encoder_attention_mask, packed=False)
+            if encoder_hidden_states.device.type == "cpu" and not self._checkpointing():
+                # Nothing to reuse: each cross-attention layer projects its K/V right before it attends
+                # (on a CPU, faster than all up front: the K/V are still in cache when read). Under
+                # checkpointing they stay up front, outside the recomputed layers.
+                cache = self._image_tokens(encoder_hidden_states, encoder_attention_mask, packed=False)
+            else:
+                cache = self.encode_image(encoder_hidden_states, encoder_attention_mask, packed=False)
         else:
             if encoder_attention_mask is not None:
                 raise ValueError("encoder_attention_mask: given without encoder_hidden_states")
@@ -471,7 +487,7 @@ class FusedMHub(nn.Module):
             output_hidden_states = bool(_config_value(self.config, "output_hidden_states", False))
         # As transformers: the embeddings' output, then every layer's output.
         all_hidden = [(hidden, itc_text)] if output_hidden_states else None
-        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        checkpointing = self._checkpointing()
         for layer in self.encoder.layer:
             if checkpointing:
                 # Keep only each layer's input; recompute the layer in backward. The RNG state is
@@ -494,6 +510,9 @@ class FusedMHub(nn.Module):
 
     def _dropout_p(self) -> float:
         return self.attention_dropout if self.training else 0.0
+
+    def _checkpointing(self) -> bool:
+        return self.gradient_checkpointing and self.training and torch.is_grad_enabled()
 
     def _layer_streams(self, layer, hidden, itc_text, nq, text_lengths, masks, cache):
         """One layer over the objective rows and, if any, ITC's text-only stream.
@@ -548,7 +567,7 @@ class FusedMHub(nn.Module):
             out = torch.cat([out, layer.feed_forward_text(text_part, self.backend)], dim=1)
         return out
 
-    def _cross_attention(self, layer, query_part, cache: ImageKVCache, num_objectives: int):
+    def _cross_attention(self, layer, query_part, cache: ImageKVCache | _ImageTokens, num_objectives: int):
         rows, nq, width = query_part.shape
         batch = rows // num_objectives
         q = epilogue.query_projection(layer.crossattention.attention, query_part, self.num_heads)
@@ -557,7 +576,10 @@ class FusedMHub(nn.Module):
             # along the query axis, (O*B, Nq, H, D) -> (B, O*Nq, H, D), and run one kernel call.
             heads, dim = self.num_heads, self.head_dim
             q = q.view(num_objectives, batch, nq, heads, dim).transpose(0, 1).reshape(batch, num_objectives * nq, heads, dim)
-        k, v = cache.kv(layer.layer_idx)
+        if isinstance(cache, _ImageTokens):
+            k, v = epilogue.kv_projection(layer.crossattention.attention, cache.tokens, self.num_heads)
+        else:
+            k, v = cache.kv(layer.layer_idx)
         out = ops.hub_cross_attention(
             q,
             k,
