@@ -18,8 +18,9 @@ sites in training. On top of that:
 - the module owns the learned ``query_tokens`` (transformers keeps them outside the Q-Former) and uses
   them when no ``query_embeds`` are given;
 - training keeps less for backward (about 0.6x of transformers' saved bytes at the default config):
-  no weight copies, the FFN's GELU and every dropout mask recomputed, attention keeping only q, k, v,
-  the output and the log-sum-exp (``epilogue.py``, the ops' backends).
+  no weight copies, the FFN's GELU recomputed, dropout masks kept packed 8 to a byte on a CPU (redrawn
+  from a seed elsewhere), attention keeping only q, k, v, the output and the log-sum-exp
+  (``epilogue.py``, the ops' backends).
 
 Differences from transformers, by design:
 - ``attention_mask`` must be right-padded with every query position valid (how BLIP-2/InstructBLIP
