@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers.threads import one_thread
 from mmict_kernels import compare
 from mmict_kernels.icl import comparison
 from mmict_kernels.icl.baselines import VanillaICTBuilder, aim_batch, builder_class
@@ -35,11 +36,8 @@ _RUNS = {}
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
-    """Tiny models: one thread is as fast, and a busy 2-core CI box makes torch's thread pool crawl."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with one_thread():
+        yield
 
 
 def _run(*extra):

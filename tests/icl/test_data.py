@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers.threads import one_thread
 from mmict_kernels.icl import shapes
 from mmict_kernels.icl.config import load_config
 from mmict_kernels.icl.datasets import LoadContext, jsonl
@@ -19,11 +20,8 @@ from mmict_kernels.icl.vision import build_vision_encoder, encode_pixels, finger
 
 @pytest.fixture(autouse=True)
 def _single_thread():
-    """Tiny models on a shared 2-core machine: more threads only fight each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

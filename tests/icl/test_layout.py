@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers.threads import one_thread
 from mmict_kernels.icl.batch import IGNORE, BatchBuilder
 from mmict_kernels.icl.build import build_run
 from mmict_kernels.icl.config import load_config
@@ -23,11 +24,8 @@ GROUPS = [Group([0, 1], [5, 6]), Group([2], [7]), Group([3], []), Group([4], [6,
 
 @pytest.fixture(autouse=True)
 def _single_thread():
-    """Tiny models on a shared 2-core machine: more threads only fight each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with one_thread():
+        yield
 
 
 _RUNS = {}

@@ -7,7 +7,6 @@
 - a missing or corrupt data file fails with the file's name and loses nothing already written.
 """
 
-import contextlib
 import math
 import os
 import subprocess
@@ -16,6 +15,7 @@ import sys
 import pytest
 import torch
 
+from helpers.threads import one_thread
 from mmict_kernels import evaluate as evaluate_cli
 from mmict_kernels import train as train_cli
 from mmict_kernels.icl import checkpoint as ckpt
@@ -43,17 +43,6 @@ SHORT = [
     "model.backend=torch",
     "train.log_every=1",
 ]
-
-
-@contextlib.contextmanager
-def one_thread():
-    """Tiny models on a shared 2-core CI machine: more threads only fight each other (10x slower here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True)

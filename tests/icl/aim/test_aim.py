@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers.threads import one_thread
 from mmict_kernels.icl.aim import IGNORE, AIMBatch, AIMModel, DemonstrationBank, LlavaBackbone
 
 EOS, PAD = 3, 0
@@ -194,9 +195,7 @@ def test_cli_run_end_to_end(tmp_path):
 
     from mmict_kernels.aim import main
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is much faster on a shared CPU
-    try:
+    with one_thread():  # tiny models: one thread is much faster on a shared CPU
         main(
             [
                 "--set",
@@ -209,8 +208,6 @@ def test_cli_run_end_to_end(tmp_path):
                 "eval_shots=[0, 2]",
             ]
         )
-    finally:
-        torch.set_num_threads(threads)
     res = json.loads((tmp_path / "results.json").read_text())
     assert [e["shots"] for e in res["eval"]] == [0, 2] and all(0 <= e["accuracy"] <= 1 for e in res["eval"])
     assert res["backbone_unchanged"] and res["bank"]["entries"] > 0 and res["bank"]["hit_rate"] > 0

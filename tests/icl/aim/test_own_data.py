@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers.threads import one_thread
 from mmict_kernels.aim import main
 from mmict_kernels.icl.aim.config import AIMConfig
 from mmict_kernels.icl.aim.run import build_backbone
@@ -64,12 +65,8 @@ def tiny_args(out, data, backbone, *extra):
 @pytest.mark.parametrize("backbone", ["llava_next", "qwen2_vl"])
 def test_cli_on_own_images_and_videos(backbone, tmp_path):
     data = write_data(tmp_path)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         main(tiny_args(tmp_path / "run", data, backbone))
-    finally:
-        torch.set_num_threads(threads)
     res = json.loads((tmp_path / "run" / "results.json").read_text())
     assert res["backbone"] == backbone and res["warmup_data"] == str(data)  # the warm-up read the user's data
     assert [e["shots"] for e in res["eval"]] == [0, 1]
@@ -116,12 +113,8 @@ def test_checkpoint_folder_loads_as_the_backbone(tmp_path):
         torch.testing.assert_close(backbone.lm.state_dict()[name], param, rtol=0, atol=0)
     with pytest.raises(ValueError, match="backbone: 'llava_next' was asked for, but checkpoint .* is a 'qwen2_vl' model"):
         build_backbone(AIMConfig.from_dict({"checkpoint": str(folder), "backbone": "llava_next"}), len(tok))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         main(["--set", f"out={tmp_path / 'run'}", f"checkpoint={folder}", f"train_data={data}", f"eval_data={data}"]
              + ["steps=2", "shots=1", "group_size=2", "batch_queries=4", "eval_shots=[1]"])  # fmt: skip
-    finally:
-        torch.set_num_threads(threads)
     res = json.loads((tmp_path / "run" / "results.json").read_text())
     assert res["warmup_data"] is None and res["backbone"] == "qwen2_vl"  # a checkpoint is not warmed up

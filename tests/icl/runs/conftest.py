@@ -12,35 +12,22 @@ import sys
 import pytest
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+from helpers.threads import one_thread
+from helpers.tiny_run import TINY_RUN_OVERRIDES
 
-# The tiny embedded run (kept equal to two_process_scenarios.TINY).
-TINY_OVERRIDES = [
-    "data.shapes_train_size=48",
-    "data.shapes_eval_size=12",
-    "train.batch_size=8",
-    "train.max_steps=5",
-    "train.warmup_steps=2",
-    "train.progress=false",
-    "train.tensorboard=false",
-    "model.backend=torch",
-    "train.log_every=1",
-]
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 @pytest.fixture
 def tiny():
     """``tiny(out, *extra)``: the tiny run's overrides writing to ``out``, plus ``extra``."""
-    return lambda out, *extra: [*TINY_OVERRIDES, *extra, f"train.output_dir={out}"]
+    return lambda out, *extra: [*TINY_RUN_OVERRIDES, *extra, f"train.output_dir={out}"]
 
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    """Tiny models on a shared 2-core CI machine: more threads only fight each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -21,18 +21,10 @@ from mmict_kernels.icl.distributed import init_distributed, local_nbytes, shard_
 from mmict_kernels.icl.evaluation import evaluate, predict
 from mmict_kernels.icl.training import Trainer
 
-# Kept equal to conftest.TINY (this file runs as a script, outside pytest).
-TINY = [
-    "data.shapes_train_size=48",
-    "data.shapes_eval_size=12",
-    "train.batch_size=8",
-    "train.max_steps=5",
-    "train.warmup_steps=2",
-    "train.progress=false",
-    "train.tensorboard=false",
-    "model.backend=torch",
-    "train.log_every=1",
-]
+# Run as a script by torchrun (outside pytest): the tests' helpers are found from here.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from helpers.tiny_run import TINY_RUN_OVERRIDES as TINY  # noqa: E402
+
 PREDICT_CASES = {"random-0": (0, "random"), "random-2": (2, "random"), "one-to-many-2": (2, "one-to-many")}
 
 
