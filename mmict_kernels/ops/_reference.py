@@ -1,4 +1,4 @@
-"""The readable PyTorch core shared by the three ops' references (and the CPU path).
+"""The readable PyTorch core shared by the three ops' references (the test oracle).
 
 It materializes the (Lq x Lk) scores and an explicit boolean mask: that is what
 the kernels avoid, and what makes this the oracle. Precision follows

@@ -1,8 +1,9 @@
 """M-Hub cross-attention: the learned queries of each sample attend to that sample's image tokens.
 
-Files: ``reference.py`` (PyTorch oracle and CPU path), ``triton.py`` (Triton kernels and
-their torch.library custom ops), ``cuda.py`` (the CUDA C++ kernels in ``csrc/`` and their
-custom ops). This module validates inputs and dispatches through :mod:`mmict_kernels.backends`.
+Files: ``reference.py`` (PyTorch oracle), ``sdpa.py`` (the ``torch`` backend: torch's SDPA
+kernels), ``triton.py`` (Triton kernels and their torch.library custom ops), ``cuda.py`` (the
+CUDA C++ kernels in ``csrc/`` and their custom ops). This module validates inputs and dispatches
+through :mod:`mmict_kernels.backends`.
 """
 
 from __future__ import annotations

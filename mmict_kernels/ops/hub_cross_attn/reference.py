@@ -1,4 +1,4 @@
-"""PyTorch reference of M-Hub cross-attention (the oracle, and the CPU path)."""
+"""PyTorch reference of M-Hub cross-attention: the readable definition and the test oracle."""
 
 from __future__ import annotations
 
@@ -26,6 +26,12 @@ def unpack_varlen(x: torch.Tensor, cu_seqlens: torch.Tensor) -> tuple[torch.Tens
     return padded, lengths
 
 
+def key_padding_mask(seqlens_k: torch.Tensor, len_k: int) -> torch.Tensor:
+    """(B,) valid key counts -> bool (B, 1, 1, Lk): key j of sample b is visible when j < seqlens_k[b]."""
+    key_pos = torch.arange(len_k, device=seqlens_k.device)
+    return (key_pos[None, :] < seqlens_k[:, None].long())[:, None, None, :]
+
+
 def hub_cross_attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -44,8 +50,5 @@ def hub_cross_attention_reference(
     if cu_seqlens_k is not None:
         k, seqlens_k = unpack_varlen(k, cu_seqlens_k)
         v, _ = unpack_varlen(v, cu_seqlens_k)
-    mask = None
-    if seqlens_k is not None:
-        key_pos = torch.arange(k.shape[1], device=q.device)
-        mask = (key_pos[None, :] < seqlens_k[:, None].long())[:, None, None, :]  # (B, 1, 1, Lk)
+    mask = None if seqlens_k is None else key_padding_mask(seqlens_k, k.shape[1])
     return masked_attention(q, k, v, mask, scale, dropout_p, dropout_mask)

@@ -1,8 +1,9 @@
 """M-Hub self-attention over [learned queries ; text] with the objective's mask computed in-kernel.
 
-Files: ``reference.py`` (PyTorch oracle, the mask definitions, CPU path), ``triton.py``
-(Triton kernels and their torch.library custom ops). There is no CUDA C++ kernel for this op
-(``backend="cuda"`` explains so); ``auto`` uses Triton on GPUs.
+Files: ``reference.py`` (PyTorch oracle, the mask definitions), ``sdpa.py`` (the ``torch``
+backend: torch's SDPA kernels), ``triton.py`` (Triton kernels and their torch.library custom
+ops). There is no CUDA C++ kernel for this op (``backend="cuda"`` explains so); ``auto`` uses
+Triton on GPUs.
 """
 
 from __future__ import annotations

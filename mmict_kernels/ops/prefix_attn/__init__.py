@@ -1,7 +1,8 @@
 """Demo-prefix attention: rows attend to [their group's shared demonstration prefix ; their own tokens].
 
-Files: ``reference.py`` (PyTorch oracle and CPU path), ``triton.py`` (Triton kernels and
-their torch.library custom ops), ``cuda.py`` (the CUDA C++ kernels in ``csrc/``).
+Files: ``reference.py`` (PyTorch oracle), ``sdpa.py`` (the ``torch`` backend: torch's SDPA
+kernels), ``triton.py`` (Triton kernels and their torch.library custom ops), ``cuda.py`` (the
+CUDA C++ kernels in ``csrc/``).
 """
 
 from __future__ import annotations

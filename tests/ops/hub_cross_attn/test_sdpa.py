@@ -64,7 +64,7 @@ def test_packed_samples_of_equal_length_are_read_as_a_view():
     from mmict_kernels.ops.hub_cross_attn.sdpa import _dense_from_packed
 
     packed = k.flatten(0, 1)
-    dense, lengths = _dense_from_packed(packed, cu)
+    (dense,), lengths = _dense_from_packed(cu, packed)
     assert dense.data_ptr() == packed.data_ptr() and lengths.tolist() == [5, 5, 5]
 
 
