@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from ._bitmask import pack_bool, unpack_bool
 from ._reference import masked_attention, softmax_dtype
-
-_SEED_HIGH = 2**62
+from ._seeded_dropout import draw_seed, drop_mask_from_seed, mask_to_save, saved_mask
 
 
 def _heads_first(t: torch.Tensor) -> torch.Tensor:
@@ -70,18 +68,6 @@ def flash_cpu_attention(q, k, v, mask, scale: float) -> tuple[torch.Tensor, torc
 # ---------------------------------------------------------------------------------------------
 # Attention dropout with recomputation
 # ---------------------------------------------------------------------------------------------
-def keep_mask(seed: int, shape, dropout_p: float, device) -> torch.Tensor:
-    """The attention keep-mask (True = kept) that ``seed`` gives: ``torch.rand`` of a private generator."""
-    return ~_drop_mask(seed, shape, dropout_p, device)
-
-
-def _drop_mask(seed: int, shape, dropout_p: float, device) -> torch.Tensor:
-    # The complement of keep_mask from the same draws: what masked_fill_ wants, without a negation pass.
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
-    return torch.rand(shape, generator=generator, device=device) < dropout_p
-
-
 def _expand_kv_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
     # (B, Hkv, L, D) -> (B, H, L, D) for grouped-query attention (a view when Hkv == H).
     kv_heads = t.shape[1]
@@ -121,16 +107,13 @@ class _DropoutAttention(torch.autograd.Function):
         row_sum = probs.sum(dim=-1, keepdim=True)
         lse = (row_max + row_sum.log()).squeeze(-1)  # -inf for a row that sees nothing
         # normalisation, dropout and its 1 / (1 - p) in two passes: dropped entries zeroed, kept ones scaled per row
-        drop = _drop_mask(seed, probs.shape, dropout_p, probs.device)
+        drop = drop_mask_from_seed(seed, probs.shape, dropout_p, probs.device)
         probs.masked_fill_(drop, 0.0)
         row_scale = torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum)).reciprocal_().mul_(1.0 / (1.0 - dropout_p))
         probs.mul_(row_scale)
         # (B, L, H, D) in memory, as the fused kernel writes it: the caller's reshape to (B, L, H * D) is a view.
         out = _heads_first(torch.matmul(probs.to(v.dtype), vh)).contiguous()
-        # On a CPU the drop-mask is kept packed 8 to a byte: unpacking it costs ~1/10 of drawing it
-        # again (torch's CPU generator is single-threaded). Elsewhere the seed draws it again.
-        packed_drop = pack_bool(drop) if drop.device.type == "cpu" else None
-        ctx.save_for_backward(q, k, v, out, lse, mask, packed_drop)
+        ctx.save_for_backward(q, k, v, out, lse, mask, mask_to_save(drop))  # packed on a CPU, else redrawn
         ctx.scale, ctx.dropout_p, ctx.seed = scale, dropout_p, seed
         ctx.mark_non_differentiable(lse)
         return out, lse
@@ -149,10 +132,7 @@ class _DropoutAttention(torch.autograd.Function):
             probs.masked_fill_(~mask, float("-inf"))
         lse_safe = torch.where(torch.isfinite(lse), lse, torch.full_like(lse, float("inf")))
         probs.sub_(lse_safe[..., None]).exp_()
-        if packed_drop is not None:
-            drop = unpack_bool(packed_drop, probs.shape)
-        else:
-            drop = _drop_mask(ctx.seed, probs.shape, p, probs.device)
+        drop = saved_mask(packed_drop, probs.shape, lambda: drop_mask_from_seed(ctx.seed, probs.shape, p, probs.device))
         keep_scale = 1.0 / (1.0 - p)
         douth = _heads_first_copy(dout)
         # dV = (kept P / (1 - p))^T dout, dP = dout V^T / (1 - p) on kept entries: 1 / (1 - p) as the GEMMs' alpha
@@ -173,12 +153,11 @@ class _DropoutAttention(torch.autograd.Function):
 def dropout_attention(q, k, v, mask, scale: float, dropout_p: float, seed: int | None = None):
     """Attention with dropout whose backward recomputes the probabilities; returns (out, lse).
 
-    seed: the keep-mask is :func:`keep_mask` (seed, (B, H, Lq, Lk), dropout_p); None draws it from
-    torch's default CPU generator (``torch.manual_seed`` reproduces it, activation checkpointing
-    draws it again; a CPU tensor, so reading it never waits for a GPU).
+    seed: the keep-mask is ``keep_mask_from_seed(seed, (B, H, Lq, Lk), dropout_p)``
+    (``ops/_seeded_dropout.py``); None draws the seed with its ``draw_seed``.
     """
     if seed is None:
-        seed = int(torch.randint(0, _SEED_HIGH, (), dtype=torch.int64))
+        seed = draw_seed()
     return _DropoutAttention.apply(q, k, v, mask, float(scale), float(dropout_p), seed)
 
 
@@ -199,4 +178,4 @@ def attention(q, k, v, mask, scale: float, dropout_p: float = 0.0) -> tuple[torc
     return masked_attention(q, k, v, mask, scale)
 
 
-__all__ = ["attention", "dropout_attention", "flash_cpu_attention", "keep_mask"]
+__all__ = ["attention", "dropout_attention", "flash_cpu_attention"]

@@ -25,6 +25,7 @@ import torch
 
 from ... import backends
 from .. import checks as C
+from .._seeded_dropout import SEED_HIGH
 from .philox import dropout_keep_mask
 from .qkv import fused_kv_linear, fused_qkv_linear
 from .recompute import bias_gelu_linear, dropout_add_layernorm, keep_mask_from_seed
@@ -38,8 +39,6 @@ backends.register(
 )
 backends.register(GELU_OP, "torch", __name__ + ".reference", "bias_gelu_reference", backends.REFERENCE)
 backends.register(GELU_OP, "triton", __name__ + ".triton_gelu", "bias_gelu_triton", backends.TRITON_ELEMENTWISE)
-
-_SEED_HIGH = 2**62  # seeds drawn when none is given lie in [0, 2**62)
 
 
 def _implementation(op: str, backend: str, *, device_type: str, dtype: torch.dtype, hidden: int, dropout: bool = False):
@@ -80,7 +79,7 @@ def _seed_tensor(seed, device: torch.device) -> torch.Tensor:
     """The (checked) seed as a 0-d int64 tensor on ``device``; None draws one."""
     if seed is None:
         # torch's default generator of that device: torch.manual_seed reproduces the draw, no host sync.
-        return torch.randint(0, _SEED_HIGH, (), dtype=torch.int64, device=device)
+        return torch.randint(0, SEED_HIGH, (), dtype=torch.int64, device=device)
     if isinstance(seed, torch.Tensor):
         return seed.reshape(()).to(device=device, dtype=torch.int64)
     return torch.tensor(seed, dtype=torch.int64, device=device)

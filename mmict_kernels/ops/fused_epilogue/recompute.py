@@ -26,10 +26,9 @@ import torch.nn.functional as F
 
 from ... import backends
 from .. import checks as C
-from .._bitmask import pack_bool, unpack_bool
+from .._seeded_dropout import draw_seed, keep_mask_from_seed, mask_to_save, saved_mask
 
 GELU_OP = "bias_gelu"
-_SEED_HIGH = 2**62
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,23 +144,6 @@ def bias_gelu_linear(
 # ---------------------------------------------------------------------------------------------
 # dropout + residual + LayerNorm with torch's random numbers
 # ---------------------------------------------------------------------------------------------
-def _draw_seed() -> int:
-    # From torch's default CPU generator: torch.manual_seed reproduces it, and activation
-    # checkpointing (which restores that generator for the recomputation) draws the same one.
-    # A CPU tensor, so reading it never waits for a GPU.
-    return int(torch.randint(0, _SEED_HIGH, (), dtype=torch.int64))
-
-
-def keep_mask_from_seed(seed: int, shape, dropout_p: float, device) -> torch.Tensor:
-    """The boolean keep-mask (True = kept, probability ``1 - dropout_p``) that ``seed`` gives on ``device``.
-
-    Drawn with ``torch.rand`` from a private generator, so drawing it again gives the same mask.
-    """
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
-    return torch.rand(shape, generator=generator, device=device) >= dropout_p
-
-
 class _DropoutAdd(torch.autograd.Function):
     """z = dropout(h) + residual, keeping for backward the keep-mask packed 8 to a byte (on a GPU: its seed).
 
@@ -173,7 +155,7 @@ class _DropoutAdd(torch.autograd.Function):
     def forward(ctx, h, residual, dropout_p: float, seed: int):
         ctx.dropout_p, ctx.seed = dropout_p, seed
         keep = keep_mask_from_seed(seed, h.shape, dropout_p, h.device)
-        ctx.save_for_backward(pack_bool(keep) if keep.device.type == "cpu" else None)
+        ctx.save_for_backward(mask_to_save(keep))
         return torch.addcmul(residual, h, keep, value=1.0 / (1.0 - dropout_p))  # one pass: residual + h * keep / (1 - p)
 
     @staticmethod
@@ -181,10 +163,7 @@ class _DropoutAdd(torch.autograd.Function):
         dh = None
         if ctx.needs_input_grad[0]:
             (packed,) = ctx.saved_tensors
-            if packed is not None:
-                keep = unpack_bool(packed, dz.shape)
-            else:
-                keep = keep_mask_from_seed(ctx.seed, dz.shape, ctx.dropout_p, dz.device)
+            keep = saved_mask(packed, dz.shape, lambda: keep_mask_from_seed(ctx.seed, dz.shape, ctx.dropout_p, dz.device))
             dh = torch.where(keep, dz * (1.0 / (1.0 - ctx.dropout_p)), 0.0)
         return dh, (dz if ctx.needs_input_grad[1] else None), None, None
 
@@ -228,7 +207,7 @@ def dropout_add_layernorm(
     elif torch.compiler.is_compiling():
         z = F.dropout(h, dropout_p) + residual  # traced as plain ops (the compiler's own RNG and memory plan)
     else:
-        z = _DropoutAdd.apply(h, residual, dropout_p, _draw_seed() if seed is None else seed)
+        z = _DropoutAdd.apply(h, residual, dropout_p, draw_seed() if seed is None else seed)
     return F.layer_norm(z, (z.shape[-1],), weight, ln_bias, eps)
 
 

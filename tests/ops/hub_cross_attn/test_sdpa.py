@@ -8,6 +8,7 @@ import torch
 from helpers.oracle import check_against_oracle
 from mmict_kernels import ops
 from mmict_kernels.ops import _sdpa
+from mmict_kernels.ops._seeded_dropout import keep_mask_from_seed
 
 
 def _pack(x, lengths):
@@ -88,7 +89,7 @@ def test_dropout_path_equals_the_reference_with_the_same_mask(dtype):
     v = torch.randn(3, 7, 2, 16, generator=gen).to(dtype)
     seqlens = torch.tensor([7, 0, 3], dtype=torch.int32)
     mask = (torch.arange(7)[None, :] < seqlens[:, None].long())[:, None, None, :]
-    keep = _sdpa.keep_mask(seed, (3, 2, 5, 7), p, q.device)
+    keep = keep_mask_from_seed(seed, (3, 2, 5, 7), p, q.device)
 
     def fn(q, k, v):
         return _sdpa.dropout_attention(q, k, v, mask, 16**-0.5, p, seed=seed)[0]

@@ -8,6 +8,7 @@ import torch
 from helpers.oracle import check_against_oracle
 from mmict_kernels import ops
 from mmict_kernels.ops import _sdpa
+from mmict_kernels.ops._seeded_dropout import keep_mask_from_seed
 from mmict_kernels.ops.hub_self_attn.sdpa import hub_self_attention_sdpa
 
 MODES = ("bidirectional", "unimodal", "multimodal_causal")
@@ -66,7 +67,7 @@ def test_dropout_path_equals_the_reference_with_the_same_mask(mode, dtype):
     lengths = torch.tensor([4, 0, 2], dtype=torch.int32)
     q, k, v = _qkv(3, nq + 4, 2, 8, dtype)
     mask = ops.self_attention_mask(nq, nq + 4, lengths, mode, q.device)
-    keep = _sdpa.keep_mask(seed, (3, 2, nq + 4, nq + 4), p, q.device)
+    keep = keep_mask_from_seed(seed, (3, 2, nq + 4, nq + 4), p, q.device)
 
     def fn(q, k, v):
         return _sdpa.dropout_attention(q, k, v, mask, 8**-0.5, p, seed=seed)[0]
