@@ -49,8 +49,24 @@ class Scenario:
     name: str
     setup: Callable[[], Callable[[], None]]
     training: bool  # a default training configuration: spills fail the run
-    max_syncs: int = 0  # host syncs allowed in one step (one per batch where the driver must read a length)
-    why_syncs: str = ""  # what the allowed syncs are
+
+    @property
+    def max_syncs(self) -> int:
+        """Host syncs allowed in one step: one where ALLOWED_SYNCS names the scenario, else none."""
+        return int(self.name in ALLOWED_SYNCS)
+
+    @property
+    def why_syncs(self) -> str:
+        return ALLOWED_SYNCS.get(self.name, "")
+
+
+# Every scenario whose step may sync with the host (once), and why; every other step syncs never.
+ALLOWED_SYNCS = {
+    # generate: trimming the steps after every row finished (and one per eos_check_every = 8 steps)
+    "prefix_cache_generate_bf16": "one per call: trimming the steps after every row finished (and one per 8 steps)",
+    "aim_step_bf16": "transformers' own mask preprocessing in the frozen backbone's aggregation "
+    "(find_packed_sequence_indices); a demonstration bank computes each aggregation once",
+}
 
 
 # ---------------------------------------------------------------------------------------
@@ -301,26 +317,8 @@ def scenarios() -> list[Scenario]:
     )
     out.append(Scenario("prefix_llm2048_fp32", lambda: prefix_op("llm2048", torch.float32), training=False))
     out.append(Scenario("prefix_cache_forward_bf16", lambda: prefix_cache_forward(torch.bfloat16), training=True))
-    # generate: at most one sync per call (trimming the steps after every row finished) + one per eos_check_every steps
-    out.append(
-        Scenario(
-            "prefix_cache_generate_bf16",
-            lambda: prefix_cache_generate(torch.bfloat16),
-            training=False,
-            max_syncs=1,
-            why_syncs="one per call: trimming the steps after every row finished (and one per 8 steps)",
-        )
-    )
-    out.append(
-        Scenario(
-            "aim_step_bf16",
-            lambda: aim_step(torch.bfloat16),
-            training=True,
-            max_syncs=1,
-            why_syncs="transformers' own mask preprocessing in the frozen backbone's aggregation "
-            "(find_packed_sequence_indices); a demonstration bank computes each aggregation once",
-        )
-    )
+    out.append(Scenario("prefix_cache_generate_bf16", lambda: prefix_cache_generate(torch.bfloat16), training=False))
+    out.append(Scenario("aim_step_bf16", lambda: aim_step(torch.bfloat16), training=True))
     out.append(Scenario("mmict_train_step_bf16", mmict_train_step, training=True))
     return out
 

@@ -35,6 +35,15 @@ POSITIONAL = {
 }
 # FusedMHub's own keyword arguments, on top of the flavor's positional ones.
 EXTRA_KEYWORDS = ("image_kv", "mask", "return_dict", "output_hidden_states")
+# The arguments that are tensors (``check_devices``).
+TENSOR_ARGUMENTS = (
+    "input_ids",
+    "position_ids",
+    "query_embeds",
+    "attention_mask",
+    "encoder_hidden_states",
+    "encoder_attention_mask",
+)
 # transformers' generic keyword arguments that we accept (and what they must be).
 IGNORED_FALSE = ("output_attentions", "use_cache")
 
@@ -118,9 +127,10 @@ def query_positions(flavor: str, query_embeds, query_length, seq_len: int) -> in
     return 0 if query_embeds is None else query_embeds.shape[1]
 
 
-def check_devices(device: torch.device, **tensors) -> None:
-    """Every given tensor on ``device`` (the module's parameters); None means "not given"."""
-    for name, t in tensors.items():
+def check_devices(device: torch.device, inputs: dict) -> None:
+    """Every tensor argument of bound ``inputs`` on ``device`` (the module's parameters); None means "not given"."""
+    for name in TENSOR_ARGUMENTS:
+        t = inputs[name]
         if t is not None and not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor or None, got {type(t).__name__}")
         if t is not None and t.device != device:

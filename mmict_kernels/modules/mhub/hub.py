@@ -353,6 +353,7 @@ class FusedMHub(nn.Module):
         or a tuple when ``return_dict=False``.
         """
         inputs = bind_forward_arguments(self.flavor, args, kwargs)
+        check_devices(self._param_device(), inputs)
         masks = inputs.pop("mask")
         return_dict = inputs.pop("return_dict")
         outputs = self._run(masks=(masks,), **inputs)
@@ -377,6 +378,7 @@ class FusedMHub(nn.Module):
         if "mask" in kwargs:
             raise TypeError("forward_objectives: pass masks=(...), not mask=")
         inputs = bind_forward_arguments(self.flavor, args, kwargs)
+        check_devices(self._param_device(), inputs)
         inputs.pop("mask")
         return_dict = inputs.pop("return_dict")
         outputs = self._run(masks=tuple(masks), **inputs)
@@ -455,15 +457,6 @@ class FusedMHub(nn.Module):
         if query_embeds is not None:
             check_query_embeds(query_embeds, self.hidden_size)
 
-        check_devices(
-            self._param_device(),
-            input_ids=input_ids,
-            position_ids=position_ids,
-            query_embeds=query_embeds,
-            attention_mask=attention_mask,
-            encoder_hidden_states=encoder_hidden_states,
-            encoder_attention_mask=encoder_attention_mask,
-        )
         hidden = self._embed(input_ids, position_ids, query_embeds)
         batch, seq_len, _ = hidden.shape
         nq = query_positions(self.flavor, query_embeds, query_length, seq_len)

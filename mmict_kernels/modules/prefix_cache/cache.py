@@ -101,21 +101,11 @@ class DemoPrefixCache:
     def num_layers(self) -> int:
         return len(self.keys)
 
-    @property
-    def num_groups(self) -> int:
-        return self.keys[0].shape[0]
-
-    @property
-    def max_prefix_length(self) -> int:
-        return self.keys[0].shape[1]
-
-    @property
-    def num_kv_heads(self) -> int:
-        return self.keys[0].shape[2]
-
-    @property
-    def head_dim(self) -> int:
-        return self.keys[0].shape[3]
+    # The sizes of every layer's (G, Lp, Hkv, D) keys, read from the first layer.
+    num_groups = property(lambda self: self.keys[0].shape[0], doc="G: the demonstration groups.")
+    max_prefix_length = property(lambda self: self.keys[0].shape[1], doc="Lp: the padded prefix length.")
+    num_kv_heads = property(lambda self: self.keys[0].shape[2], doc="Hkv: the LM's K/V heads.")
+    head_dim = property(lambda self: self.keys[0].shape[3], doc="D: the head dim.")
 
     def layer(self, idx: int, *, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(prefix_k, prefix_v) of layer ``idx``, checked against the layer that asks for them."""

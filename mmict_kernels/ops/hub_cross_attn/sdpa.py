@@ -34,17 +34,8 @@ def _dense_from_packed(cu_seqlens: torch.Tensor, *xs: torch.Tensor) -> tuple[tup
     return tuple(x.index_select(0, index).reshape(batch, longest, *x.shape[1:]) for x in xs), lengths
 
 
-def hub_cross_attention_sdpa(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens_k: torch.Tensor | None = None,
-    seqlens_k: torch.Tensor | None = None,
-    softmax_scale: float | None = None,
-    dropout_p: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same arguments as the reference (inputs already checked); returns (out, lse)."""
-    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+def hub_cross_attention_sdpa(q, k, v, cu_seqlens_k, seqlens_k, scale, dropout_p):
+    """Backend entry (inputs validated by the front-end, as the Triton and CUDA entries): returns (out, lse)."""
     if cu_seqlens_k is not None:
         (k, v), seqlens_k = _dense_from_packed(cu_seqlens_k, k, v)
     mask = None if seqlens_k is None else key_padding_mask(seqlens_k, k.shape[1])

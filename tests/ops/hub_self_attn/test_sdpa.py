@@ -43,7 +43,7 @@ def test_is_the_registered_torch_backend_and_returns_lse():
     ref_out, ref_lse = ops.hub_self_attention_reference(q, k, v, 4, lengths, mask="multimodal_causal")
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
-    direct, _ = hub_self_attention_sdpa(q, k, v, 4, lengths, "multimodal_causal", 8**-0.5)
+    direct, _ = hub_self_attention_sdpa(q, k, v, 4, lengths, "multimodal_causal", 8**-0.5, 0.0)
     torch.testing.assert_close(direct, out, rtol=0, atol=0)
 
 
