@@ -10,7 +10,12 @@ repetition runs every provider once, in an order rotated from one repetition to 
 a slow spell of a shared machine hits every provider alike; rows report the median and the
 20th / 80th percentiles over the repetitions (``cpu_median_s``: the process's CPU time, a
 second view that other processes disturb less). ``speedup`` = the reference provider's median
-over this provider's (> 1: faster than the reference).
+over this provider's (> 1: faster than the reference); ``paired_speedup`` = the median over the
+repetitions of the two providers' ratio within one repetition (a slow spell that spans a
+repetition cancels out of it); ``minor_faults`` = the median minor page faults of one call (pages
+the allocator got fresh from the OS: glibc gives freed memory back and faults it in again);
+``malloc`` = the glibc malloc settings of the run (``MALLOC_TRIM_THRESHOLD_`` etc. from the
+environment; "glibc defaults" when none is set).
 
 Cases:
 - ``qformer``: transformers' default InstructBLIP Q-Former (768 x 12 layers, 12 x 64 heads,
@@ -40,6 +45,7 @@ import argparse
 import copy
 import csv
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -54,7 +60,11 @@ sys.path.insert(0, HERE)
 CSV_COLUMNS = [
     "op", "provider", "mode", "shape", "dtype", "median_s", "p20_s", "p80_s", "cpu_median_s", "reps", "reference",
     "speedup", "gflop", "threads", "device", "torch", "transformers", "commit", "date",
+    "paired_speedup", "minor_faults", "malloc",
 ]  # fmt: skip
+# glibc's malloc settings that change how often freed memory goes back to the OS (and so how many
+# pages the next allocations fault in); recorded with every row, unset means glibc's defaults.
+MALLOC_ENV = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "LD_PRELOAD")
 CASES = ("qformer", "reuse", "step")
 
 
@@ -64,21 +74,22 @@ def _percentile(values, q):
 
 
 def interleaved(fns: dict, reps: int, label: str) -> dict:
-    """{name: (wall times, cpu times)}: one untimed call each, then ``reps`` rounds over every provider, order rotated."""
+    """{name: (wall times, cpu times, minor page faults)}, one entry per round: one untimed call each,
+    then ``reps`` rounds over every provider, order rotated."""
     names = list(fns)
     for name in names:
         fns[name]()
-    walls = {n: [] for n in names}
-    cpus = {n: [] for n in names}
+    walls, cpus, faults = ({n: [] for n in names} for _ in range(3))
     for r in range(reps):
         order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
-            c0, w0 = time.process_time(), time.perf_counter()
+            f0, c0, w0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.process_time(), time.perf_counter()
             fns[name]()
             walls[name].append(time.perf_counter() - w0)
             cpus[name].append(time.process_time() - c0)
+            faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
         print(f"   {label} round {r + 1}/{reps}: " + ", ".join(f"{n} {walls[n][-1]:.2f}s" for n in names), flush=True)
-    return {n: (walls[n], cpus[n]) for n in names}
+    return {n: (walls[n], cpus[n], faults[n]) for n in names}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,17 +223,42 @@ def step_case(reps: int, write) -> None:
 
 
 def write_case(op, mode, shape, times, reference, write, flops=None) -> None:
-    ref = statistics.median(times[reference][0])
-    for name, (walls, cpus) in times.items():
+    """One row per provider. ``speedup``: the reference's median over this one's; ``paired_speedup``:
+    the median over rounds of (reference / this provider) within the round, which a slow spell of
+    the machine that spans a round cancels from."""
+    ref_walls = times[reference][0]
+    ref = statistics.median(ref_walls)
+    for name, (walls, cpus, faults) in times.items():
         median = statistics.median(walls)
         row = dict(
             op=op, provider=name, mode=mode, shape=shape, dtype="float32", median_s=median, p20_s=_percentile(walls, 0.2),
             p80_s=_percentile(walls, 0.8), cpu_median_s=statistics.median(cpus), reps=len(walls), reference=reference,
             speedup=ref / median, gflop=(flops or {}).get(name, ""),
+            paired_speedup=statistics.median(r / w for r, w in zip(ref_walls, walls)),
+            minor_faults=int(statistics.median(faults)),
         )  # fmt: skip
         print(f"   {name:<18} median {median:7.3f}s  [p20 {row['p20_s']:.3f}, p80 {row['p80_s']:.3f}]  "
-              f"cpu {row['cpu_median_s']:.3f}s  {ref / median:.3f}x vs {reference}", flush=True)  # fmt: skip
+              f"cpu {row['cpu_median_s']:.3f}s  {ref / median:.3f}x vs {reference} (paired {row['paired_speedup']:.3f}x)  "
+              f"{row['minor_faults']} minor page faults", flush=True)  # fmt: skip
         write(row)
+
+
+def _upgrade_header(path: str) -> None:
+    """Rewrite an existing results file under today's columns (a column it lacks stays empty in its rows)."""
+    if not os.path.exists(path):
+        return
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        if reader.fieldnames == CSV_COLUMNS:
+            return
+        unknown = set(reader.fieldnames or ()) - set(CSV_COLUMNS)
+        if unknown:
+            raise SystemExit(f"--out: {path} has columns this script does not write ({sorted(unknown)}); use another folder")
+        rows = list(reader)
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def main(argv=None) -> int:
@@ -245,12 +281,14 @@ def main(argv=None) -> int:
     from bench_timing import environment
 
     env = environment(torch.device("cpu"), ROOT)
+    malloc = " ".join(f"{k}={os.environ[k]}" for k in MALLOC_ENV if os.environ.get(k)) or "glibc defaults"
     common = dict(threads=args.threads, device=env["gpu"], torch=env["torch"], transformers=transformers.__version__,
-                  commit=env["commit"], date=env["date"])  # fmt: skip
+                  commit=env["commit"], date=env["date"], malloc=malloc)  # fmt: skip
     print(f"cpu_speed on {env['gpu']} | {args.threads} threads | torch {env['torch']} | transformers {transformers.__version__} "
-          f"| commit {env['commit']} | {env['date']}\nCPU NUMBERS: wall clock on this machine; nothing here is a GPU claim.")  # fmt: skip
+          f"| commit {env['commit']} | {env['date']} | malloc: {malloc}\nCPU NUMBERS: wall clock on this machine; nothing here is a GPU claim.")  # fmt: skip
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "cpu_speed.csv")
+    _upgrade_header(path)
     new_file = not os.path.exists(path)
     with open(path, "a", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)

@@ -163,7 +163,8 @@ class _RowBlockLinear(torch.autograd.Function):
         dx = dweight = dbias = None
         if needs[0]:
             for i, (d, w) in enumerate(blocks):
-                dx = d.mm(w) if i == 0 else dx.addmm_(d, w)
+                # addmm with out=, not addmm_: the same in-place GEMM, but FlopCounterMode counts it
+                dx = d.mm(w) if i == 0 else torch.addmm(dx, d, w, out=dx)
             dx = dx.view(x.shape) if dx is not None else torch.zeros_like(x)
         if needs[1] or (needs[2] and ctx.has_bias):
             dweight = torch.zeros_like(weight) if len(blocks) < len(douts) else torch.empty_like(weight)
