@@ -113,3 +113,34 @@ def test_results_files_round_trip(tmp_path):
         f.write("other,columns\n")
     with pytest.raises(SystemExit):
         Results(str(tmp_path), env, "cpu")
+
+
+def test_cpu_speed_rows_round_trip(tmp_path):
+    """cpu_speed.py: the paired ratio is taken within each repetition; an older file gains the new columns, empty."""
+    import csv
+
+    import cpu_speed
+
+    # speedup: the ratio of the medians (2.0 / 1.5); paired_speedup: the median of the rounds' ratios (0.4, 2, 2).
+    times = {"ref": ([1.0, 2.0, 3.0], [2.0] * 3, [10] * 3), "ours": ([2.5, 1.0, 1.5], [1.0] * 3, [20, 30, 40])}
+    rows = []
+    cpu_speed.write_case("op", "mode", "shape", times, "ref", rows.append)
+    ours = next(r for r in rows if r["provider"] == "ours")
+    assert ours["speedup"] == pytest.approx(2.0 / 1.5) and ours["paired_speedup"] == 2.0 and ours["minor_faults"] == 30
+
+    path = tmp_path / "cpu_speed.csv"
+    old_columns = cpu_speed.CSV_COLUMNS[: cpu_speed.CSV_COLUMNS.index("paired_speedup")]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=old_columns)
+        writer.writeheader()
+        writer.writerow({c: "x" for c in old_columns})
+    cpu_speed._upgrade_header(str(path))
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == cpu_speed.CSV_COLUMNS
+        (row,) = list(reader)
+    assert row["op"] == "x" and row["paired_speedup"] == "" and row["malloc"] == ""
+    with open(path, "w") as f:
+        f.write("other,columns\n")
+    with pytest.raises(SystemExit):
+        cpu_speed._upgrade_header(str(path))

@@ -40,7 +40,8 @@ def _gelu_torch(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
 
 def _gelu_backward_torch(da: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None):
     u = x if bias is None else x + bias
-    dx = torch.ops.aten.gelu_backward(da, u)
+    # in place: da is the backward's own scratch tensor (see _BiasGeluLinear.backward)
+    dx = torch.ops.aten.gelu_backward.grad_input(da, u, grad_input=da)
     dbias = None if bias is None else dx.reshape(-1, dx.shape[-1]).sum(0)
     return dx, dbias
 
@@ -80,16 +81,19 @@ class _BiasGeluLinear(torch.autograd.Function):
         gelu, gelu_backward = _GELU[ctx.backend]
         needs = ctx.needs_input_grad
         dout2d = dout.reshape(-1, dout.shape[-1])
-        dweight = dbias2 = dx = dbias = None
+        dweight = dbias2 = dx = dbias = a = None
         if needs[2]:
-            a = gelu(x, bias)  # recomputed: the one thing this function does not keep
+            a = gelu(x, bias).reshape(-1, x.shape[-1])  # recomputed: the one thing this function does not keep
             # dout^T a, as F.linear's autograd computes it: the gradient comes out in the weight's own
             # layout (a transposed result would be copied into that layout when accumulated)
-            dweight = dout2d.t().mm(a.reshape(-1, a.shape[-1]))
+            dweight = dout2d.t().mm(a)
         if ctx.has_bias2 and needs[3]:
             dbias2 = dout2d.sum(0)
         if needs[0] or needs[1]:
-            dx, dbias = gelu_backward(dout.matmul(weight), x, bias)
+            # dout @ W into the recomputed GELU's buffer (no longer needed), and GELU's backward in
+            # place there: one (rows x K) tensor for the whole backward, as few fresh pages as can be
+            da = dout2d.mm(weight) if a is None else torch.mm(dout2d, weight, out=a)
+            dx, dbias = gelu_backward(da.view(x.shape), x, bias)
         return dx, dbias, dweight, dbias2, None
 
 
