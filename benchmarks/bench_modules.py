@@ -9,7 +9,7 @@ model (``hf-sdpa-compiled``), and ``FusedMHub.from_hf(hf, backend=b)`` for each 
 backends (``fused-mhub-<b>``), all from the same weights, in eval mode (dropout off so
 every provider computes the same function), forward with autograd recording.
 
-FLOPs come from ``torch.utils.flop_counter.FlopCounterMode`` over one eager forward (and
+FLOPs come from torch's FLOP formulas (``bench_timing.count_flops``, FlopCounterMode's) over one eager forward (and
 forward + backward) of the transformers model: it counts every matmul from its shapes
 (2 FLOPs per multiply-add). Bytes are a loose lower bound: the weights, the inputs and the
 output cross HBM once (backward: weights read + gradients written, output gradient read).
@@ -22,7 +22,7 @@ import copy
 import torch
 from bench_measure import measure, timing_config
 from bench_results import Skip, make_row, print_row
-from bench_timing import rotation_count
+from bench_timing import count_flops, rotation_count
 
 GPU_QFORMER = dict(batch=64, num_query=32, text=32, image_tokens=257, config={})
 CPU_QFORMER = dict(
@@ -68,15 +68,14 @@ def _inputs(flavor: str, model, shape: dict, device, dtype, seed: int) -> dict:
 
 
 def _count_flops(model, x: dict) -> tuple[float, float]:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as fwd:
-        out = model(**x).last_hidden_state
-    with FlopCounterMode(display=False) as both:
+    def fwd_bwd():
         out = model(**x).last_hidden_state
         out.backward(torch.ones_like(out))
+
+    fwd = count_flops(lambda: model(**x))
+    both = count_flops(fwd_bwd)
     model.zero_grad(set_to_none=True)
-    return float(fwd.get_total_flops()), float(both.get_total_flops())
+    return fwd, both
 
 
 def _providers(flavor, hf, device, options):
@@ -321,17 +320,8 @@ def _step_config(device, provider_model: dict, out_dir: str, model_config: dict 
 
 
 def _step_flops(fn) -> float:
-    """FLOPs of one step by FlopCounterMode, or NaN (empty in the CSV) where it cannot count:
-    its module tracker asserts on some no-grad graphs (seen with the prefix-cache generate path)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    try:
-        with FlopCounterMode(display=False) as counter:
-            fn(0)
-        return float(counter.get_total_flops())
-    except Exception as exc:
-        print(f"   (FLOPs not counted: FlopCounterMode failed with {type(exc).__name__}: {exc})")
-        return float("nan")
+    """FLOPs of one step (``bench_timing.count_flops``: torch's formulas, on the no-grad generate path too)."""
+    return count_flops(lambda: fn(0))
 
 
 def run_mmict_step(device, dtype, modes, options, floors, results) -> None:
@@ -340,7 +330,7 @@ def run_mmict_step(device, dtype, modes, options, floors, results) -> None:
     ``train_step``: ``Trainer.train_step`` (batch building, forward, backward, clipping, AdamW),
     the batch rotated with the step index. ``eval_step``: ``evaluation.predict`` on one batch of
     8 queries (2 groups x 4 demonstrations; greedy, 4 new tokens). Autocast bf16 on GPU (the
-    driver's setting), fp32 on CPU; ``--dtype`` does not apply. FLOPs: FlopCounterMode over one
+    driver's setting), fp32 on CPU; ``--dtype`` does not apply. FLOPs: ``count_flops`` over one
     step; bytes: every weight read once plus the trainable weights' gradient and AdamW state
     traffic (a loose lower bound).
     """

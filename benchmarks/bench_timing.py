@@ -142,6 +142,40 @@ def peak_extra_memory_mb(fn: Callable[[], object], device: torch.device) -> floa
 # ---------------------------------------------------------------------------------------
 # Floors: measured copy bandwidth and matmul rate
 # ---------------------------------------------------------------------------------------
+class _FlopCount(torch.utils._python_dispatch.TorchDispatchMode):
+    """torch's own FLOP formulas (``flop_counter.flop_registry``, what FlopCounterMode applies) summed
+    over every op that runs, without FlopCounterMode's module tracker: that asserts on some no-grad
+    graphs ("Expected gradient function to be set", the prefix-cache generate path)."""
+
+    def __init__(self):
+        super().__init__()
+        from torch.utils.flop_counter import flop_registry
+
+        self.registry, self.total = flop_registry, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        formula = self.registry.get(func._overloadpacket)
+        if formula is None:
+            # A composite op (aten.linear under inference_mode) reaches the mode whole: run its
+            # decomposition inside the mode so its matmuls come through, as FlopCounterMode does.
+            with self:
+                decomposed = func.decompose(*args, **kwargs)
+            if decomposed is not NotImplemented:
+                return decomposed
+        out = func(*args, **kwargs)
+        if formula is not None:
+            self.total += formula(*args, **kwargs, out_val=out)
+        return out
+
+
+def count_flops(fn: Callable[[], object]) -> float:
+    """FLOPs of one call of ``fn`` by torch's FLOP formulas (FlopCounterMode's totals, on any graph)."""
+    with _FlopCount() as counter:
+        fn()
+    return float(counter.total)
+
+
 @dataclasses.dataclass
 class Floors:
     bandwidth_bytes_per_s: float  # bytes read + written per second by a large copy

@@ -33,7 +33,7 @@ Cases:
   features, 8 queries x 4 demonstrations in 2 groups of 4, a 4-layer 1024-wide Llama):
   ``mmict-fused`` (ours), ``mmict-baseline`` (batched transformers Q-Former, demonstrations
   copied per row) and ``mmict-official`` (the authors' loop: Q-Former per turn at batch 1,
-  demonstrations recomputed per row); FLOPs by FlopCounterMode over one step. Reference:
+  demonstrations recomputed per row); FLOPs by torch's formulas (``bench_timing.count_flops``) over one step. Reference:
   mmict-baseline. Each provider's batches rotate with the step index, the same for all.
 
 Rows are appended to ``benchmarks/results/cpu_speed.csv``.
@@ -197,7 +197,7 @@ def reuse_case(reps: int, write) -> None:
 
 def step_case(reps: int, write) -> None:
     from bench_modules import CPU_STEP_MODEL, STEP_PROVIDERS, make_step_trainer
-    from torch.utils.flop_counter import FlopCounterMode
+    from bench_timing import count_flops
 
     fns, flops, shape = {}, {}, ""
     tmp = tempfile.TemporaryDirectory()
@@ -205,9 +205,7 @@ def step_case(reps: int, write) -> None:
         trainer = make_step_trainer(torch.device("cpu"), name, os.path.join(tmp.name, name), CPU_STEP_MODEL)
         steps = iter(range(10**9))
         fns[name] = lambda t=trainer, s=steps: t.train_step(next(s))
-        with FlopCounterMode(display=False) as counter:
-            fns[name]()
-        flops[name] = counter.get_total_flops() / 1e9
+        flops[name] = count_flops(fns[name]) / 1e9
         model = trainer.run.model
         feats = trainer.run.train_set.image_tokens(0).shape
         shape = (

@@ -144,3 +144,21 @@ def test_cpu_speed_rows_round_trip(tmp_path):
         f.write("other,columns\n")
     with pytest.raises(SystemExit):
         cpu_speed._upgrade_header(str(path))
+
+
+def test_count_flops_matches_flop_counter_mode():
+    """bench_timing.count_flops gives FlopCounterMode's total (forward + backward of a small MLP)."""
+    from bench_timing import count_flops
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.GELU(), torch.nn.Linear(40, 8))
+    x = torch.randn(5, 7, 24)
+
+    def step():
+        model(x).sum().backward()
+
+    with FlopCounterMode(display=False) as reference:
+        step()
+    assert count_flops(step) == reference.get_total_flops() > 0
+    with torch.inference_mode():
+        assert count_flops(lambda: model(x)) == 2 * 5 * 7 * (24 * 40 + 40 * 8)
