@@ -43,6 +43,8 @@ value checks off, no input makes a kernel read or write outside its tensors.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
@@ -419,14 +421,19 @@ def _sum_rows_by_group_kernel(PART, PREFIX_IDS, OUT, batch, row_numel, BLOCK: tl
 # ---------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------
-def tiles_for(dtype: torch.dtype, head_dim: int, packed_rows: int, backward: bool) -> tk.Tiles:
+def tiles_for(
+    dtype: torch.dtype, head_dim: int, packed_rows: int, backward: bool, arch: tuple[int, int] | None = None
+) -> tk.Tiles:
     """Tiles of the attention kernels (the delta and group-sum kernels use their own 1-D blocks).
 
-    Chosen by compiling every kernel for sm_90 (the compile-only harness, ``mmict_kernels.testing``)
-    and reading ptxas' register use: the largest tiles with no register spills (not timed on a GPU
-    yet). The M tile shrinks to the packed rows for short decode rows (min 16, the smallest
-    tl.dot). float32 (IEEE dots run on FMA units, operands live in registers) needs much smaller
-    tiles than 16-bit MMA. Tests shrink them with :func:`~mmict_kernels.ops.triton_toolkit.force_tiles`.
+    Chosen by compiling every kernel for sm_90 and sm_80 (the compile-only harness,
+    ``mmict_kernels.testing``) and reading ptxas' register use: the largest tiles with no register
+    spills (not timed on a GPU yet). The M tile shrinks to the packed rows for short decode rows
+    (min 16, the smallest tl.dot). float32 (IEEE dots run on FMA units, operands live in registers)
+    needs much smaller tiles than 16-bit MMA. ``arch``: the compute capability launches compile for
+    (``triton_toolkit.capability``); before sm_90 (A100: MMA operands in registers, no wgmma) some
+    16-bit tiles shrink, see :func:`_sm80_tiles`. Tests shrink them with
+    :func:`~mmict_kernels.ops.triton_toolkit.force_tiles`.
     """
     rows = max(16, triton.next_power_of_2(packed_rows))
     if dtype == torch.float32:
@@ -443,7 +450,31 @@ def tiles_for(dtype: torch.dtype, head_dim: int, packed_rows: int, backward: boo
     else:
         block_m = min(128, rows)
         tiles = tk.Tiles(block_m, 64, 8 if block_m == 128 else 4, 3)
+    if arch is not None and arch < (9, 0) and dtype != torch.float32:
+        tiles = _sm80_tiles(tiles, head_dim, backward)
     return tk.apply_forced(tiles)
+
+
+def _sm80_tiles(tiles: tk.Tiles, head_dim: int, backward: bool) -> tk.Tiles:
+    """The sm_90 tiles that spill on sm_80, shrunk (ptxas, Triton 3.9, bf16; spill stores/loads per thread).
+
+    Forward at D = 128: 64-row tiles with 4 warps reached 255 registers (32/32 B; GQA-4 36/24 B), 8
+    warps fit in 178; 16- and 32-row tiles with 64 keys spilled 4/4 B (8/8 B under Triton 3.6),
+    32 keys fit in 96. Backward at D = 128: the deterministic dK/dV with 32 keys capped at 128
+    registers (16/12 B), 16 keys fit in 100 (dQ 172); at D = 64 with 64 keys, GQ = 7's dQ and
+    dK/dV reached 255 (up to 56/60 B), 32 keys fit in 184.
+    """
+    if not backward and head_dim == 128:
+        if tiles.block_m == 64:
+            return dataclasses.replace(tiles, num_warps=8)
+        if tiles.block_m <= 32:
+            return dataclasses.replace(tiles, block_n=32)
+    if backward and tiles.block_m == 64:
+        if head_dim == 128:
+            return dataclasses.replace(tiles, block_n=16)
+        if head_dim == 64:
+            return dataclasses.replace(tiles, block_n=32)
+    return tiles
 
 
 DELTA_ROWS = 64  # rows per program of the delta kernel
@@ -482,7 +513,7 @@ def _fwd(q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lengths, seqlens_k, cau
     lse = torch.empty((batch, heads, len_q), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    tiles = tiles_for(q.dtype, head_dim, len_q * gq, backward=False)
+    tiles = tiles_for(q.dtype, head_dim, len_q * gq, backward=False, arch=tk.capability(q.device))
     _prefix_attn_fwd_kernel[(batch * kv_heads, triton.cdiv(len_q * gq, tiles.block_m))](
         *_inputs(q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lengths, seqlens_k), out, lse,
         *tk.strides(q), *tk.strides(k), *tk.strides(v), *tk.strides(prefix_k), *tk.strides(prefix_v),
@@ -516,7 +547,7 @@ def _bwd(dout, q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lengths, seqlens_
 
     inputs = _inputs(q, k, v, prefix_k, prefix_v, prefix_ids, prefix_lengths, seqlens_k)
     strides = (*tk.strides(q), *tk.strides(k), *tk.strides(v), *tk.strides(prefix_k), *tk.strides(prefix_v), *tk.strides(dout))
-    tiles = tiles_for(q.dtype, head_dim, len_q * gq, backward=True)
+    tiles = tiles_for(q.dtype, head_dim, len_q * gq, backward=True, arch=tk.capability(q.device))
     flags = _flags(q, prefix_lengths, seqlens_k, causal, gq, tiles)
     qk_scale = scale * LOG2E.value
     _prefix_attn_bwd_dq_kernel[(batch * kv_heads, triton.cdiv(len_q * gq, tiles.block_m))](
