@@ -35,8 +35,8 @@ harness() {
 }
 if [ "${1:-}" = --full ]; then
     harness --arch 90 --training --fail-on-spill
-    # sm_80 (A100): compile errors and launch limits only (the tiles are chosen for sm_90; see kernel_resources.md)
-    harness --arch 80 --smoke
+    # sm_80 (A100): the smoke set, no spill in its training scenarios either (kernel_resources.md)
+    harness --arch 80 --smoke --fail-on-spill
 else
     harness --arch 90 --smoke --fail-on-spill
 fi
