@@ -5,6 +5,7 @@ The two-process side runs once for the session (conftest.two_processes, two_proc
 the single-process references run here.
 """
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -73,3 +74,25 @@ def test_resume_from_a_sharded_checkpoint_continues_exactly(two_processes):
     assert res["fsdp_all_resumed_losses"] == res["fsdp_all_losses"]  # optimizer state sharded too
     for k, v in res["fsdp_resumed_state"].items():
         assert torch.equal(v, res["fsdp_state"][k]), k
+
+
+def test_a_ddp_checkpoint_resumes_in_one_process(two_processes, tmp_path, tiny):
+    """Another world size: 3 steps under DDP on 2 processes, the last 2 in one process give the
+    uninterrupted single-process steps (the batch is global; each rank's random state is not
+    carried over to another world size, and this run draws nothing from it)."""
+    losses, state, _ = one_process(tmp_path / "one", tiny)
+    out = two_processes["out"] / "ddp_cut"
+    assert ckpt.step_of(ckpt.latest_checkpoint(str(out))) == 3
+    rest = Trainer(load_config(None, tiny(out))).fit(resume=True)
+    torch.testing.assert_close(torch.tensor(rest), torch.tensor(losses[3:]), rtol=1e-5, atol=1e-6)
+    assert_close_states(load_file(f"{ckpt.latest_checkpoint(str(out))}/{ckpt.TRAINABLE_FILE}"), state)
+
+
+def test_an_fsdp_checkpoint_is_not_resumed_in_one_process(two_processes, tiny):
+    """Sharded FSDP state needs a process group: one process is refused with what to do, nothing loaded."""
+    out = two_processes["out"] / "fsdp_cut_one"
+    with pytest.raises(
+        ValueError, match="saved with train.fsdp True .2 processes.; resume it with the same train.fsdp and torchrun"
+    ):
+        Trainer(load_config(None, tiny(out, "train.fsdp=true"))).fit(resume=True)
+    assert ckpt.step_of(ckpt.latest_checkpoint(str(out))) == 3

@@ -55,6 +55,11 @@ def main(out: str) -> None:
     _, res["ddp_losses"] = fit("ddp", ["train.grad_accum_steps=2"], resume=False)
     res["ddp_state"] = trainable_state(f"{out}/ddp")
 
+    # DDP cut after 3 steps: tests/icl/runs/test_fsdp.py resumes it in one process (another world size).
+    fit("ddp_cut", [], resume=False, stop_after=3)
+    # FSDP cut after 3 steps: resuming it in one process must be refused (FSDP needs torchrun).
+    fit("fsdp_cut_one", ["train.fsdp=true"], resume=False, stop_after=3)
+
     # FSDP2, frozen LLM sharded, trainable parts replicated; evaluation during training.
     trainer, res["fsdp_losses"] = fit("fsdp", ["train.fsdp=true", "eval.every_steps=5"], resume=False)
     res["fsdp_state"] = trainable_state(f"{out}/fsdp")
