@@ -20,10 +20,11 @@ import yaml
 
 from .checkpoint import BEST_FILE
 from .config import RunConfig, config_from_dict
+from .run_logging import WANDB_ID_FILE
 
 # What a training run writes into its folder (and --overwrite removes).
-RUN_FILES = ("config.yaml", "metrics.jsonl", BEST_FILE, "eval.json")
-RUN_FOLDERS = ("checkpoints", "tensorboard", "tokenizer")
+RUN_FILES = ("config.yaml", "metrics.jsonl", BEST_FILE, "eval.json", WANDB_ID_FILE)
+RUN_FOLDERS = ("checkpoints", "tensorboard", "tokenizer", "wandb")
 # Keys that change how a run is watched or where it reads things, not what it computes.
 RESUME_INDEPENDENT_KEYS = frozenset(
     {

@@ -4,14 +4,32 @@ Rank 0 only. Each logged step is one JSON row ``{"step", "loss", "lr", "grad_nor
 "tokens_per_s"}``, each evaluation one row ``{"step", "eval": {...}}``; TensorBoard gets the same
 numbers as scalars (``train/loss``, ``train/lr``, ``train/grad_norm``, ``train/samples_per_s``,
 ``train/tokens_per_s``, ``eval/<metric>``) under ``<output_dir>/tensorboard``. W&B is used when
-``train.wandb`` is set and the ``wandb`` package is installed (a warning otherwise).
+``train.wandb`` is set and the ``wandb`` package is installed (a warning otherwise), as one W&B
+run per run folder: its id is kept in ``<output_dir>/wandb_run_id``, so a resumed run logs on into
+the same W&B run. (Steps re-run after a kill are logged again with the values of the exact resume;
+W&B keeps the first values it got for a step.)
 """
 
 from __future__ import annotations
 
 import json
 import os
+import uuid
 import warnings
+
+WANDB_ID_FILE = "wandb_run_id"
+
+
+def wandb_run_id(out: str) -> str:
+    """The W&B run id of run folder ``out``: made once (``wandb_run_id`` in the folder), read again on resume."""
+    path = os.path.join(out, WANDB_ID_FILE)
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip()
+    run_id = uuid.uuid4().hex[:12]  # W&B ids: letters and digits
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(run_id + "\n")
+    return run_id
 
 
 class RunLogger:
@@ -38,8 +56,10 @@ class RunLogger:
                               "logging to metrics.jsonl and TensorBoard only", stacklevel=2)  # fmt: skip
             else:
                 project = wandb if isinstance(wandb, str) else "mmict"
-                run_id = os.path.basename(os.path.abspath(out))
-                self.wandb = wandb_mod.init(project=project, name=run_id, dir=out, config=config or {}, resume="allow")
+                name = os.path.basename(os.path.abspath(out))
+                # One W&B run per run folder: a resumed run continues it (its steps go on from the checkpoint)
+                self.wandb = wandb_mod.init(project=project, name=name, id=wandb_run_id(out), dir=out,
+                                            config=config or {}, resume="allow")  # fmt: skip
 
     def _append(self, row: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as f:

@@ -2,8 +2,8 @@
 TensorBoard / W&B logging, the start-up summary, config type and range checks and the truncation report
 (the step's host syncs: test_host_syncs.py)."""
 
-import importlib.util
 import os
+import sys
 import warnings
 
 import pytest
@@ -13,6 +13,7 @@ from mmict_kernels import train as train_cli
 from mmict_kernels.icl import checkpoint as ckpt
 from mmict_kernels.icl.config import ConfigTypeError, load_config
 from mmict_kernels.icl.precision import MixedPrecision
+from mmict_kernels.icl.run_dir import remove_run
 from mmict_kernels.icl.training import Trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -140,8 +141,28 @@ def test_tensorboard_metrics_and_the_start_up_summary(tmp_path, tiny, capsys):
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4, 5]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed: this checks its absence")
-def test_wandb_without_the_package_warns_and_trains(tmp_path, tiny):
+def test_wandb_logs_one_run_per_folder_across_a_resume(tmp_path, tiny, monkeypatch):
+    """The real wandb, offline: the steps go to one W&B run whose id the run folder keeps, and a
+    resumed run logs on into that W&B run (another offline segment with the same id)."""
+    pytest.importorskip("wandb")  # in requirements.txt
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "run"
+    overrides = tiny(out, "train.wandb=mmict-test")
+    first = Trainer(load_config(None, overrides)).fit(resume=False, stop_after=3)
+    run_id = (out / "wandb_run_id").read_text().strip()
+    rest = Trainer(load_config(None, overrides)).fit(resume=True)
+    assert len(first) == 3 and len(rest) == 2
+    segments = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(segments) == 2 and all(s.name.endswith("-" + run_id) for s in segments), segments
+    for segment in segments:
+        records = (segment / f"run-{run_id}.wandb").read_bytes()
+        assert b"train/loss" in records and b"train/grad_norm" in records
+    assert "wandb_run_id" in remove_run(str(out)) and not (out / "wandb").exists()  # --overwrite starts a new W&B run
+
+
+def test_wandb_without_the_package_warns_and_trains(tmp_path, tiny, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError, installed or not
     with pytest.warns(UserWarning, match="train.wandb is set but the wandb package is not installed"):
         losses = Trainer(load_config(None, tiny(tmp_path, "train.wandb=my-project", "train.max_steps=1"))).fit(resume=False)
     assert len(losses) == 1
