@@ -5,6 +5,10 @@ The two-process side runs once for the session (conftest.two_processes, two_proc
 the single-process references run here.
 """
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -96,3 +100,18 @@ def test_an_fsdp_checkpoint_is_not_resumed_in_one_process(two_processes, tiny):
     ):
         Trainer(load_config(None, tiny(out, "train.fsdp=true"))).fit(resume=True)
     assert ckpt.step_of(ckpt.latest_checkpoint(str(out))) == 3
+
+
+def test_an_fsdp_checkpoint_resumes_on_another_number_of_processes(two_processes, tmp_path, tiny):
+    """3 of 5 steps with FSDP on 2 processes, the last 2 on 3 processes (the sharded state resharded by
+    torch.distributed.checkpoint): the uninterrupted single-process losses."""
+    losses, _, _ = one_process(tmp_path / "one", tiny, "train.batch_size=12")
+    run = two_processes["out"] / "fsdp_reshard"
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "three_process_resume.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3", script, str(run)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-6000:])
+    rest = torch.load(run / "resumed_on_3.pt")
+    torch.testing.assert_close(torch.tensor(rest), torch.tensor(losses[3:]), rtol=1e-5, atol=1e-6)
+    assert ckpt.step_of(ckpt.latest_checkpoint(str(run))) == 5

@@ -57,8 +57,10 @@ def main(out: str) -> None:
 
     # DDP cut after 3 steps: tests/icl/runs/test_fsdp.py resumes it in one process (another world size).
     fit("ddp_cut", [], resume=False, stop_after=3)
-    # FSDP cut after 3 steps: resuming it in one process must be refused (FSDP needs torchrun).
+    # FSDP cut after 3 steps: resuming it in one process must be refused (FSDP needs torchrun), and
+    # a batch of 12 queries cut the same way resumes on 3 processes (three_process_resume.py).
     fit("fsdp_cut_one", ["train.fsdp=true"], resume=False, stop_after=3)
+    fit("fsdp_reshard", ["train.fsdp=true", "train.batch_size=12"], resume=False, stop_after=3)
 
     # FSDP2, frozen LLM sharded, trainable parts replicated; evaluation during training.
     trainer, res["fsdp_losses"] = fit("fsdp", ["train.fsdp=true", "eval.every_steps=5"], resume=False)
