@@ -135,7 +135,7 @@ def test_corrupt_feature_cache_is_reported_and_rebuilt(tmp_path, encoder, caplog
         (
             '{"image": "x.npy", "frames": ["x.npy"], "prompt": "p", "answer": "a"}',
             ValueError,
-            "exactly one of 'image' or 'frames'",
+            "exactly one of 'image', 'frames' or 'video'",
         ),
         ('{"image": "missing.npy", "prompt": "p", "answer": "a"}', FileNotFoundError, r"missing\.npy.*line 1"),
         ('{"image": "bad.npy", "prompt": "p", "answer": "a"}', ValueError, r"bad\.npy.*cannot be read"),

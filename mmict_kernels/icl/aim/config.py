@@ -31,13 +31,14 @@ class AIMConfig:
     patch_size: int = 8
     warmup_backbone_steps: int = 300  # tiny backbone only: fine-tune on the run's data, then freeze
     warmup_backbone_lr: float = 3e-3
-    # data: "shapes" (embedded) or a JSONL file (docs/DRIVER.md format: image or frames, prompt, answer, task)
+    # data: "shapes" (embedded) or a JSONL file (docs/DRIVER.md format: image, frames or video, prompt, answer, task)
     train_data: str = "shapes"
     eval_data: str = "shapes"
     image_root: str | None = None  # image paths in the JSONL are relative to it (default: the file's folder)
     train_examples: int = 800  # shapes only (a JSONL file gives all its records)
     eval_examples: int = 200
-    video_fps: float = 2.0  # the rate a JSONL video's frames were sampled at (Qwen2.5-VL's time positions)
+    video_fps: float = 2.0  # the rate a JSONL record's "frames" were sampled at (Qwen2.5-VL's time positions)
+    video_frames: int = 8  # frames sampled uniformly from a JSONL record's "video" file (its rate follows)
     tasks: tuple | None = None  # shapes: default (what_color, what_shape); JSONL: keep these tasks (default all)
     backbone_tasks: tuple = ("color", "shape")  # shapes warm-up's zero-shot questions
     # AIM
@@ -71,6 +72,8 @@ class AIMConfig:
             raise ValueError(f"backbone: expected one of {BACKBONES}, got {cfg.backbone!r}")
         if not cfg.video_fps > 0:
             raise ValueError(f"video_fps: expected a positive number of frames per second, got {cfg.video_fps}")
+        if not isinstance(cfg.video_frames, int) or cfg.video_frames < 1:
+            raise ValueError(f"video_frames: expected a positive int (frames per video file), got {cfg.video_frames!r}")
         if cfg.shots < 0 or cfg.group_size < 1 or cfg.batch_queries < 1:
             raise ValueError("shots >= 0, group_size >= 1 and batch_queries >= 1 are required")
         return cfg

@@ -1,9 +1,11 @@
 """AIM's data: images and videos in the backbone's format, prompts and answers as token ids, and one step's batches.
 
 Two sources: the embedded shapes data (``shapes``) or a JSONL file in the driver's format
-(docs/DRIVER.md): ``image`` (a path) or ``frames`` (a video: a list of frame paths), ``prompt``,
+(docs/DRIVER.md): ``image`` (a path), ``frames`` (a video as a list of frame paths) or ``video`` (a
+video file, decoded with PyAV: ``video_frames`` frames sampled uniformly over it), ``prompt``,
 ``answer``, optional ``task``. The frames' sampling rate (which Qwen2.5-VL's time positions use)
-is the config's ``video_fps``, one for the file. Every image and video goes through the backbone's own
+is the config's ``video_fps`` for ``frames``, one for the file, and for a ``video`` file its own:
+the sampled frames over the video's duration. Every image and video goes through the backbone's own
 preprocessing (:meth:`~mmict_kernels.icl.aim.backbones.Backbone.preprocess`): LLaVA-NeXT tiles
 each image (a video's frames read as images); Qwen2-VL reads a video as a video.
 
@@ -22,7 +24,7 @@ import torch
 
 from .. import shapes as shapes_mod
 from ..data import read_jsonl
-from ..datasets.media import load_image
+from ..datasets.media import load_image, video_clip
 from ..tokenizer import build_word_tokenizer
 from .backbones import Backbone
 from .config import AIMConfig
@@ -79,11 +81,14 @@ def shapes_data(num: int, tasks, seed: int, image_size: int, tok, backbone: Back
     )
 
 
-def jsonl_data(path: str, image_root: str | None, tok, backbone: Backbone, tasks=None, video_fps: float = 2.0) -> AIMData:
-    """Own data: one JSON object per line with ``image`` or ``frames``, ``prompt``, ``answer`` (optional ``task``).
+def jsonl_data(
+    path: str, image_root: str | None, tok, backbone: Backbone, tasks=None, video_fps: float = 2.0, video_frames: int = 8
+) -> AIMData:
+    """Own data: one JSON object per line with ``image``, ``frames`` or ``video``, ``prompt``, ``answer`` (optional ``task``).
 
     ``tasks``: keep only these tasks' records (each must occur); None keeps every record.
-    ``video_fps``: the rate the ``frames`` of a video were sampled at.
+    ``video_fps``: the rate the ``frames`` of a video were sampled at. ``video_frames``: the frames
+    sampled from each ``video`` file (at the file's own size; their rate comes from the file).
     """
     root = image_root or os.path.dirname(os.path.abspath(path))
     records = read_jsonl(path)
@@ -96,10 +101,15 @@ def jsonl_data(path: str, image_root: str | None, tok, backbone: Backbone, tasks
     visuals = []
     for lineno, r in records:
         where = f"{path}, line {lineno}"
-        paths = r["frames"] if "frames" in r else [r["image"]]
-        frames = [load_image(os.path.join(root, p), None, where) for p in paths]  # each at its own size
+        kind, fps = "video" if "frames" in r or "video" in r else "image", video_fps
+        if "video" in r:
+            frames, rate = video_clip(os.path.join(root, r["video"]), video_frames, where)  # at its own size
+            fps = rate or video_fps
+        else:
+            paths = r["frames"] if "frames" in r else [r["image"]]
+            frames = [load_image(os.path.join(root, p), None, where) for p in paths]  # each at its own size
         try:
-            visuals.append(backbone.preprocess(frames, "video" if "frames" in r else "image", fps=video_fps))
+            visuals.append(backbone.preprocess(frames, kind, fps=fps))
         except ValueError as exc:
             raise ValueError(f"data file {where}: {exc}") from exc
     recs = [r for _, r in records]

@@ -193,7 +193,7 @@ def run(cfg: AIMConfig, log=print) -> dict:
         if source == "shapes":
             d = shapes_data(num, tasks, seed, cfg.image_size, tok, backbone)
         else:
-            d = jsonl_data(source, cfg.image_root, tok, backbone, tasks, cfg.video_fps)
+            d = jsonl_data(source, cfg.image_root, tok, backbone, tasks, cfg.video_fps, cfg.video_frames)
         return d.to(device)
 
     train = data(cfg.train_data, cfg.train_examples, cfg.tasks, cfg.seed)

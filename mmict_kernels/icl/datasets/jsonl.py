@@ -2,6 +2,9 @@
 
     {"image": "imgs/0001.jpg", "prompt": "Question: what is on the table? Short answer:", "answer": "a cup"}
     {"frames": ["v/1/000.jpg", "v/1/008.jpg"], "prompt": "A short video caption:", "answer": "a man is cooking"}
+    {"video": "v/2.mp4", "prompt": "A short video caption:", "answer": "a dog runs"}
+
+A ``video`` file is decoded with PyAV: ``data.num_frames`` frames sampled uniformly over it.
 
 Optional keys: ``answers`` (every reference), ``task`` (demonstrations come from the query's own
 task), ``label`` (a class, for same-class sampling), ``kind`` ("caption" or "vqa"; without it the
@@ -22,7 +25,8 @@ from .common import Entry, LoadContext, build_dataset
 
 log = logging.getLogger(__name__)
 
-KEYS = ("image", "frames", "prompt", "answer", "answers", "task", "label", "kind", "image_id", "question_id")
+MEDIA_KEYS = ("image", "frames", "video")  # exactly one per record
+KEYS = ("image", "frames", "video", "prompt", "answer", "answers", "task", "label", "kind", "image_id", "question_id")
 
 
 def read_jsonl(path: str) -> list[tuple[int, dict]]:
@@ -49,15 +53,15 @@ def read_jsonl(path: str) -> list[tuple[int, dict]]:
         unknown = sorted(set(rec) - set(KEYS))
         if unknown:
             raise ValueError(f"{where}: unknown keys {unknown}; expected some of {list(KEYS)}")
-        has_image, has_frames = "image" in rec, "frames" in rec
-        if has_image == has_frames:
-            raise ValueError(f"{where}: expected exactly one of 'image' or 'frames'")
+        media = [k for k in MEDIA_KEYS if k in rec]
+        if len(media) != 1:
+            raise ValueError(f"{where}: expected exactly one of 'image', 'frames' or 'video'")
         for key in ("prompt", "answer"):
             if not isinstance(rec.get(key), str):
                 raise ValueError(f"{where}: expected a string {key!r}")
-        frames = rec["frames"] if has_frames else [rec["image"]]
+        frames = rec["frames"] if media == ["frames"] else [rec[media[0]]]
         if not isinstance(frames, list) or not frames or not all(isinstance(p, str) for p in frames):
-            raise ValueError(f"{where}: {'frames' if has_frames else 'image'} must be a path or a non-empty list of paths")
+            raise ValueError(f"{where}: {media[0]} must be a path or a non-empty list of paths")
         answers = rec.get("answers", [rec["answer"]])
         if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
             raise ValueError(f"{where}: 'answers' must be a non-empty list of strings")
@@ -73,11 +77,14 @@ def load(path: str, ctx: LoadContext):
     entries, guessed = [], {}
     for lineno, rec in records:
         where = f"{path}, line {lineno}"
-        paths = rec["frames"] if "frames" in rec else [rec["image"]]
+        paths = rec["frames"] if "frames" in rec else [rec.get("image", rec.get("video"))]
         full = [p if os.path.isabs(p) else os.path.join(root, p) for p in paths]
-        shown = (
-            media_mod.frames(full, ctx.image_size, where) if "frames" in rec else media_mod.image(full[0], ctx.image_size, where)
-        )
+        if "frames" in rec:
+            shown = media_mod.frames(full, ctx.image_size, where)
+        elif "video" in rec:
+            shown = media_mod.video(full[0], ctx.num_frames, ctx.image_size, where)
+        else:
+            shown = media_mod.image(full[0], ctx.image_size, where)
         task = str(rec.get("task", "default"))
         kind = task_kind(task, rec.get("kind"), where=f"data file {path}, line {lineno}: 'kind'")
         if rec.get("kind") is None:

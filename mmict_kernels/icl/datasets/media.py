@@ -127,6 +127,15 @@ def uniform_indices(total: int, num: int) -> list[int]:
 
 def video_frames(path: str, num_frames: int, size: int, where: str) -> np.ndarray:
     """(num_frames, size, size, 3) uint8: frames sampled uniformly over the whole video, decoded with PyAV."""
+    return np.stack(video_clip(path, num_frames, where, size)[0])
+
+
+def video_clip(path: str, num_frames: int, where: str, size: int | None = None) -> tuple[list[np.ndarray], float | None]:
+    """``num_frames`` frames sampled uniformly over the whole video (PyAV), and their rate in frames per second.
+
+    Frames are (size, size, 3) uint8, or (H, W, 3) at the video's own size for ``size=None``. The
+    rate is ``num_frames`` over the video's duration (None where the stream states no frame rate).
+    """
     try:
         import av
     except ImportError as exc:
@@ -137,6 +146,7 @@ def video_frames(path: str, num_frames: int, size: int, where: str) -> np.ndarra
             if not container.streams.video:
                 raise ValueError("it has no video stream")
             stream = container.streams.video[0]
+            rate = float(stream.average_rate) if stream.average_rate else None
             total = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
         picked, decoded = _decode_at(path, uniform_indices(total, num_frames) if total else [], size)
         if decoded and len(picked) < num_frames:  # the header over-counted the frames: sample what is there
@@ -145,11 +155,11 @@ def video_frames(path: str, num_frames: int, size: int, where: str) -> np.ndarra
             raise ValueError("no frame could be decoded")
     except (av.error.FFmpegError, ValueError, OSError) as exc:
         raise ValueError(f"video file {path} (referenced by {where}) cannot be decoded: {exc}") from exc
-    return np.stack(picked)
+    return picked, (num_frames * rate / decoded if rate else None)
 
 
-def _decode_at(path: str, indices: list[int], size: int) -> tuple[list[np.ndarray], int]:
-    """(the frames at ``indices``, resized, in order; the number of frames decoded)."""
+def _decode_at(path: str, indices: list[int], size: int | None) -> tuple[list[np.ndarray], int]:
+    """(the frames at ``indices``, resized unless ``size`` is None, in order; the number of frames decoded)."""
     import av
     from PIL import Image
 
@@ -163,5 +173,6 @@ def _decode_at(path: str, indices: list[int], size: int) -> tuple[list[np.ndarra
         stream.thread_type = "AUTO"
         for count, frame in enumerate(container.decode(stream), start=1):
             for j in wanted.get(count - 1, ()):
-                out[j] = np.asarray(frame.to_image().convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.uint8)
+                image = frame.to_image().convert("RGB")
+                out[j] = np.asarray(image if size is None else image.resize((size, size), Image.BICUBIC), dtype=np.uint8)
     return [f for f in out if f is not None], count

@@ -1,4 +1,4 @@
-"""python -m mmict_kernels.aim on the user's own JSONL data: images of any size, videos (frames), own tasks.
+"""python -m mmict_kernels.aim on the user's own JSONL data: images of any size, videos (frames and video files), own tasks.
 
 Runs the CLI at a tiny budget on a tiny random-weight LLaVA-NeXT and Qwen2-VL: the warm-up reads
 the user's data (not the embedded shapes), ``tasks: [caption, vqa]`` selects the file's tasks,
@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers.published_layouts import write_video
 from helpers.threads import one_thread
 from mmict_kernels.aim import main
 from mmict_kernels.icl.aim.config import AIMConfig
@@ -21,12 +22,16 @@ WORDS = ["red", "blue", "green", "circle", "square", "a", "on", "grey"]
 
 
 def write_data(folder, n=12, seed=0):
-    """n records: images of several sizes (.npy) and 3-frame videos, tasks caption and vqa (and an unused one)."""
+    """n records: images of several sizes (.npy), 3-frame videos and a video file (record 7, 5 frames
+    at 8 per second), tasks caption and vqa (and an unused one)."""
     rng = np.random.default_rng(seed)
     lines = []
     for i in range(n):
         task = ["caption", "vqa", "other"][i % 3]
-        if i % 4 == 3:
+        if i == 7:
+            write_video(folder / "clip7.mp4", i, frames=5, size=(16, 16))
+            rec = {"video": "clip7.mp4"}
+        elif i % 4 == 3:
             frames = []
             for f in range(3):
                 np.save(folder / f"v{i}_{f}.npy", rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
@@ -72,6 +77,24 @@ def test_cli_on_own_images_and_videos(backbone, tmp_path):
     assert [e["shots"] for e in res["eval"]] == [0, 1]
     assert all(set(e["per_task"]) == {"caption", "vqa"} and e["n"] == 8 for e in res["eval"])  # "other" left out
     assert res["backbone_unchanged"] and res["bank"]["entries"] > 0 and len(res["train_losses"]) == 3
+
+
+def test_a_video_file_reaches_qwen2_vl_as_a_video_at_its_own_rate(tmp_path):
+    """``video``: video_frames frames decoded with PyAV, their rate from the file (4 of 5 frames at 8 per
+    second: 6.4 per second), so Qwen2.5-style time positions see 2 / 6.4 s per temporal patch."""
+    data = write_data(tmp_path)
+    cfg = AIMConfig.from_dict({"backbone": "qwen2_vl", "train_data": str(data), "image_size": 16, "patch_size": 4,
+                               "video_frames": 4})  # fmt: skip
+    from mmict_kernels.icl.aim.data import jsonl_data, make_tokenizer
+
+    tok = make_tokenizer(cfg)
+    d = jsonl_data(str(data), None, tok, build_backbone(cfg, len(tok)), video_frames=cfg.video_frames)
+    clip = d.visuals[7]
+    assert clip.kind == "video" and clip.grid_thw[0] == 2  # 4 frames, temporal patches of 2
+    assert clip.second_per_grid_t == pytest.approx(2 / 6.4)
+    assert d.visuals[3].kind == "video" and d.visuals[3].second_per_grid_t == pytest.approx(2 / cfg.video_fps)  # frames
+    with pytest.raises(ValueError, match="video_frames: expected a positive int"):
+        AIMConfig.from_dict({"video_frames": 0})
 
 
 def test_own_data_errors_name_the_problem(tmp_path):

@@ -11,7 +11,7 @@ import torch
 from helpers.published_layouts import msrvtt, msvd, tiny_config, train_and_evaluate, videoqa, write_video
 from mmict_kernels.icl.build import build_run
 from mmict_kernels.icl.datasets import LoadContext
-from mmict_kernels.icl.datasets.media import uniform_indices, video_frames
+from mmict_kernels.icl.datasets.media import uniform_indices, video_clip, video_frames
 
 
 def test_frames_are_sampled_uniformly(tmp_path):
@@ -25,6 +25,35 @@ def test_frames_are_sampled_uniformly(tmp_path):
     assert got.shape == (4, 16, 16, 3) and got.dtype == np.uint8
     for j, i in enumerate([1, 3, 6, 8]):
         assert np.array_equal(got[j], every[i])
+
+
+def test_video_clip_keeps_the_size_and_gives_the_sampled_rate(tmp_path):
+    """At the file's own size (AIM's processors resize or tile): the same frames, and their rate."""
+    path = write_video(tmp_path / "v.mp4", 1, frames=6, size=(32, 24))  # 8 frames per second: 0.75 s
+    import av
+
+    with av.open(path) as c:
+        every = [np.asarray(f.to_image()) for f in c.decode(video=0)]
+    frames, fps = video_clip(path, 4, "test")
+    assert [f.shape for f in frames] == [(24, 32, 3)] * 4
+    for got, i in zip(frames, uniform_indices(6, 4)):
+        assert np.array_equal(got, every[i])
+    assert fps == pytest.approx(4 / 0.75)
+
+
+def test_a_jsonl_video_record_is_decoded_like_the_published_sets(tmp_path):
+    """The driver's own format takes a video file (``"video"``): data.num_frames frames, packed."""
+    write_video(tmp_path / "clips" / "a.mp4", 2, frames=5)
+    np.save(tmp_path / "x.npy", np.zeros((8, 8, 3), np.uint8))
+    lines = [
+        {"video": "clips/a.mp4", "prompt": "A short video caption:", "answer": "a red square", "kind": "caption"},
+        {"image": "x.npy", "prompt": "what is it ?", "answer": "nothing", "kind": "vqa"},
+    ]
+    (tmp_path / "own.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    own = str(tmp_path / "own.jsonl")
+    run = build_run(tiny_config(tmp_path, own, own))
+    video = next(e for e in run.train_set.examples if e.kind == "caption")
+    assert len(video.images) == 3 and video.image_id == "clips/a.mp4"  # tiny_config: data.num_frames=3
 
 
 def test_msrvtt_reads_the_split_and_its_sentences(tmp_path):
