@@ -5,10 +5,8 @@ the steps it ran to ``RUN/resumed_on_3.pt``. ``torch.distributed.checkpoint`` re
 
 import os
 import sys
-import traceback
 
 import torch
-import torch.distributed as dist
 
 from mmict_kernels.icl.config import load_config
 from mmict_kernels.icl.distributed import init_distributed
@@ -17,6 +15,7 @@ from mmict_kernels.icl.training import Trainer
 # Run as a script by torchrun (outside pytest): the tests' helpers are found from here.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from helpers.tiny_run import TINY_RUN_OVERRIDES as TINY  # noqa: E402
+from helpers.torchrun import run_script  # noqa: E402
 
 
 def main(run: str) -> None:
@@ -26,13 +25,7 @@ def main(run: str) -> None:
     losses = Trainer(cfg).fit(resume=True)
     if rank == 0:
         torch.save(losses, os.path.join(run, "resumed_on_3.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1])
-    except Exception:
-        traceback.print_exc()
-        sys.exit(1)
+    run_script(main)

@@ -8,10 +8,8 @@ processes costs far more than the tiny runs, so every scenario shares this one s
 
 import os
 import sys
-import traceback
 
 import torch
-import torch.distributed as dist
 
 from mmict_kernels import evaluate as evaluate_cli
 from mmict_kernels.icl import checkpoint as ckpt
@@ -24,6 +22,7 @@ from mmict_kernels.icl.training import Trainer
 # Run as a script by torchrun (outside pytest): the tests' helpers are found from here.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from helpers.tiny_run import TINY_RUN_OVERRIDES as TINY  # noqa: E402
+from helpers.torchrun import run_script  # noqa: E402
 
 PREDICT_CASES = {"random-0": (0, "random"), "random-2": (2, "random"), "one-to-many-2": (2, "one-to-many")}
 
@@ -112,13 +111,7 @@ def main(out: str) -> None:
     if rank == 0:
         res["world"] = world
         torch.save(res, f"{out}/results.pt")
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1])
-    except Exception:
-        traceback.print_exc()
-        sys.exit(1)
+    run_script(main)
