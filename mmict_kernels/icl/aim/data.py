@@ -24,6 +24,7 @@ import torch
 
 from .. import shapes as shapes_mod
 from ..data import read_jsonl
+from ..datasets.jsonl import media_of
 from ..datasets.media import load_image, video_clip
 from ..tokenizer import build_word_tokenizer
 from .backbones import Backbone
@@ -101,13 +102,14 @@ def jsonl_data(
     visuals = []
     for lineno, r in records:
         where = f"{path}, line {lineno}"
-        kind, fps = "video" if "frames" in r or "video" in r else "image", video_fps
-        if "video" in r:
-            frames, rate = video_clip(os.path.join(root, r["video"]), video_frames, where)  # at its own size
+        media, paths = media_of(r)
+        fps = video_fps
+        if media == "video":
+            frames, rate = video_clip(os.path.join(root, paths[0]), video_frames, where)  # at its own size
             fps = rate or video_fps
         else:
-            paths = r["frames"] if "frames" in r else [r["image"]]
             frames = [load_image(os.path.join(root, p), None, where) for p in paths]  # each at its own size
+        kind = "image" if media == "image" else "video"
         try:
             visuals.append(backbone.preprocess(frames, kind, fps=fps))
         except ValueError as exc:

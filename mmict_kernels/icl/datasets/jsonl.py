@@ -29,6 +29,12 @@ MEDIA_KEYS = ("image", "frames", "video")  # exactly one per record
 KEYS = ("image", "frames", "video", "prompt", "answer", "answers", "task", "label", "kind", "image_id", "question_id")
 
 
+def media_of(rec: dict) -> tuple[str, list]:
+    """(which of MEDIA_KEYS a checked record has, its paths: the frames, or the one image or video file)."""
+    key = next(k for k in MEDIA_KEYS if k in rec)
+    return key, rec[key] if key == "frames" else [rec[key]]
+
+
 def read_jsonl(path: str) -> list[tuple[int, dict]]:
     """(line number, record) of every non-empty line; errors name the file and the line."""
     if not os.path.isfile(path):
@@ -53,15 +59,14 @@ def read_jsonl(path: str) -> list[tuple[int, dict]]:
         unknown = sorted(set(rec) - set(KEYS))
         if unknown:
             raise ValueError(f"{where}: unknown keys {unknown}; expected some of {list(KEYS)}")
-        media = [k for k in MEDIA_KEYS if k in rec]
-        if len(media) != 1:
+        if sum(k in rec for k in MEDIA_KEYS) != 1:
             raise ValueError(f"{where}: expected exactly one of 'image', 'frames' or 'video'")
         for key in ("prompt", "answer"):
             if not isinstance(rec.get(key), str):
                 raise ValueError(f"{where}: expected a string {key!r}")
-        frames = rec["frames"] if media == ["frames"] else [rec[media[0]]]
+        media, frames = media_of(rec)
         if not isinstance(frames, list) or not frames or not all(isinstance(p, str) for p in frames):
-            raise ValueError(f"{where}: {media[0]} must be a path or a non-empty list of paths")
+            raise ValueError(f"{where}: {media} must be a path or a non-empty list of paths")
         answers = rec.get("answers", [rec["answer"]])
         if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
             raise ValueError(f"{where}: 'answers' must be a non-empty list of strings")
@@ -77,11 +82,11 @@ def load(path: str, ctx: LoadContext):
     entries, guessed = [], {}
     for lineno, rec in records:
         where = f"{path}, line {lineno}"
-        paths = rec["frames"] if "frames" in rec else [rec.get("image", rec.get("video"))]
+        media, paths = media_of(rec)
         full = [p if os.path.isabs(p) else os.path.join(root, p) for p in paths]
-        if "frames" in rec:
+        if media == "frames":
             shown = media_mod.frames(full, ctx.image_size, where)
-        elif "video" in rec:
+        elif media == "video":
             shown = media_mod.video(full[0], ctx.num_frames, ctx.image_size, where)
         else:
             shown = media_mod.image(full[0], ctx.image_size, where)

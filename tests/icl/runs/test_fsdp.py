@@ -1,5 +1,6 @@
 """Two processes (torchrun, gloo) train as one: DDP and FSDP2 give the single-process steps, FSDP2 holds
-about half the frozen LLM per process, and a run resumed from a sharded checkpoint continues exactly.
+about half the frozen LLM per process, and a run resumed from a sharded checkpoint continues exactly,
+on the same number of processes or on another (DDP into one process, FSDP onto three).
 
 The two-process side runs once for the session (conftest.two_processes, two_process_scenarios.py);
 the single-process references run here.
