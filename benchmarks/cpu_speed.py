@@ -19,10 +19,16 @@ environment; "glibc defaults" when none is set).
 
 Cases:
 - ``qformer``: transformers' default InstructBLIP Q-Former (768 x 12 layers, 12 x 64 heads,
-  cross-attention every 2nd layer), B = 4, 32 queries + 32 text slots (ragged valid lengths),
-  257 x 1408 image tokens, float32: ``hf-eager``, ``hf-sdpa``, ``fused-mhub-torch`` (the CPU
-  default) from the same weights; ``eval`` (dropout off: every provider computes the same
-  function) and ``train`` (dropout on). Reference: hf-sdpa.
+  cross-attention every 2nd layer), B = 4, 32 queries + 32 text slots, 257 x 1408 image tokens,
+  float32: ``hf-eager``, ``hf-sdpa``, ``fused-mhub-torch`` (the CPU default) from the same weights;
+  ``eval`` (dropout off: every provider computes the same function) and ``train`` (dropout on)
+  with ragged text (valid lengths 1..32, right-padded: FusedMHub's position-wise matmuls skip the
+  padded slots on a CPU), and ``train`` with full text (no padded slot: the same matmuls on both
+  sides). Reference: hf-sdpa.
+
+Every backward is that of the sum of the outputs over the token positions (padded text slots
+excluded, as every objective excludes them: FusedMHub gives zeros there, transformers computes
+them anyway), so every provider computes the same gradients.
 - ``reuse``: 4 images x 4 texts each (16 rows), eval: ``hf-sdpa`` on the 16 rows with each image
   repeated (one call), ``hf-sdpa-4-calls`` (4 calls of 4 rows, one text per image each), and
   ``fused-mhub-torch`` with ``encode_image`` once per image and ``ImageKVCache.select`` for the
@@ -103,9 +109,11 @@ def _qformer():
     return InstructBlipQFormerModel(config), config
 
 
-def _text(config, rows: int, seed: int = 1234):
+def _text(config, rows: int, seed: int = 1234, ragged: bool = True):
     gen = torch.Generator().manual_seed(seed)
     lengths = torch.randint(1, 33, (rows,), generator=gen)  # ragged, right-padded
+    if not ragged:
+        lengths.fill_(32)
     mask = torch.ones(rows, 64, dtype=torch.long)
     mask[:, 32:] = (torch.arange(32)[None, :] < lengths[:, None]).long()
     ids = torch.randint(1, config.vocab_size, (rows, 32), generator=gen)
@@ -113,10 +121,15 @@ def _text(config, rows: int, seed: int = 1234):
     return ids, mask, queries
 
 
+def _backward_over_tokens(out: torch.Tensor, attention_mask: torch.Tensor) -> None:
+    """Backward of ``out.sum()`` over the token positions: what every objective reads (never a padded
+    text slot, whose output FusedMHub sets to zero and transformers computes all the same)."""
+    out.backward(attention_mask[..., None].to(out.dtype).expand_as(out))
+
+
 def _fwd_bwd(model, **inputs):
     def run():
-        out = model(**inputs).last_hidden_state
-        out.backward(torch.ones_like(out))
+        _backward_over_tokens(model(**inputs).last_hidden_state, inputs["attention_mask"])
         model.zero_grad(set_to_none=True)
 
     return run
@@ -127,11 +140,12 @@ def qformer_case(reps: int, write) -> None:
 
     hf, config = _qformer()
     batch = 4
-    ids, mask, queries = _text(config, batch)
     images = torch.randn(batch, 257, config.encoder_hidden_size, generator=torch.Generator().manual_seed(5))
-    inputs = dict(input_ids=ids, attention_mask=mask, query_embeds=queries, encoder_hidden_states=images)
-    shape = f"B={batch} Nq=32+32 ragged text image=257x1408 hidden=768 layers=12 heads=12"
-    for mode in ("eval", "train"):
+    # ragged text (lengths 1..32 of 32 slots, as a padded batch has them), and full text (no padded slot)
+    for mode, text in (("eval", "ragged"), ("train", "ragged"), ("train", "full")):
+        ids, mask, queries = _text(config, batch, ragged=text == "ragged")
+        inputs = dict(input_ids=ids, attention_mask=mask, query_embeds=queries, encoder_hidden_states=images)
+        shape = f"B={batch} Nq=32+32 {text} text image=257x1408 hidden=768 layers=12 heads=12"
         models = {}
         for impl in ("eager", "sdpa"):
             m = copy.deepcopy(hf)
@@ -143,7 +157,7 @@ def qformer_case(reps: int, write) -> None:
             m.train(mode == "train")
             fns[name] = _fwd_bwd(m, **inputs)
         print(f"== qformer | {shape} | fwd+bwd {mode}", flush=True)
-        times = interleaved(fns, reps, f"qformer {mode}")
+        times = interleaved(fns, reps, f"qformer {mode} {text}")
         write_case("qformer_instructblip", f"fwd+bwd {mode}", shape, times, "hf-sdpa", write)
 
 
@@ -168,7 +182,7 @@ def reuse_case(reps: int, write) -> None:
 
         def batched():
             out = sdpa(input_ids=ids, attention_mask=mask, query_embeds=queries, encoder_hidden_states=feats()[index])
-            out.last_hidden_state.backward(torch.ones_like(out.last_hidden_state))
+            _backward_over_tokens(out.last_hidden_state, mask)
             sdpa.zero_grad(set_to_none=True)
 
         def four_calls():
@@ -178,13 +192,13 @@ def reuse_case(reps: int, write) -> None:
                 out = sdpa(
                     input_ids=ids[rows_r], attention_mask=mask[rows_r], query_embeds=queries[rows_r], encoder_hidden_states=x
                 )
-                out.last_hidden_state.backward(torch.ones_like(out.last_hidden_state))
+                _backward_over_tokens(out.last_hidden_state, mask[rows_r])
             sdpa.zero_grad(set_to_none=True)
 
         def ours():
             cache = hub.encode_image(feats()).select(index)
             out = hub(input_ids=ids, attention_mask=mask, query_embeds=queries, image_kv=cache).last_hidden_state
-            out.backward(torch.ones_like(out))
+            _backward_over_tokens(out, mask)
             hub.zero_grad(set_to_none=True)
 
         print(f"== reuse | {shape} | image features {features}", flush=True)

@@ -112,18 +112,43 @@ def run_with_grads(model, inputs: dict, dtype, dout: torch.Tensor, **extra):
     return out.detach(), grads
 
 
+def valid_positions(inputs: dict, shape) -> torch.Tensor:
+    """(B, L, 1) bool, False at the padded text positions of ``inputs`` (whose outputs FusedMHub sets to zero)."""
+    mask = inputs.get("attention_mask")
+    if mask is None:
+        return torch.ones(shape[0], shape[1], 1, dtype=torch.bool)
+    valid = mask != 0
+    if valid.shape[1] < shape[1]:  # a (B, text) mask: the queries in front are always valid
+        valid = torch.cat([torch.ones(shape[0], shape[1] - valid.shape[1], dtype=torch.bool), valid], dim=1)
+    return valid[..., None]
+
+
+def as_fused(ref: torch.Tensor, inputs: dict) -> torch.Tensor:
+    """transformers' hidden states (B, L, hidden) as FusedMHub gives them: zeros at the padded text positions."""
+    return ref * valid_positions(inputs, ref.shape)
+
+
+def assert_zero_at_padding(out: torch.Tensor, valid: torch.Tensor) -> None:
+    padded = out.masked_select(~valid.expand_as(out))
+    assert padded.numel() == 0 or not padded.any(), "FusedMHub: padded text positions must be exactly zero"
+
+
 def assert_matches_hf(hub, hf, inputs: dict, check_grads: bool = True, skip_params=("query_tokens",), dtype=torch.float32):
     """FusedMHub in ``dtype`` against transformers in float64 by the oracle rule of CONTRIBUTING.md (base: transformers in ``dtype``),
     outputs and gradients."""
     hf64, hf32, ours = copy.deepcopy(hf), copy.deepcopy(hf), copy.deepcopy(hub)
     with torch.no_grad():
         shape = hf32(**inputs).last_hidden_state.shape
-    dout = torch.randn(shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    valid = valid_positions(inputs, shape)
+    # A loss over the token positions only (as every objective's is): padded text slots are zeros in
+    # FusedMHub and take no gradient; transformers computes them, but nothing reads them.
+    dout = torch.randn(shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64) * valid
     ref64, g64 = run_with_grads(hf64, inputs, torch.float64, dout)
     ref32, g32 = run_with_grads(hf32, inputs, dtype, dout)
     out, g = run_with_grads(ours, inputs, dtype, dout)
     assert out.dtype == dtype
-    assert_close_by_rule("last_hidden_state", out, ref64, ref32)
+    assert_zero_at_padding(out, valid)
+    assert_close_by_rule("last_hidden_state", out, ref64 * valid, ref32 * valid)
     if not check_grads:
         return
     for name, ref in g64.items():

@@ -83,6 +83,42 @@ def dense_dropout_residual_layernorm(block, x: torch.Tensor, residual: torch.Ten
     return _add_layernorm(block, F.linear(x, block.dense.weight, block.dense.bias), residual, backend, has_bias=True)
 
 
+class _GatheredLinear(torch.autograd.Function):
+    """``F.linear(x.flatten(0, -2)[index], W, b)`` keeping x for backward, not the gathered copy.
+
+    The attention output that the output block reads is kept by the attention itself; a plain
+    ``index_select`` + ``F.linear`` would keep a second, gathered copy of it for the weight gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, index, weight, bias):
+        ctx.save_for_backward(x, index, weight)
+        ctx.has_bias = bias is not None
+        return F.linear(x.reshape(-1, x.shape[-1]).index_select(0, index), weight, bias)
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, index, weight = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        x2d = x.reshape(-1, x.shape[-1])
+        dx = dweight = dbias = None
+        if needs[0]:
+            dx = x2d.new_zeros(x2d.shape).index_add_(0, index, dout.mm(weight)).view(x.shape)
+        if needs[2]:
+            dweight = dout.t().mm(x2d.index_select(0, index))  # the gather again: cheap next to the GEMM
+        if ctx.has_bias and needs[3]:
+            dbias = dout.sum(0)
+        return dx, None, dweight, dbias
+
+
+def dense_dropout_residual_layernorm_rows(block, x: torch.Tensor, index: torch.Tensor, residual: torch.Tensor, backend: str):
+    """``dense_dropout_residual_layernorm`` over the rows ``index`` of x (flattened to rows); residual: (len(index), W)."""
+    if use_fused(backend, x) or _autocast(x):
+        return dense_dropout_residual_layernorm(block, x.reshape(-1, x.shape[-1]).index_select(0, index), residual, backend)
+    h = _GatheredLinear.apply(x, index, block.dense.weight, block.dense.bias)
+    return _add_layernorm(block, h, residual, backend, has_bias=True)
+
+
 def output_block_split(block, x: torch.Tensor, residual: torch.Tensor, split: int, backend: str):
     """``dense_dropout_residual_layernorm`` over (B, L, .) rows, returned as two tensors: positions [:split] and [split:].
 

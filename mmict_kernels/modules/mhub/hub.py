@@ -25,6 +25,9 @@ sites in training. On top of that:
 Differences from transformers, by design:
 - ``attention_mask`` must be right-padded with every query position valid (how BLIP-2/InstructBLIP
   build it); anything else raises a ValueError. ``encoder_attention_mask`` may be any pattern.
+- Padded text positions (``attention_mask`` 0) come out as zeros from every layer and take no
+  gradient; transformers computes them although nothing reads them. On a CPU the layer's
+  position-wise matmuls skip them altogether (``text_rows.py``). Valid positions are unchanged.
 - A sample whose image tokens are all masked gets a zero cross-attention output; transformers
   gives a uniform average over the masked tokens.
 - ``output_attentions=True`` is refused: the kernels never materialize attention probabilities.
@@ -33,7 +36,8 @@ This file holds the module itself: construction (config, ``from_hf``, ``from_lav
 cache, ``forward`` / ``forward_objectives`` and the layer loop. Around it, in this package:
 ``arguments.py`` (transformers' call signature -> named, checked inputs), ``objectives.py`` (how
 several masks share one pass), ``layers.py`` (the parameter tree, named as transformers names it),
-``epilogue.py`` (what surrounds each matmul), ``image_kv_cache.py``, ``lavis.py``, ``swap_in.py``.
+``epilogue.py`` (what surrounds each matmul), ``text_rows.py`` (padded text slots), ``image_kv_cache.py``,
+``lavis.py``, ``swap_in.py``.
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ from .image_kv_cache import ImageKVCache, arrange_image_tokens
 from .layers import QFormerEncoder, QFormerTextEmbeddings, init_qformer_weights
 from .objectives import objective_state, share_query_stream
 from .projections import split_fused
+from .text_rows import TextRows
 
 
 @dataclasses.dataclass
@@ -481,16 +486,22 @@ class FusedMHub(nn.Module):
             output_hidden_states = bool(_config_value(self.config, "output_hidden_states", False))
         # As transformers: the embeddings' output, then every layer's output.
         all_hidden = [(hidden, itc_text)] if output_hidden_states else None
+        # Where the text tokens are, per stream (padded text slots: see text_rows.py); the CPU path
+        # computes the valid rows alone, what a GPU runs computes every slot and zeroes the padded ones.
+        pack = not backends.on_gpu(hidden) and not epilogue.use_fused(self.backend, hidden)
+        text_rows = (
+            TextRows.of(lengths, hidden.shape[0], nq, seq_len, pack),
+            TextRows.of(lengths, batch, 0, seq_len - nq, pack) if itc_text is not None else None,
+        )
         checkpointing = self._checkpointing()
         for layer in self.encoder.layer:
+            args = (layer, hidden, itc_text, nq, lengths, row_masks, cache, text_rows)
             if checkpointing:
                 # Keep only each layer's input; recompute the layer in backward. The RNG state is
                 # restored for the recomputation, so dropout (and the kernels' seeds) repeat exactly.
-                hidden, itc_text = torch.utils.checkpoint.checkpoint(
-                    self._layer_streams, layer, hidden, itc_text, nq, lengths, row_masks, cache, use_reentrant=False
-                )
+                hidden, itc_text = torch.utils.checkpoint.checkpoint(self._layer_streams, *args, use_reentrant=False)
             else:
-                hidden, itc_text = self._layer_streams(layer, hidden, itc_text, nq, lengths, row_masks, cache)
+                hidden, itc_text = self._layer_streams(*args)
             if all_hidden is not None:
                 all_hidden.append((hidden, itc_text))
 
@@ -508,7 +519,7 @@ class FusedMHub(nn.Module):
     def _checkpointing(self) -> bool:
         return self.gradient_checkpointing and self.training and torch.is_grad_enabled()
 
-    def _layer_streams(self, layer, hidden, itc_text, nq, text_lengths, masks, cache):
+    def _layer_streams(self, layer, hidden, itc_text, nq, text_lengths, masks, cache, text_rows):
         """One layer over the objective rows and, if any, ITC's text-only stream.
 
         The ops' index checks are skipped here: the text lengths come from the attention mask checked
@@ -516,26 +527,32 @@ class FusedMHub(nn.Module):
         repeats would only add device asserts (while compiling, checks are off anyway).
         """
         if torch.compiler.is_compiling():
-            return self._layer_streams_unchecked(layer, hidden, itc_text, nq, text_lengths, masks, cache)
+            return self._layer_streams_unchecked(layer, hidden, itc_text, nq, text_lengths, masks, cache, text_rows)
         with C.skip_value_checks():
-            return self._layer_streams_unchecked(layer, hidden, itc_text, nq, text_lengths, masks, cache)
+            return self._layer_streams_unchecked(layer, hidden, itc_text, nq, text_lengths, masks, cache, text_rows)
 
     def _op_backend(self, op: str, q: torch.Tensor) -> str:
         """What this module's backend setting means for ``op`` ("cuda": CUDA where the op has a kernel for these inputs)."""
         return backends.module_choice(op, self.backend, q.device.type, q.dtype, self.head_dim, self._dropout_p() > 0)
 
-    def _layer_streams_unchecked(self, layer, hidden, itc_text, nq, text_lengths, masks, cache):
-        hidden = self._layer(layer, hidden, nq, text_lengths, masks, cache)
+    def _layer_streams_unchecked(self, layer, hidden, itc_text, nq, text_lengths, masks, cache, text_rows):
+        hidden = self._layer(layer, hidden, nq, text_lengths, masks, cache, text_rows[0])
         if itc_text is not None:
             # ITC's text rows see only valid text keys: a sequence with no queries, under the padding mask.
-            itc_text = self._layer(layer, itc_text, 0, text_lengths, ("bidirectional",), cache)
+            itc_text = self._layer(layer, itc_text, 0, text_lengths, ("bidirectional",), cache, text_rows[1])
         return hidden, itc_text
 
-    def _layer(self, layer, hidden, nq, text_lengths, masks, cache):
+    def _layer(self, layer, hidden, nq, text_lengths, masks, cache, text_rows: TextRows | None):
         rows, seq_len, width = hidden.shape
         num_objectives = len(masks)
         batch = rows // num_objectives
-        q, k, v = epilogue.qkv_projection(layer.attention.attention, hidden, self.num_heads)
+        packed = text_rows is not None and text_rows.packed
+        # On the packed path every position-wise matmul reads the rows to compute alone (x); the
+        # attention reads q, k, v scattered back to the padded layout (zeros in the padded slots).
+        x = text_rows.gather(hidden) if packed else hidden
+        q, k, v = epilogue.qkv_projection(layer.attention.attention, x, self.num_heads)
+        if packed:
+            q, k, v = (text_rows.scatter(t, seq_len) for t in (q, k, v))
         parts = []
         backend = self._op_backend("hub_self_attention", q)
         for o, mask in enumerate(masks):
@@ -547,19 +564,34 @@ class FusedMHub(nn.Module):
             )
         attn = parts[0] if num_objectives == 1 else torch.cat(parts, dim=0)
         attn = attn.reshape(rows, seq_len, width)
-        if nq == 0:
-            return layer.feed_forward_text(layer.attention.output(attn, hidden, self.backend), self.backend)
-
-        # The query rows and the text rows go separate ways from here (cross-attention, their own
-        # FFNs): the output block writes them as two tensors, so no matmul below reads a strided
-        # slice (which it would copy, and keep the copy for backward).
-        query_part, text_part = epilogue.output_block_split(layer.attention.output, attn, hidden, nq, self.backend)
-        if layer.has_cross_attention:
-            query_part = self._cross_attention(layer, query_part, cache, num_objectives)
-        out = layer.feed_forward_query(query_part, self.backend)
+        query_part, text_part = self._output_block(layer.attention.output, attn, x, nq, text_rows)
+        out = None
+        if query_part is not None:
+            if layer.has_cross_attention:
+                query_part = self._cross_attention(layer, query_part, cache, num_objectives)
+            out = layer.feed_forward_query(query_part, self.backend)
         if text_part is not None:
-            out = torch.cat([out, layer.feed_forward_text(text_part, self.backend)], dim=1)
+            text = layer.feed_forward_text(text_part, self.backend)
+            if text_rows is not None:
+                text = text_rows.scatter_text(text) if text_rows.packed else text_rows.zero_padding(text)
+            out = text if out is None else torch.cat([out, text], dim=1)
         return out
+
+    def _output_block(self, block, attn, residual, nq, text_rows: TextRows | None):
+        """The attention output block over (rows, L, W), as (query part (rows, nq, W), text part); None for an absent part.
+
+        The query rows and the text rows go separate ways from here (cross-attention, their own FFNs):
+        each part comes out as its own contiguous tensor, so no matmul below reads a strided slice
+        (which it would copy, and keep the copy for backward). On the packed path ``residual`` is
+        already the gathered rows, and the text part is the valid text rows alone, (text tokens, W).
+        """
+        if text_rows is not None and text_rows.packed:
+            both = epilogue.dense_dropout_residual_layernorm_rows(block, attn, text_rows.rows_index, residual, self.backend)
+            query = both[: text_rows.query_rows].view(-1, nq, both.shape[-1]) if nq > 0 else None
+            return query, both[text_rows.query_rows :]
+        if nq == 0:
+            return None, epilogue.dense_dropout_residual_layernorm(block, attn, residual, self.backend)
+        return epilogue.output_block_split(block, attn, residual, nq, self.backend)
 
     def _cross_attention(self, layer, query_part, cache: ImageKVCache | _ImageTokens, num_objectives: int):
         rows, nq, width = query_part.shape

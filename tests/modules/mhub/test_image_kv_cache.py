@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers.mhub import ENCODER, assert_matches_hf, make_hf, make_inputs
+from helpers.mhub import ENCODER, as_fused, assert_matches_hf, make_hf, make_inputs
 from mmict_kernels import FusedMHub
 from mmict_kernels.modules import ImageKVCache
 from mmict_kernels.modules.mhub import epilogue
@@ -54,7 +54,7 @@ def test_packed_cache_matches_dense_and_transformers():
     assert cache.packed and cache.keys[0].shape[0] == 16
     assert cache.cu_seqlens_k.tolist() == [0, 2, 11, 16]
     with torch.no_grad():
-        ref = hf(**inputs, encoder_hidden_states=image, encoder_attention_mask=image_mask).last_hidden_state
+        ref = as_fused(hf(**inputs, encoder_hidden_states=image, encoder_attention_mask=image_mask).last_hidden_state, inputs)
         out = hub(**inputs, image_kv=cache).last_hidden_state
     torch.testing.assert_close(out, ref, **TOL)
 
@@ -80,7 +80,7 @@ def test_video_frames_packed_match_padded_transformers():
     assert cache.packed and cache.keys[0].shape[0] == sum(frames) * per_frame
     out = hub(**inputs, image_kv=cache).last_hidden_state
     with torch.no_grad():
-        ref = hf(**inputs, encoder_hidden_states=padded, encoder_attention_mask=mask).last_hidden_state
+        ref = as_fused(hf(**inputs, encoder_hidden_states=padded, encoder_attention_mask=mask).last_hidden_state, inputs)
     torch.testing.assert_close(out.detach(), ref, **TOL)
     out.sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
@@ -209,7 +209,7 @@ def test_forward_objectives_bidirectional_matches_transformers():
     inputs = make_inputs("instructblip", batch=2, nq=5, image_tokens=8, image_lengths=[8, 5], text_lengths=[3, 1])
     outs = hub.forward_objectives(**inputs, masks=("multimodal_causal", "bidirectional"))
     with torch.no_grad():
-        ref = hf(**inputs).last_hidden_state
+        ref = as_fused(hf(**inputs).last_hidden_state, inputs)
     torch.testing.assert_close(outs[1].last_hidden_state.detach(), ref, **TOL)
     with pytest.raises(TypeError, match="masks"):
         hub.forward_objectives(**inputs, masks="unimodal")

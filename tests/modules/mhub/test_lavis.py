@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers.mhub import HIDDEN, make_hf, make_inputs
+from helpers.mhub import HIDDEN, as_fused, make_hf, make_inputs
 from mmict_kernels import FusedMHub
 from mmict_kernels.modules.mhub.lavis import LavisCheckpointError, to_lavis_state_dict
 
@@ -45,7 +45,7 @@ def _compare(hub, hf, query_tokens, flavor):
     inputs["query_embeds"] = query_tokens.expand(2, -1, -1)
     own = {k: v for k, v in inputs.items() if k != "query_embeds"}
     with torch.no_grad():
-        ref = hf(**inputs).last_hidden_state
+        ref = as_fused(hf(**inputs).last_hidden_state, inputs)
         torch.testing.assert_close(hub.eval()(**own).last_hidden_state, ref, rtol=1e-5, atol=1e-5)
 
 
