@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..backends import on_gpu
 from .batch import IGNORE, MMICTBatch, Packed
 
 
@@ -83,7 +84,7 @@ class MMICTModel(nn.Module):
         images = self.ln_vision(batch.images)
         qmask = batch.turn_mask.new_ones(batch.turn_mask.shape[0], self.num_query_tokens)
         attention_mask = torch.cat([qmask, batch.turn_mask], dim=1)
-        if hasattr(self.mhub, "encode_image"):
+        if hasattr(self.mhub, "encode_image") and not self._one_turn_per_image_on_cpu(batch):
             # Project each distinct image's K/V once, then gather them for the turns that show it. The
             # valid tokens were packed on the host (index, offsets, count), so nothing waits on the GPU.
             if batch.image_token_index is not None:
@@ -101,6 +102,12 @@ class MMICTModel(nn.Module):
                 encoder_attention_mask=batch.image_mask[batch.turn_image],
             )
         return out.last_hidden_state
+
+    @staticmethod
+    def _one_turn_per_image_on_cpu(batch: MMICTBatch) -> bool:
+        """No image serves two turns, on a CPU: nothing to share, so FusedMHub takes the image tokens
+        themselves and, with few queries, attends without forming K and V (``modules/mhub/absorbed.py``)."""
+        return batch.images.shape[0] == batch.turn_image.shape[0] and not on_gpu(batch.images)
 
     def embed(self, packed: Packed, mhub_flat: torch.Tensor) -> torch.Tensor:
         """(B, L, llm width): FC(M-Hub output) at feature positions, LLM token embeddings elsewhere."""

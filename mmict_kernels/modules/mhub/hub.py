@@ -52,7 +52,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAtte
 
 from ... import backends, ops
 from ...ops import checks as C
-from . import epilogue
+from . import absorbed, epilogue
 from .arguments import (
     FLAVORS,
     bind_forward_arguments,
@@ -602,6 +602,14 @@ class FusedMHub(nn.Module):
             # along the query axis, (O*B, Nq, H, D) -> (B, O*Nq, H, D), and run one kernel call.
             heads, dim = self.num_heads, self.head_dim
             q = q.view(num_objectives, batch, nq, heads, dim).transpose(0, 1).reshape(batch, num_objectives * nq, heads, dim)
+        if isinstance(cache, _ImageTokens) and self._absorb(q, cache):
+            # Few queries per image on a CPU: attend without forming K and V (absorbed.py)
+            proj = layer.crossattention.attention
+            valid = None if cache.seqlens_k is None else torch.arange(cache.tokens.shape[1]) < cache.seqlens_k[:, None]
+            out = absorbed.absorbed_cross_attention(
+                q, cache.tokens, valid, proj.kv.weight, proj.kv.bias, self.head_dim**-0.5, self._dropout_p()
+            )
+            return self._cross_attention_output(layer, out, query_part, batch, num_objectives)
         if isinstance(cache, _ImageTokens):
             k, v = epilogue.kv_projection(layer.crossattention.attention, cache.tokens, self.num_heads)
         else:
@@ -615,10 +623,25 @@ class FusedMHub(nn.Module):
             seqlens_k=cache.seqlens_k,
             dropout_p=self._dropout_p(),
         )
+        return self._cross_attention_output(layer, out, query_part, batch, num_objectives)
+
+    def _cross_attention_output(self, layer, out, query_part, batch: int, num_objectives: int):
+        rows, nq, width = query_part.shape
         if num_objectives > 1:
             out = out.view(batch, num_objectives, nq, self.num_heads, self.head_dim).transpose(0, 1)
-        out = out.reshape(rows, nq, width)
-        return layer.crossattention.output(out, query_part, self.backend)
+        return layer.crossattention.output(out.reshape(rows, nq, width), query_part, self.backend)
+
+    def _absorb(self, q: torch.Tensor, image: _ImageTokens) -> bool:
+        """Whether this cross-attention runs with the K/V projections folded into the queries (absorbed.py):
+        the torch path on a CPU, dense image tokens, and at most 3/4 of the usual order's FLOPs."""
+        if image.cu_seqlens_k is not None or q.device.type != "cpu" or backends.on_gpu(q):
+            return False
+        if epilogue.use_fused(self.backend, q) or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
+            return False
+        _, lq, heads, dim = q.shape
+        backward = torch.is_grad_enabled()
+        image_grad = image.tokens.requires_grad and backward
+        return absorbed.cheaper(lq, image.tokens.shape[1], image.tokens.shape[2], heads, dim, image_grad, backward)
 
 
 __all__ = ["FusedMHub", "MHubOutput"]
