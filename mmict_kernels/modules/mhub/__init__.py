@@ -8,6 +8,7 @@
 - ``layers.py``: the parameter tree, named exactly as transformers names it (state dicts load as is);
 - ``projections.py``: Q/K/V (cross-attention K/V) weights stored fused, saved and loaded under transformers' keys;
 - ``epilogue.py``: bias / dropout / residual / LayerNorm / GELU / QKV glue, fused on GPU, keeping little for backward;
+- ``absorbed.py``: cross-attention with the image K/V projections folded into the queries (CPU, few queries);
 - ``text_rows.py``: padded text slots skipped on a CPU (the valid rows gathered), zeroed elsewhere;
 - ``image_kv_cache.py``: :class:`ImageKVCache`, every cross-attention layer's image K/V computed once;
 - ``lavis.py``: LAVIS / MMICT checkpoints -> FusedMHub; ``swap_in.py``: FusedMHub into BLIP-2 / InstructBLIP models.

@@ -13,7 +13,8 @@ sites in training. On top of that:
   default, what transformers does), "unimodal" (ITC), "multimodal_causal" (ITG);
 - :meth:`FusedMHub.encode_image` computes every cross-attention layer's image K/V once
   (:class:`ImageKVCache`), and ``forward(..., image_kv=cache)`` reuses it (given
-  ``encoder_hidden_states`` instead, on a CPU, each layer projects its K/V right before it attends);
+  ``encoder_hidden_states`` instead, on a CPU, each layer projects its K/V right before it attends,
+  or, with few queries, attends without forming K and V at all: ``absorbed.py``);
 - :meth:`FusedMHub.forward_objectives` runs several masks over the same images in one pass;
 - the module owns the learned ``query_tokens`` (transformers keeps them outside the Q-Former) and uses
   them when no ``query_embeds`` are given;
@@ -36,7 +37,7 @@ This file holds the module itself: construction (config, ``from_hf``, ``from_lav
 cache, ``forward`` / ``forward_objectives`` and the layer loop. Around it, in this package:
 ``arguments.py`` (transformers' call signature -> named, checked inputs), ``objectives.py`` (how
 several masks share one pass), ``layers.py`` (the parameter tree, named as transformers names it),
-``epilogue.py`` (what surrounds each matmul), ``text_rows.py`` (padded text slots), ``image_kv_cache.py``,
+``epilogue.py`` (what surrounds each matmul), ``text_rows.py`` (padded text slots), ``absorbed.py``, ``image_kv_cache.py``,
 ``lavis.py``, ``swap_in.py``.
 """
 
