@@ -326,3 +326,26 @@ def test_generation_lengths_by_task_then_kind():
         del model.generate
     with pytest.raises(ValueError, match="generation_lengths"):
         load_config(None, ["eval.generation_lengths={vqa: [3, 1]}"])
+
+
+def test_image_kv_once_or_image_tokens_per_turn_give_the_same_step(monkeypatch):
+    """The fused M-Hub's two ways to a batch's images on a CPU (each distinct image's K/V once, or each
+    turn's image tokens attended without forming K/V, modules/mhub/absorbed.py): the same loss and gradients."""
+    from mmict_kernels.modules.mhub import absorbed
+
+    run = _run()
+    model, ds = run.model.eval(), run.train_set  # no dropout: both ways see the same function
+    batch = _builder(run)(GROUPS, ds, ds)
+    results = []
+    for per_turn in (False, True):
+        monkeypatch.setattr(absorbed, "cheaper", lambda *a, answer=per_turn, **k: answer)
+        assert model._image_tokens_per_turn(batch) is per_turn
+        model.zero_grad(set_to_none=True)
+        nll, _ = model(batch)
+        nll.backward()
+        results.append((nll.detach(), _trainable_grads(model)))
+    (nll_a, grads_a), (nll_b, grads_b) = results
+    _assert_close(nll_b, nll_a, "loss")
+    assert set(grads_a) == set(grads_b)
+    for name in grads_a:
+        _assert_close(grads_b[name], grads_a[name], name)

@@ -21,14 +21,20 @@ import torch
 from ...ops._seeded_dropout import draw_seed, drop_mask_from_seed, mask_to_save, saved_mask
 
 
+def _usual_order(lq: int, lk: int, din: int, heads: int, head_dim: int, image_grad: bool, backward: bool):
+    """(FLOPs of one image's K/V projections, FLOPs of one row's attention to it) in the usual order."""
+    project = 2 * lk * din * heads * head_dim  # one of K / V / dW_k / dW_v / each half of dX
+    attend = 2 * heads * lq * lk * head_dim  # one of S / P V / the four backward products / the recompute of S
+    if not backward:
+        return 2 * project, 2 * attend
+    return 4 * project + (2 * project if image_grad else 0), 7 * attend
+
+
 def flops(lq: int, lk: int, din: int, heads: int, head_dim: int, image_grad: bool, absorbed: bool, backward: bool = True) -> int:
     """Multiply-add FLOPs (x2) of one sample's cross-attention in either order: forward, + backward if ``backward``."""
     h, d = heads, head_dim
     if not absorbed:
-        project = 2 * lk * din * h * d  # one of K / V / dW_k / dW_v / each half of dX
-        attend = 2 * h * lq * lk * d  # one of S / P V / the four backward products / the recompute of S
-        forward = 2 * project + 2 * attend
-        return forward + (2 * project + (2 * project if image_grad else 0) + 5 * attend if backward else 0)
+        return sum(_usual_order(lq, lk, din, h, d, image_grad, backward))
     small = 2 * h * lq * d * din  # one of Q W_k / (P X) W_v^T / dW_v / d(P X) / dQ / dW_k
     wide = 2 * h * lq * din * lk  # one of S / P X / dP / dA / each half of dX
     forward = 2 * small + 2 * wide
@@ -36,10 +42,15 @@ def flops(lq: int, lk: int, din: int, heads: int, head_dim: int, image_grad: boo
     return forward + (small + 2 * wide + 4 * small + 2 * wide + (2 * wide if image_grad else 0) if backward else 0)
 
 
-def cheaper(lq: int, lk: int, din: int, heads: int, head_dim: int, image_grad: bool, backward: bool = True) -> bool:
-    """Whether the absorbed order does at most 3/4 of the usual order's work (smaller GEMMs run slower per FLOP)."""
+def cheaper(
+    lq: int, lk: int, din: int, heads: int, head_dim: int, image_grad: bool, backward: bool = True, rows: int = 1, images: int = 1
+) -> bool:
+    """Whether ``rows`` rows in the absorbed order do at most 3/4 of the usual order's work (smaller GEMMs run
+    slower per FLOP), where the usual order projects each of ``images`` distinct images once (rows sharing
+    an image share its K/V) and every row attends."""
     args = (lq, lk, din, heads, head_dim, image_grad)
-    return 4 * flops(*args, absorbed=True, backward=backward) <= 3 * flops(*args, absorbed=False, backward=backward)
+    project, attend = _usual_order(*args, backward)
+    return 4 * rows * flops(*args, absorbed=True, backward=backward) <= 3 * (images * project + rows * attend)
 
 
 def _by_head(t: torch.Tensor, heads: int, lq: int) -> torch.Tensor:

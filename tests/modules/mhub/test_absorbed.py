@@ -83,6 +83,10 @@ def test_cheaper_at_the_driver_shapes():
     assert not absorbed.cheaper(32, 257, 1408, 12, 64, image_grad=False)
     assert not absorbed.cheaper(96, 257, 1408, 12, 64, image_grad=True)
     assert absorbed.cheaper(32, 257, 1408, 12, 64, image_grad=False, backward=False)  # inference: the forward alone
+    # rows sharing images: the usual order projects each image once, the absorbed one works per row
+    assert absorbed.cheaper(8, 257, 1408, 12, 64, image_grad=True, rows=15, images=14)  # the MMICT step's batches
+    assert absorbed.cheaper(8, 257, 1408, 12, 64, image_grad=True, rows=16, images=8)
+    assert not absorbed.cheaper(8, 257, 1408, 12, 64, image_grad=True, rows=16, images=4)  # 4 rows per image
 
 
 def _spy(monkeypatch):
