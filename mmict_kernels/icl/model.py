@@ -19,8 +19,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backends import on_gpu
-from ..modules.mhub import absorbed
 from .batch import IGNORE, MMICTBatch, Packed
 
 
@@ -85,7 +83,7 @@ class MMICTModel(nn.Module):
         images = self.ln_vision(batch.images)
         qmask = batch.turn_mask.new_ones(batch.turn_mask.shape[0], self.num_query_tokens)
         attention_mask = torch.cat([qmask, batch.turn_mask], dim=1)
-        if hasattr(self.mhub, "encode_image") and not self._image_tokens_per_turn(batch):
+        if hasattr(self.mhub, "encode_image") and not self._image_tokens_per_turn(batch, images):
             # Project each distinct image's K/V once, then gather them for the turns that show it. The
             # valid tokens were packed on the host (index, offsets, count), so nothing waits on the GPU.
             if batch.image_token_index is not None:
@@ -104,20 +102,13 @@ class MMICTModel(nn.Module):
             )
         return out.last_hidden_state
 
-    def _image_tokens_per_turn(self, batch: MMICTBatch) -> bool:
-        """On a CPU, whether FusedMHub gets each turn's image tokens, and attends without forming K and V
-        (``modules/mhub/absorbed.py``), rather than each distinct image's K/V computed once: by that
-        module's FLOP model over the batch's turns and images (few queries: even with images shared)."""
-        if on_gpu(batch.images):
-            return False
-        config, (images, tokens, width) = self.mhub.config, batch.images.shape
-        heads = config.num_attention_heads
-        grad = torch.is_grad_enabled()
-        image_grad = grad and any(p.requires_grad for p in self.ln_vision.parameters())
-        return absorbed.cheaper(
-            self.num_query_tokens, tokens, width, heads, config.hidden_size // heads, image_grad, grad,
-            rows=batch.turn_image.shape[0], images=images,
-        )  # fmt: skip
+    def _image_tokens_per_turn(self, batch: MMICTBatch, images: torch.Tensor) -> bool:
+        """Whether FusedMHub gets each turn's image tokens, and attends without forming K and V
+        (``modules/mhub/absorbed.py``), rather than each distinct image's K/V computed once: the hub's
+        own choice for the batch's turns and images (few queries on a CPU: even with images shared)."""
+        num_images, tokens = images.shape[:2]
+        turns = batch.turn_image.shape[0]
+        return self.mhub.attends_image_tokens(images, self.num_query_tokens, tokens, images.requires_grad, turns, num_images)
 
     def embed(self, packed: Packed, mhub_flat: torch.Tensor) -> torch.Tensor:
         """(B, L, llm width): FC(M-Hub output) at feature positions, LLM token embeddings elsewhere."""

@@ -339,7 +339,7 @@ def test_image_kv_once_or_image_tokens_per_turn_give_the_same_step(monkeypatch):
     results = []
     for per_turn in (False, True):
         monkeypatch.setattr(absorbed, "cheaper", lambda *a, answer=per_turn, **k: answer)
-        assert model._image_tokens_per_turn(batch) is per_turn
+        assert model._image_tokens_per_turn(batch, model.ln_vision(batch.images)) is per_turn
         model.zero_grad(set_to_none=True)
         nll, _ = model(batch)
         nll.backward()

@@ -113,7 +113,7 @@ class _GatheredLinear(torch.autograd.Function):
 
 def dense_dropout_residual_layernorm_rows(block, x: torch.Tensor, index: torch.Tensor, residual: torch.Tensor, backend: str):
     """``dense_dropout_residual_layernorm`` over the rows ``index`` of x (flattened to rows); residual: (len(index), W)."""
-    if use_fused(backend, x) or _autocast(x):
+    if _autocast(x):  # F.linear's own casts
         return dense_dropout_residual_layernorm(block, x.reshape(-1, x.shape[-1]).index_select(0, index), residual, backend)
     h = _GatheredLinear.apply(x, index, block.dense.weight, block.dense.bias)
     return _add_layernorm(block, h, residual, backend, has_bias=True)

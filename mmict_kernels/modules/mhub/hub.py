@@ -489,7 +489,7 @@ class FusedMHub(nn.Module):
         all_hidden = [(hidden, itc_text)] if output_hidden_states else None
         # Where the text tokens are, per stream (padded text slots: see text_rows.py); the CPU path
         # computes the valid rows alone, what a GPU runs computes every slot and zeroes the padded ones.
-        pack = not backends.on_gpu(hidden) and not epilogue.use_fused(self.backend, hidden)
+        pack = self._cpu_path(hidden)
         text_rows = (
             TextRows.of(lengths, hidden.shape[0], nq, seq_len, pack),
             TextRows.of(lengths, batch, 0, seq_len - nq, pack) if itc_text is not None else None,
@@ -632,17 +632,32 @@ class FusedMHub(nn.Module):
             out = out.view(batch, num_objectives, nq, self.num_heads, self.head_dim).transpose(0, 1)
         return layer.crossattention.output(out.reshape(rows, nq, width), query_part, self.backend)
 
+    def _cpu_path(self, t: torch.Tensor) -> bool:
+        """Whether ``t``'s work runs this module's CPU path (torch ops on CPU tensors, eager): where padded text
+        rows are skipped and the absorbed cross-attention may run. Not the GPU kernels' path (on a CPU too,
+        under the interpreter or the compile-only harness) and not under torch.compile."""
+        on_cpu = t.device.type == "cpu" and not backends.on_gpu(t)
+        return on_cpu and not epilogue.use_fused(self.backend, t) and not torch.compiler.is_compiling()
+
     def _absorb(self, q: torch.Tensor, image: _ImageTokens) -> bool:
         """Whether this cross-attention runs with the K/V projections folded into the queries (absorbed.py):
-        the torch path on a CPU, dense image tokens, and at most 3/4 of the usual order's FLOPs."""
-        if image.cu_seqlens_k is not None or q.device.type != "cpu" or backends.on_gpu(q):
+        dense image tokens, and :meth:`attends_image_tokens` for each sample with its own image."""
+        _, lq, _, _ = q.shape
+        tokens = image.tokens
+        return image.cu_seqlens_k is None and self.attends_image_tokens(q, lq, tokens.shape[1], tokens.requires_grad, 1, 1)
+
+    def attends_image_tokens(
+        self, t: torch.Tensor, num_queries: int, image_tokens: int, image_grad: bool, rows: int, images: int
+    ) -> bool:
+        """Whether ``rows`` rows of ``num_queries`` queries over ``images`` distinct images of ``image_tokens`` tokens
+        (on ``t``'s device) cost less given each row's image tokens, attended without forming K and V
+        (absorbed.py: the CPU path outside autocast, by its FLOP model), than each image's K/V computed once
+        (:meth:`encode_image` + ``ImageKVCache.select``). ``image_grad``: the image tokens need a gradient."""
+        if not self._cpu_path(t) or torch.is_autocast_enabled("cpu"):
             return False
-        if epilogue.use_fused(self.backend, q) or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
-            return False
-        _, lq, heads, dim = q.shape
         backward = torch.is_grad_enabled()
-        image_grad = image.tokens.requires_grad and backward
-        return absorbed.cheaper(lq, image.tokens.shape[1], image.tokens.shape[2], heads, dim, image_grad, backward)
+        args = (num_queries, image_tokens, self.encoder_hidden_size, self.num_heads, self.head_dim, image_grad and backward)
+        return absorbed.cheaper(*args, backward, rows=rows, images=images)
 
 
 __all__ = ["FusedMHub", "MHubOutput"]

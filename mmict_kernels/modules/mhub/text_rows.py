@@ -68,13 +68,14 @@ class TextRows(NamedTuple):
     def of(cls, lengths: torch.Tensor | None, rows: int, nq: int, seq_len: int, pack: bool) -> TextRows | None:
         """The layout of ``rows`` rows whose text lengths are ``lengths`` (B,) repeated per objective; None
         when no position is padding (no mask, or no text). ``pack``: whether the caller runs the CPU
-        path (the GPU kernels' path, on a CPU too, gets the zeroed layout a GPU would get)."""
+        path (``FusedMHub._cpu_path``: eager torch ops on CPU tensors); elsewhere the padded slots are
+        computed and zeroed, as on a GPU."""
         text_len = seq_len - nq
         if lengths is None or text_len <= 0:
             return None
         per_row = lengths.repeat(rows // lengths.shape[0])
         valid = torch.arange(text_len, device=lengths.device)[None, :] < per_row[:, None]
-        if not pack or lengths.device.type != "cpu" or torch.compiler.is_compiling() or not PACK_ON_CPU:
+        if not pack or not PACK_ON_CPU:
             return cls(valid[..., None], None, None, rows * nq)
         if bool(valid.all()):
             return None  # nothing padded: the plain path is the same function
